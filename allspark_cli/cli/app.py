@@ -1,0 +1,57 @@
+"""The `allspark` command: a thin Typer app over the core package.
+
+Each command lives in its own module of this package and registers itself with `register(app)`.
+"""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from allspark_cli import __version__
+from allspark_cli.cli.errors import ErrorReportingGroup
+
+app = typer.Typer(
+    name="allspark",
+    cls=ErrorReportingGroup,
+    help="AllSpark semi-supervised semantic segmentation: prepare data, train, evaluate, predict, "
+    "and look inside the Semantic Memory.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"allspark {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """AllSpark semi-supervised semantic segmentation toolkit."""
+    ctx.obj = {"debug": debug}
+
+
+def _register_commands() -> None:
+    from allspark_cli.cli import eval as eval_cmd
+    from allspark_cli.cli import inspect_memory, predict, prepare, train
+
+    for module in (prepare, train, eval_cmd, predict, inspect_memory):
+        module.register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,73 @@
+"""The one place where errors cross into the CLI: one stderr line and a stable exit code.
+
+`--debug` (or ALLSPARK_DEBUG=1) re-raises instead, so the full traceback is shown.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+import typer
+from pydantic import ValidationError
+from typer.core import TyperGroup
+
+from allspark_cli.errors import AllsparkError
+
+INTERNAL_ERROR_EXIT = 1
+SETTINGS_EXIT = 2
+OOM_EXIT = 5
+INTERRUPTED_EXIT = 130
+
+
+def debug_enabled(ctx: click.Context | None = None) -> bool:
+    if os.environ.get("ALLSPARK_DEBUG", "").lower() in {"1", "true", "yes"}:
+        return True
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """`field.path: message` for each problem, joined on one line."""
+    parts = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item.get("loc", ())) or error.title
+        parts.append(f"{loc}: {item.get('msg', 'invalid value')}")
+    return "; ".join(parts)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def error_exit_code(error: BaseException) -> tuple[int, str]:
+    """Exit code and message for an exception raised by a command."""
+    if isinstance(error, AllsparkError):
+        return error.exit_code, _one_line(str(error))
+    if isinstance(error, ValidationError):
+        return SETTINGS_EXIT, "invalid settings: " + format_validation_error(error)
+    if type(error).__name__ == "OutOfMemoryError":
+        return OOM_EXIT, "out of memory: " + _one_line(str(error).splitlines()[0] if str(error) else "")
+    if isinstance(error, KeyboardInterrupt):
+        return INTERRUPTED_EXIT, "interrupted"
+    return INTERNAL_ERROR_EXIT, (
+        f"internal error: {type(error).__name__}: {_one_line(str(error))} "
+        "(run with --debug for the traceback)"
+    )
+
+
+class ErrorReportingGroup(TyperGroup):
+    """Runs a sub-command and turns any error it raises into one line plus an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, typer.Exit):
+            raise
+        except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - the one boundary
+            if debug_enabled(ctx):
+                raise
+            code, message = error_exit_code(error)
+            print(f"Error: {message}", file=sys.stderr)
+            raise typer.Exit(code) from None

@@ -1,0 +1,70 @@
+"""Atomic file output: write to a temporary name beside the target, then rename.
+
+An interrupted write (Ctrl-C, kill -9, full disk) never leaves a half-written file under the final
+name, and an existing file is replaced only by a complete new one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from allspark_cli.errors import DataError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path in the target's folder; renames it onto `path` if the block succeeds.
+
+    The temporary name keeps the suffix so that libraries choosing a format by suffix still work.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def encode_png(array: np.ndarray, palette: np.ndarray | None = None) -> bytes:
+    """PNG bytes of a uint8 array: (H, W) single channel, or (H, W, 3) RGB.
+
+    With `palette` ((<=256, 3) uint8 RGB) a (H, W) index array is written as an 8-bit palette PNG,
+    the format of VOC's SegmentationClass masks: viewers show colours, readers get class ids.
+    """
+    import cv2
+
+    if array.dtype != np.uint8:
+        raise ValueError(f"encode_png expects uint8, got {array.dtype}")
+    if palette is not None:
+        from allspark_cli.viz.palette import encode_palette_png
+
+        return encode_palette_png(array, palette)
+    data = array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".png", data)
+    if not ok:
+        raise DataError(f"could not encode a PNG of shape {array.shape}")
+    return buffer.tobytes()
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Atomically writes `array` as PNG (see `encode_png`)."""
+    atomic_write_bytes(path, encode_png(array, palette))

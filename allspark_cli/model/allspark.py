@@ -1,0 +1,194 @@
+"""The AllSpark bottleneck (paper section 3, Algorithm 1; DESIGN.md section 1, steps 1-6).
+
+Between the MiT encoder and the SegFormer head, on the stride-32 map (C channels, N = h*w tokens):
+labeled features are rebuilt from unlabeled channels by channel-wise cross-attention, whose
+keys/values come from the batch's unlabeled tokens (warm-up, and every `cca` step) or from the
+Semantic Memory (after warm-up); unlabeled features go through channel-wise self-attention.
+
+Where we differ from the reference, on purpose:
+- inference is per image (keys/values from the image's own tokens through the labeled-branch
+  weights, as the reference computes at batch size 1); the reference pools keys over the whole
+  inference batch, so its output depends on the other images in the batch. We also skip the
+  discarded unlabeled half at inference;
+- labeled and unlabeled batches may differ in size (the keys are the pooled unlabeled channels);
+- the memory update can gather the unlabeled channels of all DDP ranks (see `forward_train`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from allspark_cli.model.attention import normalized_attention, normalized_attention_map
+from allspark_cli.model.memory import SemanticMemory, group_channels, resize_logits_to_grid
+
+TOKEN_NORM_EPS = 1e-6
+
+
+class ChannelSelfAttention(nn.Module):
+    """Unlabeled branch: per head j, A_j = softmax(IN(q_j^T k_j)) is C x C; heads merged interleaved."""
+
+    def __init__(self, dim: int, heads: int = 2, *, attention_dropout: float = 0.1, projection_dropout: float = 0.1):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, heads * dim, bias=False)
+        self.k = nn.Linear(dim, heads * dim, bias=False)
+        self.v = nn.Linear(dim, heads * dim, bias=False)
+        self.out = nn.Linear(heads * dim, dim, bias=False)
+        self.attention_dropout = nn.Dropout(attention_dropout)
+        self.projection_dropout = nn.Dropout(projection_dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, N, C = tokens.shape
+        # (B, N, h*C) -> (B, h, N, C): head j is the column block [j*C, (j+1)*C).
+        q, k, v = (proj(tokens).view(B, N, self.heads, C).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        attention = normalized_attention_map(q.transpose(-2, -1) @ k)  # (B, h, C, C)
+        attention = self.attention_dropout(attention).to(v.dtype)
+        mixed = attention @ v.transpose(-2, -1)  # (B, h, C, N)
+        # Interleave heads: output feature c*h + j (channel-major, head-minor).
+        mixed = mixed.permute(0, 3, 2, 1).reshape(B, N, C * self.heads)
+        return self.projection_dropout(self.out(mixed))
+
+
+class ChannelCrossAttention(nn.Module):
+    """Labeled branch: one map of width hC between the labeled query channels and the channels of
+    every source (unlabeled images or memory class groups), keys/values shared by all images."""
+
+    def __init__(self, dim: int, heads: int = 2, *, attention_dropout: float = 0.1, projection_dropout: float = 0.1):
+        super().__init__()
+        self.attention_dropout = attention_dropout
+        self.q = nn.Linear(dim, heads * dim, bias=False)
+        self.k = nn.Linear(dim, heads * dim, bias=False)
+        self.v = nn.Linear(dim, heads * dim, bias=False)
+        self.out = nn.Linear(heads * dim, dim, bias=False)
+        self.projection_dropout = nn.Dropout(projection_dropout)
+
+    def shared_keys_values(self, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, N, C) sources -> keys, values (N, M*hC), flattened source-major."""
+        M, N, _ = sources.shape
+        keys = self.k(sources).transpose(0, 1).reshape(N, -1)
+        values = self.v(sources).transpose(0, 1).reshape(N, -1)
+        return keys, values
+
+    def forward(self, tokens: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, C) labeled; sources (M, N, C) -> (B, N, C)."""
+        queries = self.q(tokens).transpose(1, 2)  # (B, hC, N) query channels
+        keys, values = self.shared_keys_values(sources)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        mixed = normalized_attention(queries, keys, values, dropout_p=dropout_p)  # (B, hC, N)
+        return self.projection_dropout(self.out(mixed.transpose(1, 2)))
+
+    def forward_self(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Inference: every image attends to its own channels through these weights. (B, N, C) -> (B, N, C)."""
+        queries = self.q(tokens).transpose(1, 2)  # (B, hC, N)
+        keys, values = self.k(tokens), self.v(tokens)  # (B, N, hC)
+        attention = normalized_attention_map(queries @ keys).to(values.dtype)  # (B, hC, hC)
+        return self.projection_dropout(self.out((attention @ values.transpose(1, 2)).transpose(1, 2)))
+
+
+class AllSparkModule(nn.Module):
+    """The bottleneck on stage-4 maps (B, C, h, w) -> (B, C, h, w).
+
+    Args:
+        dim: C, the channel count of the stage-4 map.
+        num_classes: K (memory class slots).
+        heads: h; widens the projections to h*C.
+        memory_slots: S per class (a multiple of C), or None for no memory (`cca`).
+        memory_tokens: N of the training crop's grid (the memory stores N-vectors).
+        group_by_class: CSG on (`allspark`) or blind enqueueing (`cca+smem`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        heads: int = 2,
+        *,
+        memory_slots: int | None = None,
+        memory_tokens: int = 0,
+        group_by_class: bool = True,
+        attention_dropout: float = 0.1,
+        projection_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.map_in = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU())
+        self.token_norm = nn.LayerNorm(dim, eps=TOKEN_NORM_EPS)
+        dropouts = {"attention_dropout": attention_dropout, "projection_dropout": projection_dropout}
+        self.unlabeled_attention = ChannelSelfAttention(dim, heads, **dropouts)
+        self.labeled_attention = ChannelCrossAttention(dim, heads, **dropouts)
+        self.output_norm = nn.LayerNorm(dim, eps=TOKEN_NORM_EPS)
+        self.map_out = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU())
+        self.group_by_class = group_by_class
+        self.memory = SemanticMemory(num_classes, memory_slots, memory_tokens, dim) if memory_slots else None
+
+    def _tokens(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, h, w) -> pre-norm tokens t and normed tokens e, both (B, N, C)."""
+        t = self.map_in(features).flatten(2).transpose(1, 2)
+        return t, self.token_norm(t)
+
+    def _output(self, mixed: torch.Tensor, t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        y = self.output_norm(mixed + t)  # (B, N, C), residual on the pre-norm tokens
+        B, N, C = y.shape
+        return self.map_out(y.transpose(1, 2).reshape(B, C, *grid))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Inference, per image: (B, C, h, w) -> (B, C, h, w)."""
+        t, e = self._tokens(features)
+        return self._output(self.labeled_attention.forward_self(e), t, features.shape[-2:])
+
+    def forward_train(
+        self,
+        features_l: torch.Tensor,
+        features_u: torch.Tensor,
+        *,
+        pseudo_logits_u: torch.Tensor | None = None,
+        use_memory: bool = False,
+        sample_ids_u: torch.Tensor | None = None,
+        iteration: int = -1,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward of (B_l, C, h, w) labeled and (B_u, C, h, w) unlabeled maps.
+
+        With a memory and `pseudo_logits_u` ((B_u, K, H, W) raw eval-mode logits), the memory is
+        updated first (no grad); `use_memory` (the warm-up switch) then reads it as keys/values.
+        `gather` concatenates a tensor over DDP ranks so every rank writes the same global memory.
+        """
+        B_l, grid = features_l.shape[0], features_l.shape[-2:]
+        t, e = self._tokens(torch.cat([features_l, features_u]))
+        e_l, e_u = e[:B_l], e[B_l:]
+        mixed_u = self.unlabeled_attention(e_u)
+        if self.memory is not None and pseudo_logits_u is not None:
+            self._update_memory(e_u, pseudo_logits_u, grid, sample_ids_u, iteration, gather)
+        sources = self.memory.as_sources() if (use_memory and self.memory is not None) else e_u
+        mixed_l = self.labeled_attention(e_l, sources)
+        out = self._output(torch.cat([mixed_l, mixed_u]), t, grid)
+        return out[:B_l], out[B_l:]
+
+    @torch.no_grad()
+    def _update_memory(self, e_u, pseudo_logits_u, grid, sample_ids, iteration, gather) -> None:
+        tokens = e_u.detach()
+        class_logits = resize_logits_to_grid(pseudo_logits_u.detach(), tuple(grid))
+        if sample_ids is None:
+            sample_ids = torch.full((tokens.shape[0],), -1, dtype=torch.long, device=tokens.device)
+        sample_ids = sample_ids.to(tokens.device)
+        if gather is not None:
+            tokens, class_logits, sample_ids = gather(tokens), gather(class_logits), gather(sample_ids)
+        classes = group_channels(class_logits, tokens) if self.group_by_class else None
+        self.memory.write(tokens, classes, sample_ids=sample_ids, iteration=iteration)
+
+    @torch.no_grad()
+    def memory_attention_by_class(self, features: torch.Tensor) -> torch.Tensor:
+        """For inspection: how much attention mass each labeled-branch query channel puts on each
+        memory class slot, as in training after warm-up. (B, C, h, w) -> (B, hC, K), rows sum to 1."""
+        if self.memory is None:
+            raise ValueError("this module has no Semantic Memory")
+        _, e = self._tokens(features)
+        queries = self.labeled_attention.q(e).transpose(1, 2)  # (B, hC, N)
+        keys, _ = self.labeled_attention.shared_keys_values(self.memory.as_sources())  # (N, G*hC)
+        K = self.memory.num_classes
+        per_class = []
+        for b in range(queries.shape[0]):  # one image's map at a time: the map can be large
+            attention = normalized_attention_map(queries[b] @ keys)  # (hC, G*hC), G groups per class
+            per_class.append(attention.view(attention.shape[0], K, -1).sum(-1))
+        return torch.stack(per_class)

@@ -1,0 +1,173 @@
+"""Checkpoints out and in, and `load_model` (DESIGN.md section 5).
+
+This toolkit's format is a dict with only tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)`:
+
+    {"format": "allspark-checkpoint", "format_version": 1,
+     "model_config": ModelConfig as a dict, "model": state dict (memory buffers included),
+     "class_names": [...], "palette": [[r, g, b], ...],
+     "settings": resolved settings dict ({} when none), "train_state": dict or None}
+
+It is written atomically (temporary file + rename). Checkpoints of the reference code load too:
+their architecture is inferred from the weights (MiT widths and depths, classes, module heads,
+head width, memory shape).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from allspark_cli.classnames import default_class_names
+from allspark_cli.errors import DataError, SettingsError
+from allspark_cli.fileio import atomic_path
+from allspark_cli.model.config import ModelConfig, build_model
+from allspark_cli.model.mit import variant_for
+from allspark_cli.model.segmentor import AllSparkSegmentor
+from allspark_cli.model.weights import ours_from_reference, torch_load_safely
+from allspark_cli.viz.palette import voc_palette
+
+FORMAT_NAME = "allspark-checkpoint"
+FORMAT_VERSION = 1
+# Buffers this toolkit adds to the memory; reference checkpoints lack them (they start as "unknown").
+PROVENANCE_BUFFERS = ("source_sample", "source_channel", "source_iteration", "assigned_count")
+
+
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint file, whatever wrote it."""
+
+    path: Path
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    class_names: list[str]
+    palette: list[list[int]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    train_state: dict[str, Any] | None = None
+    source: Literal["allspark", "reference"] = "allspark"
+
+    @property
+    def num_classes(self) -> int:
+        return self.model_config.num_classes
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model  # DistributedDataParallel
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    class_names: list[str],
+    palette: list | None = None,
+    settings: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically writes `model` (an AllSparkSegmentor built by build_model) and its context."""
+    model = _unwrap(model)
+    config: ModelConfig = model.config
+    if len(class_names) != config.num_classes:
+        raise SettingsError(f"{len(class_names)} class names given for a model of {config.num_classes} classes")
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_config": config.model_dump(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "class_names": list(class_names),
+        "palette": [list(map(int, c)) for c in (palette if palette is not None else voc_palette(config.num_classes))],
+        "settings": settings or {},
+        "train_state": train_state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def infer_model_config(state_dict: dict[str, torch.Tensor], *, path: Path | str = "weights") -> ModelConfig:
+    """The architecture that a state dict in this toolkit's names was made with."""
+
+    def shape(name: str) -> torch.Size:
+        if name not in state_dict:
+            raise DataError(f"{path}: not a SegFormer/AllSpark checkpoint (no tensor {name})")
+        return state_dict[name].shape
+
+    dims = [shape("backbone.encoder.patch_embed.proj.weight")[0]]
+    dims += [shape(f"backbone.encoder.stages.{i}.downsample.proj.weight")[0] for i in (1, 2, 3)]
+    depths = [
+        len({k.split(".")[5] for k in state_dict if k.startswith(f"backbone.encoder.stages.{i}.blocks.")})
+        for i in range(4)
+    ]
+    backbone = variant_for(tuple(dims), tuple(depths))
+    if backbone is None:
+        raise DataError(f"{path}: MiT widths {dims} and depths {depths} match no MiT-B0..B5")
+    num_classes, head_dim = shape("head.linear_pred.weight")[:2]
+    fields: dict[str, Any] = {"backbone": backbone, "num_classes": num_classes, "head_dim": head_dim, "method": "semi"}
+    if "allspark.labeled_attention.q.weight" in state_dict:
+        fields["attention_heads"] = shape("allspark.labeled_attention.q.weight")[0] // dims[-1]
+        fields["method"] = "cca"
+        if "allspark.memory.bank" in state_dict:
+            _, slots, tokens = shape("allspark.memory.bank")
+            fields.update(method="allspark", memory_multiple=slots // dims[-1], memory_tokens=tokens)
+    return ModelConfig(**fields)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Reads a checkpoint of this toolkit or of the reference code (DataError if it is neither)."""
+    path = Path(path)
+    content = torch_load_safely(path)
+    if not isinstance(content, dict):
+        raise DataError(f"{path}: not a checkpoint (expected a dict, found {type(content).__name__})")
+    if content.get("format") == FORMAT_NAME:
+        if content.get("format_version", 0) > FORMAT_VERSION:
+            raise DataError(f"{path}: checkpoint format {content['format_version']} is newer than this allspark")
+        config = ModelConfig(**content["model_config"])
+        return Checkpoint(
+            path=path,
+            model_config=config,
+            state_dict=content["model"],
+            class_names=list(content["class_names"]),
+            palette=[list(c) for c in content["palette"]],
+            settings=content.get("settings") or {},
+            train_state=content.get("train_state"),
+        )
+    weights = content.get("model", content.get("state_dict", content))
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise DataError(f"{path}: not a checkpoint of allspark or of the reference code (no state dict)")
+    state_dict = ours_from_reference(weights)
+    config = infer_model_config(state_dict, path=path)
+    return Checkpoint(
+        path=path,
+        model_config=config,
+        state_dict=state_dict,
+        class_names=default_class_names(config.num_classes),
+        palette=voc_palette(config.num_classes).tolist(),
+        source="reference",
+    )
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> AllSparkSegmentor:
+    """Builds the checkpoint's model and loads its weights (strictly, except the provenance buffers
+    that reference checkpoints lack). Returns the model in eval mode on `device`."""
+    model = build_model(checkpoint.model_config)
+    result = model.load_state_dict(checkpoint.state_dict, strict=False)
+    missing = [k for k in result.missing_keys if k.rsplit(".", 1)[-1] not in PROVENANCE_BUFFERS]
+    if missing or result.unexpected_keys:
+        names = (missing or result.unexpected_keys)[:3]
+        raise DataError(
+            f"{checkpoint.path}: weights do not fit the architecture they describe "
+            f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected, e.g. {', '.join(names)})"
+        )
+    return model.to(device).eval()
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> AllSparkSegmentor:
+    """An eval-mode segmentor from a checkpoint of this toolkit or of the reference code.
+
+    `model(images)` takes (N, 3, H, W) ImageNet-normalised floats and returns logits (N, K, H, W).
+    """
+    return model_from_checkpoint(read_checkpoint(path), device)

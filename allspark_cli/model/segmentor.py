@@ -1,0 +1,138 @@
+"""SegFormer + AllSpark: MiT encoder -> (AllSpark on the stride-32 map) -> all-MLP head -> logits
+upsampled bilinearly to the input size (DESIGN.md sections 1-2).
+
+`forward(images) -> logits` is inference, per image (batch-invariant), any input size.
+`forward_train(...) -> TrainOutput` is the training forward of cat(labeled, unlabeled).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allspark_cli.model.allspark import AllSparkModule
+from allspark_cli.model.head import SegFormerHead
+from allspark_cli.model.memory import SemanticMemory
+from allspark_cli.model.mit import MiTBackbone
+
+Method = Literal["sup", "semi", "cca", "cca+smem", "allspark"]
+METHODS: tuple[str, ...] = ("sup", "semi", "cca", "cca+smem", "allspark")
+MODULE_METHODS = frozenset({"cca", "cca+smem", "allspark"})
+MEMORY_METHODS = frozenset({"cca+smem", "allspark"})
+
+
+class TrainOutput(NamedTuple):
+    logits_l: torch.Tensor  # (B_l, K, H, W)
+    logits_u: torch.Tensor | None  # (B_u, K, H, W); None when no unlabeled images were given
+
+
+class AllSparkSegmentor(nn.Module):
+    """The segmentation network of one ablation variant.
+
+    Args:
+        backbone: MiT variant, "b0".."b5".
+        num_classes: K.
+        method: "sup" and "semi" have no AllSpark module; "cca" has no memory; "cca+smem" fills
+            the memory blindly; "allspark" groups channels by class (the paper's Table 5).
+        head_dim: E of the SegFormer head.
+        attention_heads: h of the AllSpark projections.
+        memory_multiple: m; each class ring holds S = m * C channels.
+        memory_tokens: N of the training crop's stride-32 grid (memory methods only).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "b0",
+        num_classes: int = 21,
+        *,
+        method: Method = "allspark",
+        head_dim: int = 768,
+        attention_heads: int = 2,
+        memory_multiple: int = 1,
+        memory_tokens: int = 0,
+        drop_path_rate: float = 0.1,
+        attention_dropout: float = 0.1,
+        projection_dropout: float = 0.1,
+        decoder_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.backbone = MiTBackbone(backbone, drop_path_rate=drop_path_rate)
+        dim = self.backbone.dims[-1]
+        self.allspark: AllSparkModule | None = None
+        if method in MODULE_METHODS:
+            self.allspark = AllSparkModule(
+                dim,
+                num_classes,
+                attention_heads,
+                memory_slots=memory_multiple * dim if method in MEMORY_METHODS else None,
+                memory_tokens=memory_tokens,
+                group_by_class=method == "allspark",
+                attention_dropout=attention_dropout,
+                projection_dropout=projection_dropout,
+            )
+        self.head = SegFormerHead(self.backbone.dims, num_classes, head_dim, dropout=decoder_dropout)
+
+    @property
+    def memory(self) -> SemanticMemory | None:
+        return self.allspark.memory if self.allspark is not None else None
+
+    def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The four MiT stage maps (before the AllSpark module)."""
+        return self.backbone(images)
+
+    def _decode(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        logits = self.head(features)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) ImageNet-normalised images -> (N, K, H, W) logits, each image on its own."""
+        features = self.extract_features(images)
+        if self.allspark is not None:
+            features[3] = self.allspark(features[3])
+        return self._decode(features, images.shape[-2:])
+
+    def forward_train(
+        self,
+        images_l: torch.Tensor,
+        images_u: torch.Tensor | None = None,
+        *,
+        pseudo_logits_u: torch.Tensor | None = None,
+        use_memory: bool = False,
+        sample_ids_u: torch.Tensor | None = None,
+        iteration: int = -1,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> TrainOutput:
+        """Training forward of cat(labeled (B_l, 3, H, W), unlabeled (B_u, 3, H, W)).
+
+        See `AllSparkModule.forward_train` for the memory arguments; they are ignored by methods
+        without a memory. `images_u=None` (the `sup` method) runs the labeled images alone.
+        """
+        if images_u is None:
+            return TrainOutput(self._decode(self.extract_features(images_l), images_l.shape[-2:]), None)
+        B_l = images_l.shape[0]
+        features = self.extract_features(torch.cat([images_l, images_u]))
+        if self.allspark is not None:
+            stage4_l, stage4_u = self.allspark.forward_train(
+                features[3][:B_l],
+                features[3][B_l:],
+                pseudo_logits_u=pseudo_logits_u,
+                use_memory=use_memory,
+                sample_ids_u=sample_ids_u,
+                iteration=iteration,
+                gather=gather,
+            )
+            features[3] = torch.cat([stage4_l, stage4_u])
+        logits = self._decode(features, images_l.shape[-2:])
+        return TrainOutput(logits[:B_l], logits[B_l:])
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """AllSpark module and decoder: the group trained at the head learning-rate multiple."""
+        modules = [m for m in (self.allspark, self.head) if m is not None]
+        return [p for m in modules for p in m.parameters()]
