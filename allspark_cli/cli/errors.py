@@ -8,7 +8,6 @@ import os
 import sys
 from typing import Any
 
-import click
 import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
@@ -21,7 +20,12 @@ OOM_EXIT = 5
 INTERRUPTED_EXIT = 130
 
 
-def debug_enabled(ctx: click.Context | None = None) -> bool:
+# Exceptions through which typer itself reports usage, help and exit: they pass untouched.
+# (typer >= 0.20 vendors click, so its exceptions derive from typer.TyperException.)
+_PASS_THROUGH = (typer.Exit, typer.Abort, typer.TyperException)
+
+
+def debug_enabled(ctx: typer.Context | None = None) -> bool:
     if os.environ.get("ALLSPARK_DEBUG", "").lower() in {"1", "true", "yes"}:
         return True
     root = ctx.find_root() if ctx is not None else None
@@ -60,10 +64,10 @@ def error_exit_code(error: BaseException) -> tuple[int, str]:
 class ErrorReportingGroup(TyperGroup):
     """Runs a sub-command and turns any error it raises into one line plus an exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, typer.Exit):
+        except _PASS_THROUGH:
             raise
         except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - the one boundary
             if debug_enabled(ctx):

@@ -1,8 +1,83 @@
-"""(being built)"""
+"""`allspark predict`: segment image files, folders and glob patterns with a checkpoint."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Literal
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from allspark_cli.cli.options import BatchSizeOption, DeviceOption, NameOption, WorkersOption
+
+ModeChoice = Literal["whole", "slide"]
+RUNS_ROOT = Path("runs")
+DEFAULT_WORKERS = 2
+
+
+def _save_kinds(text: str) -> list[str]:
+    return [kind.strip() for kind in text.split(",") if kind.strip()]
+
+
+def predict_command(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Checkpoint of allspark or of the reference code.")
+    ],
+    sources: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder; default runs/predict/<name>.")] = None,
+    name: NameOption = None,
+    save: Annotated[str, typer.Option(help="Comma-separated outputs: mask, color, overlay.")] = "mask,color,overlay",
+    opacity: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the colours in the overlay.")] = 0.5,
+    mode: Annotated[
+        ModeChoice | None,
+        typer.Option(help="whole or slide; default: slide for images over 2x the crop (or slide-trained checkpoints)."),
+    ] = None,
+    crop: Annotated[int | None, typer.Option(min=32, help="Sliding-window size; default: the checkpoint's crop.")] = None,
+    stride: Annotated[int | None, typer.Option(min=1, help="Sliding-window step; default floor(2/3 crop).")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
+    batch_size: BatchSizeOption = None,
+    device: DeviceOption = None,
+    workers: WorkersOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images whose outputs already exist.")] = False,
+) -> None:
+    """Predict segmentation masks: masks/ (class ids), color/ (palette PNG), overlay/ (image + colours + legend).
+
+    Outputs go to --out, or runs/predict/<--name> (default exp, exp2, ...); a given name is reused.
+
+    Outputs mirror the input folders; a re-run skips finished images unless --overwrite.
+
+    Unreadable images are reported and skipped; the exit code is then 3.
+
+    --batch-size (default 1) batches images of equal size.
+    """
+    from allspark_cli.engine.predict import Predictor, predict_folder, predict_out_dir
+    from allspark_cli.errors import DataError
+
+    console = Console()
+    predictor = Predictor(
+        checkpoint, device=device or "auto", mode=mode, crop=crop, stride=stride, tta=tta, batch_size=batch_size or 1
+    )
+    out_dir = out if out is not None else predict_out_dir(RUNS_ROOT, name)
+    columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("predict", total=None)
+        summary = predict_folder(
+            predictor, sources, out_dir, save=_save_kinds(save), opacity=opacity, overwrite=overwrite,
+            workers=DEFAULT_WORKERS if workers is None else workers,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    for path, message in summary.failed:
+        Console(stderr=True).print(f"skipped {path}: {message}", markup=False, highlight=False)
+    modes = ", ".join(f"{count} {kind}" for kind, count in sorted(summary.mode_counts.items()))
+    console.print(
+        f"{summary.found} images: {summary.predicted} predicted ({modes or 'none'}), {summary.skipped} already done, "
+        f"{len(summary.failed)} unreadable; {summary.images_per_second:.2f} images/s"
+    )
+    console.print(f"outputs in {summary.out_dir}")
+    if summary.failed:
+        raise DataError(f"{len(summary.failed)} of {summary.found} images could not be read (listed above)")
 
 
 def register(app: typer.Typer) -> None:
-    """Adds this module's command to the app."""
+    """Adds `allspark predict` to the app."""
+    app.command("predict")(predict_command)

@@ -1,8 +1,151 @@
-"""(being built)"""
+"""`allspark train`: settings from a preset (or a run to resume) + overrides, then engine.train."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from allspark_cli.cli.options import (
+    AmpOption,
+    BatchSizeOption,
+    CropOption,
+    DataOption,
+    DeviceOption,
+    ExistOkOption,
+    NameOption,
+    SeedOption,
+    SetOption,
+    WorkersOption,
+)
+from allspark_cli.engine import events
+from allspark_cli.engine import train as engine
+from allspark_cli.engine.presets import find_preset, list_presets
+from allspark_cli.engine.resume import resume_base
+from allspark_cli.engine.settings import Backbone, MethodName, build_settings
+from allspark_cli.errors import SettingsError
+
+
+
+class RichReporter:
+    """A live bar with ETA, losses, lr and the last mIoU (terminals only)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                 console=console)
+        self.task = None
+        self.miou = "-"
+
+    def start(self, info: events.StartInfo) -> None:
+        self.console.print(events.format_start(info))
+        for note in info.notes:
+            self.console.print(f"[yellow]note:[/] {note}")
+        total = info.epochs * info.iterations_per_epoch
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=info.start_iteration, status="")
+
+    def step(self, info: events.StepInfo) -> None:
+        loss_u = "-" if info.loss_u is None else f"{info.loss_u:.3f}"
+        status = f"ep {info.epoch + 1}/{info.epochs} loss_x {info.loss_x:.3f} loss_u {loss_u} lr {info.lr:.2e} mIoU {self.miou}"
+        self.progress.update(self.task, completed=info.iteration, status=status)
+
+    def evaluated(self, info: events.EvalInfo) -> None:
+        self.miou = f"{info.miou:.2f}"
+        self.progress.console.print(events.format_eval(info))
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def presets_table() -> Table:
+    table = Table(title="allspark presets (recipes: DESIGN.md section 3; mIoU: the paper's tables)")
+    table.add_column("preset (alias)", no_wrap=True)
+    for column in ("labeled", "crop", "epochs", "batch", "lr", "head", "mIoU"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.caption = "batch: global labeled+unlabeled per step; head: head/module lr multiplier; mIoU: published"
+    for preset in list_presets():
+        s, info = preset.info.settings, preset.info
+        name = info.name + (f" ({', '.join(info.aliases)})" if info.aliases else "")
+        table.add_row(name, str(info.labeled_count or "-"), str(s.data.crop), str(s.train.epochs),
+                      f"{s.train.batch_size}+{s.train.batch_size}", f"{s.optim.lr:g}", f"x{s.optim.head_lr_multiplier:g}",
+                      "-" if info.paper_miou is None else f"{info.paper_miou:.2f}")
+    return table
+
+
+def train_command(
+    preset: Annotated[str | None, typer.Option("--preset", "-p", help="Preset name, e.g. pascal-1/8 or demo-1/16 (see --list-presets).", show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file layered over the preset.", show_default=False)] = None,
+    list_presets_flag: Annotated[bool, typer.Option("--list-presets", help="Print the presets table and exit.")] = False,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue a run: RUN_DIR or RUN_DIR/weights/last.pt.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Resume even if the world size or batch changed.")] = False,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs (passes over the unlabeled list).", show_default=False)] = None,
+    batch_size: BatchSizeOption = None,
+    crop: CropOption = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Backbone learning rate (head: x multiplier).", show_default=False)] = None,
+    backbone: Annotated[Backbone | None, typer.Option("--backbone", help="MiT variant.", show_default=False)] = None,
+    pretrained: Annotated[Path | None, typer.Option("--pretrained", help="MiT ImageNet weights file (mit_bX.pth).", show_default=False)] = None,
+    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Train from scratch (prints a warning).")] = False,
+    method: Annotated[MethodName | None, typer.Option("--method", help="Ablation variant (paper Table 5).", show_default=False)] = None,
+    amp: AmpOption = None,
+    seed: SeedOption = None,
+    device: DeviceOption = None,
+    workers: WorkersOption = None,
+    name: NameOption = None,
+    data: DataOption = None,
+    exist_ok: ExistOkOption = False,
+    save_every: Annotated[int | None, typer.Option("--save-every", min=0, help="Save last.pt every N iterations.", show_default=False)] = None,
+    set_values: SetOption = None,
+) -> None:
+    """Train a segmentor (AllSpark or an ablation) from a preset; writes runs/<preset>/<name>/.
+
+    Settings precedence: preset < --config < ALLSPARK_<SECTION>__<FIELD> < options < --set.
+    """
+    console = Console(stderr=True)
+    if list_presets_flag:
+        Console().print(presets_table())
+        return
+    if no_pretrained and pretrained is not None:
+        raise SettingsError("--pretrained and --no-pretrained exclude each other")
+    options: dict[str, Any] = {
+        "train.epochs": epochs, "train.batch_size": batch_size, "data.crop": crop, "optim.lr": lr,
+        "model.backbone": backbone, "model.pretrained": str(pretrained) if pretrained else None,
+        "model.method": method, "train.amp": amp, "train.seed": seed, "train.device": device,
+        "data.workers": workers, "run.name": name, "data.manifest": str(data) if data else None,
+        "run.exist_ok": exist_ok or None, "train.save_every": save_every,
+    }
+    base = _base_layer(preset, resume, config)
+    if no_pretrained:
+        base = {**base, "model": {**base.get("model", {}), "pretrained": None}}
+    settings = build_settings(base=base, config=config, options=options, sets=set_values or [])
+    reporter = RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
+    checkpoint = resume_base(resume)[0] if resume else None
+    result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter)
+    Console().print(f"[green]done[/]: best mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1}), "
+                    f"last {result.last_miou:.2f}; run folder {result.run_dir}")
+
+
+def _base_layer(preset: str | None, resume: Path | None, config: Path | None) -> dict[str, Any]:
+    """The lowest settings layer: the preset's, or the resumed run's saved settings."""
+    if preset and resume:
+        raise SettingsError("--resume continues a run with its saved settings; do not combine it with --preset")
+    if resume:
+        return resume_base(resume)[1]
+    if preset:
+        return find_preset(preset).layer
+    if config is None:
+        raise SettingsError("nothing to train: give --preset NAME (see --list-presets), --config FILE or --resume RUN_DIR")
+    return {}
 
 
 def register(app: typer.Typer) -> None:
-    """Adds this module's command to the app."""
+    """Adds `allspark train` to the app."""
+    app.command("train")(train_command)

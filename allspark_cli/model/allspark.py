@@ -67,9 +67,8 @@ class ChannelCrossAttention(nn.Module):
     def shared_keys_values(self, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, N, C) sources -> keys, values (N, M*hC), flattened source-major."""
         M, N, _ = sources.shape
-        keys = self.k(sources).transpose(0, 1).reshape(N, -1)
-        values = self.v(sources).transpose(0, 1).reshape(N, -1)
-        return keys, values
+        by_token = sources.transpose(0, 1)  # (N, M, C): the projections then come out (N, M, hC) contiguous
+        return self.k(by_token).reshape(N, -1), self.v(by_token).reshape(N, -1)
 
     def forward(self, tokens: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, C) labeled; sources (M, N, C) -> (B, N, C)."""

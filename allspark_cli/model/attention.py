@@ -7,9 +7,14 @@ whole map of each (image, head): biased variance, eps 1e-5, no affine.
 The labeled branch's map is large: `hC x (|src| * hC)` per image, 1024 x 21504 at the pascal
 setting with the memory and 1024 x 82944 at coco. Plain autograd keeps four such maps per image
 alive (the product, its normalisation, the softmax and the dropout output). `normalized_attention`
-is one autograd function that keeps at most one map per image for the backward pass (or none: it
-then recomputes the product, one extra matrix multiply), runs image by image so the temporaries
-are one image's maps, and regenerates the dropout mask from a saved seed instead of storing it.
+is one autograd function that:
+- runs image by image, and within an image in row chunks (the softmax is row-wise), so its
+  temporaries are chunk-sized; only the product of the image being processed is full-size;
+- regenerates the dropout mask from a per-image seed instead of storing it;
+- in backward, never materialises the full gradient map: the instance-norm correction terms
+  `n k^T` and `q^T n` are rebuilt from the small N x N Gram matrices `k k^T` and `q^T q`;
+- keeps the normalised maps of as many images as fit in `SAVED_MAPS_BUDGET_BYTES` for backward,
+  and recomputes the others' products chunk by chunk in backward (one more matrix multiply each).
 The keys and values are shared by all images (broadcast, never copied per image).
 """
 from __future__ import annotations
@@ -18,85 +23,118 @@ import torch
 import torch.nn.functional as F
 
 INSTANCE_NORM_EPS = 1e-5
-# Keep the normalised maps for backward while they take at most this many bytes; above it
-# recompute the q k product in backward (about 1/6 more matrix work, far less memory).
-SAVE_MAPS_MAX_BYTES = 256 * 2**20
+# Normalised maps kept for backward, at most this many bytes (whole images' maps); the maps of the
+# other images are recomputed in backward (about 1/6 more matrix work for them, far less memory).
+SAVED_MAPS_BUDGET_BYTES = 128 * 2**20
+# Rows of a map processed at once: bounds the softmax/dropout/gradient temporaries.
+CHUNK_BYTES = 16 * 2**20
 _SEED_HIGH = 2**62
 
 
-def _normalize_map(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """In place: (R, L) scores -> instance-normalised float32 map, and its std (0-dim)."""
-    var, mean = torch.var_mean(scores, unbiased=False)
-    std = torch.sqrt(var + INSTANCE_NORM_EPS)
-    return scores.sub_(mean).div_(std), std
+def _map_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norm and softmax run in float32 for half types, in the input's dtype otherwise."""
+    return torch.promote_types(dtype, torch.float32)
 
 
-def _dropout_(probs: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """In-place inverted dropout whose mask is a pure function of `seed` (so backward can rebuild it)."""
-    if p <= 0.0:
-        return probs
-    generator = torch.Generator(device=probs.device)
+def _row_chunks(rows: int, width: int) -> list[slice]:
+    step = max(1, CHUNK_BYTES // (4 * width))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    keep = torch.empty_like(probs).bernoulli_(1.0 - p, generator=generator)
-    return probs.mul_(keep).div_(1.0 - p)
+    return generator
+
+
+def _keep_mask(like: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """Inverted-dropout multiplier (0 or 1/(1-p)) drawn from `generator`, or None without dropout."""
+    if generator is None:
+        return None
+    return torch.empty_like(like).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
 
 
 class _NormalizedAttention(torch.autograd.Function):
-    """o[b] = dropout(softmax(IN(q[b] @ keys))) @ values^T for every image b (see module docstring)."""
+    """out[b] = dropout(softmax(IN(q[b] @ keys))) @ values^T for every image b (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, queries, keys, values, dropout_p: float, save_maps: bool):
+    def forward(ctx, queries, keys, values, dropout_p: float, saved_maps_budget: int):
         # queries (B, R, N); keys, values (N, L); returns (B, R, N). Matmuls in the inputs' dtype
-        # (bf16 under autocast), normalisation and softmax in float32.
+        # (bf16 under autocast), normalisation and softmax in float32 (float64 for float64 inputs).
         B, R, N = queries.shape
-        seeds = [int(torch.randint(_SEED_HIGH, (1,)).item()) for _ in range(B)] if dropout_p > 0 else [0] * B
+        map_dtype = _map_dtype(queries.dtype)
+        seeds = [int(torch.randint(_SEED_HIGH, (1,)).item()) for _ in range(B)]
         out = queries.new_empty(B, R, N)
-        saved, stds = [], []
+        saved, stats = [], []
+        map_bytes = R * keys.shape[1] * torch.finfo(map_dtype).bits // 8
         for b in range(B):
-            normed, std = _normalize_map((queries[b] @ keys).float())
-            stds.append(std)
-            if save_maps:
-                saved.append(normed)
-            probs = _dropout_(torch.softmax(normed, dim=-1), dropout_p, seeds[b])
-            out[b] = probs.to(values.dtype) @ values.transpose(0, 1)
+            scores = (queries[b] @ keys).to(map_dtype)  # (R, L): the one full-size temporary
+            var, mean = torch.var_mean(scores, unbiased=False)
+            std = torch.sqrt(var + INSTANCE_NORM_EPS)
+            normed = scores.sub_(mean).div_(std)
+            generator = _generator(queries.device, seeds[b]) if dropout_p > 0 else None
+            for rows in _row_chunks(R, normed.shape[1]):
+                probs = torch.softmax(normed[rows], dim=-1)
+                keep = _keep_mask(probs, dropout_p, generator)
+                if keep is not None:
+                    probs.mul_(keep)
+                out[b, rows] = probs.to(values.dtype) @ values.transpose(0, 1)
+            stats.append(torch.stack([mean, std]))
+            if (len(saved) + 1) * map_bytes <= saved_maps_budget:
+                saved.append(normed)  # the first images' maps; the rest are recomputed in backward
         ctx.dropout_p, ctx.seeds = dropout_p, seeds
-        ctx.save_for_backward(queries, keys, values, torch.stack(stds), *saved)
+        ctx.save_for_backward(queries, keys, values, torch.stack(stats), *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        queries, keys, values, stds, *saved = ctx.saved_tensors
-        B = queries.shape[0]
-        dtype = queries.dtype
+        queries, keys, values, stats, *saved = ctx.saved_tensors
+        B, R, N = queries.shape
+        dtype, map_dtype = queries.dtype, _map_dtype(queries.dtype)
         grad_out = grad_out.to(dtype)
-        grad_q = torch.empty_like(queries)
-        grad_k = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
-        grad_v = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
+        keys_t = keys.transpose(0, 1)
+        grad_q = torch.empty(queries.shape, dtype=map_dtype, device=queries.device)
+        grad_k = torch.zeros(keys.shape, dtype=map_dtype, device=keys.device)
+        grad_v = torch.zeros(values.shape, dtype=map_dtype, device=values.device)
+        keys_m = keys.to(map_dtype)
+        key_gram, key_sums = keys_m @ keys_m.transpose(0, 1), keys_m.sum(1)  # (N, N), (N,)
         for b in range(B):
-            if saved:
-                normed = saved[b]
-            else:
-                normed, _ = _normalize_map((queries[b] @ keys).float())
-            probs = torch.softmax(normed, dim=-1)
-            dropped = _dropout_(probs.clone(), ctx.dropout_p, ctx.seeds[b]).to(dtype)
-            grad_v += (grad_out[b].transpose(0, 1) @ dropped).float()  # (N, R) @ (R, L)
-            del dropped
-            # d(dropout): the same mask, scaled; computed in place on the upstream gradient.
-            grad_map = _dropout_((grad_out[b] @ values).float(), ctx.dropout_p, ctx.seeds[b])
-            # d(softmax): p * (g - <g, p>_row), row dots without a full-size temporary.
-            row_dot = torch.bmm(grad_map.unsqueeze(1), probs.unsqueeze(2)).view(-1, 1)
-            grad_map.sub_(row_dot).mul_(probs)
-            del probs
-            # d(instance norm): (g - mean(g) - n * mean(g * n)) / std over the whole map.
-            numel = normed.numel()
-            mean_g = grad_map.sum() / numel
-            mean_gn = torch.dot(grad_map.flatten(), normed.flatten()) / numel
-            grad_map.sub_(mean_g).addcmul_(normed, -mean_gn).div_(stds[b])
-            del normed
-            grad_map = grad_map.to(dtype)
-            grad_q[b] = grad_map @ keys.transpose(0, 1)
-            grad_k += (queries[b].transpose(0, 1) @ grad_map).float()
-        return grad_q, grad_k.to(keys.dtype), grad_v.to(values.dtype), None, None
+            mean, std = stats[b]
+            query = queries[b]
+            generator = _generator(queries.device, ctx.seeds[b]) if ctx.dropout_p > 0 else None
+            sum_g = torch.zeros((), dtype=map_dtype, device=queries.device)
+            sum_gn = torch.zeros((), dtype=map_dtype, device=queries.device)
+            for rows in _row_chunks(R, keys.shape[1]):
+                if b < len(saved):
+                    normed = saved[b][rows]
+                else:
+                    normed = (query[rows] @ keys).to(map_dtype).sub_(mean).div_(std)
+                probs = torch.softmax(normed, dim=-1)
+                keep = _keep_mask(probs, ctx.dropout_p, generator)
+                grad = (grad_out[b, rows] @ values).to(map_dtype)  # d(loss)/d(dropped probs)
+                if keep is not None:
+                    grad.mul_(keep)
+                dropped = keep.mul_(probs) if keep is not None else probs  # reuses the mask's memory
+                grad_v += (grad_out[b, rows].transpose(0, 1) @ dropped.to(dtype)).to(map_dtype)
+                del dropped, keep
+                # softmax backward: p * (g - <g, p>_row), row dots without a full-size temporary.
+                grad.sub_(torch.bmm(grad.unsqueeze(1), probs.unsqueeze(2)).view(-1, 1)).mul_(probs)
+                sum_g += grad.sum()
+                sum_gn += torch.dot(grad.flatten(), normed.flatten())
+                grad = grad.div_(std).to(dtype)
+                grad_q[b, rows] = (grad @ keys_t).to(map_dtype)
+                grad_k += (query[rows].transpose(0, 1) @ grad).to(map_dtype)
+            # Instance-norm backward: d(z) = (g - mean(g) - n * mean(g * n)) / std. The g terms are
+            # done above; the mean terms use n = (q k - mean) / std through the Gram matrices.
+            numel = R * keys.shape[1]
+            mean_g, mean_gn = sum_g / numel, sum_gn / numel
+            query_m = query.to(map_dtype)
+            query_sums = query_m.sum(0)  # (N,)
+            n_kt = (query_m @ key_gram - mean * key_sums) / std  # n @ keys^T, (R, N)
+            grad_q[b] -= (mean_g * key_sums + mean_gn * n_kt) / std
+            q_t_n = ((query_m.transpose(0, 1) @ query_m) @ keys_m - mean * query_sums[:, None]) / std  # (N, L)
+            grad_k -= (mean_g * query_sums[:, None] + mean_gn * q_t_n) / std
+        return grad_q.to(dtype), grad_k.to(keys.dtype), grad_v.to(values.dtype), None, None
 
 
 def _compute_dtype(device: torch.device) -> torch.dtype | None:
@@ -111,21 +149,20 @@ def normalized_attention(
     values: torch.Tensor,
     *,
     dropout_p: float = 0.0,
-    save_maps: bool | None = None,
+    saved_maps_budget: int | None = None,
 ) -> torch.Tensor:
     """Channel cross-attention with shared keys: (B, R, N) queries, (N, L) keys/values -> (B, R, N).
 
-    `save_maps=None` keeps the maps for backward when they fit in `SAVE_MAPS_MAX_BYTES`.
-    Under autocast the products run in the autocast dtype (bf16/fp16), the norm and softmax in fp32.
+    `saved_maps_budget` bytes of normalised maps are kept for backward (default
+    `SAVED_MAPS_BUDGET_BYTES`; 0 recomputes every map). Under autocast the products run in the
+    autocast dtype (bf16/fp16), the norm and softmax in fp32.
     """
     dtype = _compute_dtype(queries.device)
     if dtype is not None:
         queries, keys, values = queries.to(dtype), keys.to(dtype), values.to(dtype)
-    if save_maps is None:
-        B, R, _ = queries.shape
-        save_maps = B * R * keys.shape[1] * 4 <= SAVE_MAPS_MAX_BYTES
+    budget = SAVED_MAPS_BUDGET_BYTES if saved_maps_budget is None else saved_maps_budget
     with torch.autocast(queries.device.type, enabled=False):
-        return _NormalizedAttention.apply(queries, keys, values, float(dropout_p), bool(save_maps))
+        return _NormalizedAttention.apply(queries, keys, values, float(dropout_p), int(budget))
 
 
 def normalized_attention_map(scores: torch.Tensor) -> torch.Tensor:
@@ -134,6 +171,6 @@ def normalized_attention_map(scores: torch.Tensor) -> torch.Tensor:
     Plain autograd: used for the small maps (unlabeled self-attention C x C per head, inference).
     """
     lead = scores.shape[:-2]
-    flat = scores.float().reshape(-1, 1, *scores.shape[-2:])
+    flat = scores.to(_map_dtype(scores.dtype)).reshape(-1, 1, *scores.shape[-2:])
     normed = F.instance_norm(flat, eps=INSTANCE_NORM_EPS).reshape(*lead, *scores.shape[-2:])
     return torch.softmax(normed, dim=-1)

@@ -26,6 +26,7 @@ from allspark_cli.classnames import default_class_names
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_path
 from allspark_cli.model.config import ModelConfig, build_model
+from allspark_cli.model.memory import NEVER_WRITTEN
 from allspark_cli.model.mit import variant_for
 from allspark_cli.model.segmentor import AllSparkSegmentor
 from allspark_cli.model.weights import ours_from_reference, torch_load_safely
@@ -150,18 +151,33 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     )
 
 
+def _with_default_provenance(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adds empty provenance buffers (never written, nothing assigned) where a checkpoint lacks them."""
+    bank = state_dict.get("allspark.memory.bank")
+    if bank is None:
+        return state_dict
+    K, S, _ = bank.shape
+    defaults = {name: torch.full((K, S), NEVER_WRITTEN, dtype=torch.long) for name in PROVENANCE_BUFFERS[:3]}
+    defaults["assigned_count"] = torch.zeros(K, dtype=torch.long)
+    completed = dict(state_dict)
+    for name, tensor in defaults.items():
+        completed.setdefault(f"allspark.memory.{name}", tensor)
+    return completed
+
+
 def model_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> AllSparkSegmentor:
-    """Builds the checkpoint's model and loads its weights (strictly, except the provenance buffers
-    that reference checkpoints lack). Returns the model in eval mode on `device`."""
-    model = build_model(checkpoint.model_config)
-    result = model.load_state_dict(checkpoint.state_dict, strict=False)
-    missing = [k for k in result.missing_keys if k.rsplit(".", 1)[-1] not in PROVENANCE_BUFFERS]
-    if missing or result.unexpected_keys:
-        names = (missing or result.unexpected_keys)[:3]
-        raise DataError(
-            f"{checkpoint.path}: weights do not fit the architecture they describe "
-            f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected, e.g. {', '.join(names)})"
-        )
+    """Builds the checkpoint's model and loads its weights strictly. Returns it in eval mode on `device`.
+
+    The model is built on the meta device and takes the checkpoint's tensors as they are, so no time
+    is spent on a random initialisation that would be overwritten (seconds for MiT-B5 on a CPU).
+    """
+    with torch.device("meta"):
+        model = build_model(checkpoint.model_config)
+    try:
+        model.load_state_dict(_with_default_provenance(checkpoint.state_dict), strict=True, assign=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise DataError(f"{checkpoint.path}: weights do not fit the architecture they describe ({detail})") from None
     return model.to(device).eval()
 
 

@@ -77,13 +77,17 @@ def torch_load_safely(path: str | Path) -> object:
         with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any reading failure is reported as unreadable data
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        text = str(error)
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe:
             raise DataError(
-                f"{path}: refused: the file contains Python objects other than tensors ({first[:160]}); "
+                f"{path}: refused: the file would run or build Python object {unsafe[1]}; "
                 "only weight files and checkpoints are loaded"
             ) from None
-        raise DataError(f"{path}: not a readable PyTorch file ({first[:160]})") from None
+        reason = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), type(error).__name__)
+        if "Weights only load failed" in text:
+            reason = "not a PyTorch weight file or checkpoint"
+        raise DataError(f"{path}: not a readable PyTorch file ({reason[:160]})") from None
 
 
 def read_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

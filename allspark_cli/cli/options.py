@@ -1,0 +1,33 @@
+"""Option aliases shared by several commands, declared once (help text written once).
+
+Each alias is an `Annotated` type; a command uses it as `device: DeviceOption = None`. A value of
+None means "not given": the command then keeps the value of the preset, config or checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+DEVICE_HELP = "Device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
+AmpChoice = Literal["off", "bf16", "fp16"]
+
+DeviceOption = Annotated[str | None, typer.Option("--device", help=DEVICE_HELP, show_default=False)]
+AmpOption = Annotated[
+    AmpChoice | None, typer.Option("--amp", help="Mixed precision (fp16 needs CUDA).", show_default=False)
+]
+BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch size.", show_default=False)]
+WorkersOption = Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Data loader worker processes.", show_default=False)]
+SeedOption = Annotated[int | None, typer.Option("--seed", min=0, help="Random seed.", show_default=False)]
+CropOption = Annotated[int | None, typer.Option("--crop", help="Square crop size in pixels.", show_default=False)]
+DataOption = Annotated[
+    Path | None,
+    typer.Option("--data", help="A prepared dataset: its dataset.yaml or folder.", show_default=False),
+]
+NameOption = Annotated[str | None, typer.Option("--name", "-n", help="Name of the output folder.", show_default=False)]
+ExistOkOption = Annotated[bool, typer.Option("--exist-ok", help="Reuse an existing output folder of that name.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override any setting, e.g. --set train.epochs=3 (repeatable; YAML values).", show_default=False),
+]

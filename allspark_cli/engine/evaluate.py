@@ -1,0 +1,338 @@
+"""Evaluation of a segmentor on a labelled split (DESIGN.md section 3b).
+
+`evaluate_dataset` is the loop shared by in-training evaluation and `allspark eval`: images at
+native size, one of the inference modes of `engine.inference`, one confusion matrix summed over
+the whole split and reduced once across DDP processes. Batching never changes the numbers: a
+loaded batch is split into groups of equal image size, and each group goes through the model as
+one tensor (no padding, which would change what the model sees); the model is per-image exact.
+
+`evaluate_checkpoint` wraps it for a saved checkpoint (`allspark eval`): the protocol defaults
+come from the checkpoint's settings, then from the dataset manifest, and the results are written
+into the eval folder (metrics.json, per_class.csv, confusion.png; every file atomically).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from allspark_cli.constants import IGNORE_INDEX
+from allspark_cli.data.datasets import build_eval_dataset
+from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, load_manifest
+from allspark_cli.engine.distributed import resolve_device
+from allspark_cli.engine.inference import EVAL_MODES, EvalMode, center_crop_box, default_stride, segment
+from allspark_cli.engine.metrics import ConfusionMatrix, SegmentationMetrics
+from allspark_cli.engine.precision import autocast_factory, check_amp
+from allspark_cli.engine.predict import check_out_dir, checkpoint_setting, load_inference_checkpoint
+from allspark_cli.errors import SettingsError
+from allspark_cli.fileio import atomic_write_text, write_png
+from allspark_cli.viz.confusion import confusion_figure
+
+AmpMode = Literal["off", "bf16", "fp16"]
+CLASS_DIM = 1
+
+# progress(done, total): images evaluated so far by this process, out of its share of the split.
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Outcome of one evaluation (identical on every DDP rank after the reduction).
+
+    confusion: (K, K) int64, rows = ground truth, columns = prediction, ignore pixels excluded.
+    out_of_range_pixels: labelled pixels whose mask value was not a class id of the model (skipped).
+    num_images / seconds: over all ranks / this rank's wall time of the loop.
+    """
+
+    metrics: SegmentationMetrics
+    confusion: np.ndarray
+    num_images: int
+    seconds: float
+    out_of_range_pixels: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _keep_samples(batch: list[Any]) -> list[Any]:
+    # Images of a split differ in size, so they cannot be stacked by the default collate.
+    return batch
+
+
+def _size_groups(samples: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Iterator[list[int]]:
+    """Indices of `samples` grouped by image size, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (image, _, _) in enumerate(samples):
+        groups.setdefault(tuple(image.shape), []).append(index)
+    yield from groups.values()
+
+
+def _shard(dataset: Dataset, dist: Any | None) -> Dataset:
+    """This rank's share of the dataset: every world_size-th image (no padding, no duplicates)."""
+    world_size = getattr(dist, "world_size", 1) if dist is not None else 1
+    if world_size <= 1:
+        return dataset
+    return Subset(dataset, list(range(dist.rank, len(dataset), world_size)))
+
+
+def _model_num_classes(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "num_classes", None)
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    mode: EvalMode = "whole",
+    crop: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    amp: AmpMode = "off",
+    dist: Any | None = None,
+    progress: ProgressCallback | None = None,
+    tta: bool = False,
+    num_classes: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    workers: int = 0,
+) -> EvalResult:
+    """Evaluates `model` on `dataset` and returns the metrics of the whole split.
+
+    dataset: yields (image float32 (3, H, W) ImageNet-normalised, mask int64 (H, W), relpath), e.g.
+    `data.datasets.EvalDataset`. model: the plain module (not a DDP wrapper); it is put in eval mode
+    and restored to its previous mode afterwards. mode/crop/stride/tta: see `inference.segment`
+    (center-crop scores the same central region of the mask). device: defaults to the model's.
+    amp: autocast dtype for the forward ("off", "bf16", "fp16"); scores are accumulated in float32.
+    dist: the run's DistInfo; each rank evaluates every world_size-th image and the confusion
+    matrix is summed once at the end, so every rank returns the same result.
+    num_classes: K, defaulting to `model.config.num_classes`, else to the scores' channel count.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    check_amp(amp, device)
+    autocast = autocast_factory(amp, device)
+    shard = _shard(dataset, dist)
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_keep_samples)
+    num_classes = num_classes or _model_num_classes(model)
+    confusion = ConfusionMatrix(num_classes, ignore_index) if num_classes else None
+    was_training = model.training
+    model.eval()
+    done, total = 0, len(shard)
+    start = time.perf_counter()
+    try:
+        for samples in loader:
+            for group in _size_groups(samples):
+                images = torch.stack([samples[i][0] for i in group]).to(device, non_blocking=True)
+                masks = torch.stack([samples[i][1] for i in group]).to(device, non_blocking=True)
+                with autocast():
+                    scores = segment(model, images, mode=mode, crop=crop, stride=stride, tta=tta)
+                if mode == "center-crop":
+                    rows, cols = center_crop_box(masks.shape[-2], masks.shape[-1], crop)
+                    masks = masks[:, rows, cols]
+                if confusion is None:
+                    confusion = ConfusionMatrix(scores.shape[CLASS_DIM], ignore_index)
+                confusion.update(masks, scores.argmax(dim=CLASS_DIM))
+            done += len(samples)
+            if progress is not None:
+                progress(done, total)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    if confusion is None:  # an empty shard of a model without a config: nothing to count
+        raise ValueError("evaluate_dataset needs num_classes when the dataset (shard) is empty")
+    confusion.all_reduce_(dist)
+    matrix = confusion.to_numpy()
+    num_images = _global_count(done, dist, device)
+    return EvalResult(
+        metrics=confusion.compute(),
+        confusion=matrix,
+        num_images=num_images,
+        seconds=seconds,
+        out_of_range_pixels=confusion.out_of_range,
+    )
+
+
+def _global_count(count: int, dist: Any | None, device: torch.device) -> int:
+    world_size = getattr(dist, "world_size", 1) if dist is not None else 1
+    if world_size <= 1:
+        return count
+    total = torch.tensor([count], dtype=torch.int64, device=getattr(dist, "device", device))
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+# Files of the eval folder.
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.csv"
+CONFUSION_FILE = "confusion.png"
+PER_CLASS_COLUMNS = ("class_id", "name", "iou", "accuracy", "gt_pixels", "predicted_pixels")
+RUN_WEIGHTS_DIR = "weights"
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How a checkpoint is evaluated: the split and the inference mode with its window."""
+
+    split: str
+    mode: EvalMode
+    crop: int | None
+    stride: int | None
+    tta: bool
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """What `evaluate_checkpoint` did: the result, the protocol, the class names and the folder written."""
+
+    result: EvalResult
+    protocol: EvalProtocol
+    class_names: list[str]
+    out_dir: Path
+    manifest_path: Path
+
+
+def resolve_protocol(
+    settings: dict[str, Any],
+    manifest: DatasetManifest,
+    *,
+    split: str,
+    mode: EvalMode | None,
+    crop: int | None,
+    stride: int | None,
+    tta: bool,
+) -> EvalProtocol:
+    """Explicit values first, then the checkpoint's `eval` settings, then the manifest's protocol.
+
+    The crop of a windowed mode falls back to the training crop (checkpoint, then manifest); the
+    stride of the sliding window to floor(2/3 crop). The window is None for whole-image mode.
+    """
+    mode = mode or checkpoint_setting(settings, "eval", "mode") or manifest.eval_mode
+    if mode not in EVAL_MODES:
+        raise SettingsError(f"eval mode {mode!r} is not one of {', '.join(EVAL_MODES)}")
+    if mode == "whole":
+        return EvalProtocol(split, mode, None, None, tta)
+    crop = (
+        crop or checkpoint_setting(settings, "eval", "crop") or manifest.eval_crop
+        or checkpoint_setting(settings, "data", "crop") or manifest.train_crop
+    )
+    if mode == "center-crop":
+        return EvalProtocol(split, mode, crop, None, tta)
+    stride = stride or checkpoint_setting(settings, "eval", "stride") or manifest.eval_stride or default_stride(crop)
+    if stride > crop:
+        raise SettingsError(f"--stride {stride} is larger than the window (--crop {crop}): pixels would be skipped")
+    return EvalProtocol(split, mode, crop, stride, tta)
+
+
+def default_eval_dir(checkpoint: Path, split: str, runs_root: Path) -> Path:
+    """`<run>/eval/<split>` for a checkpoint in a run's weights/ folder, else `<runs_root>/eval/<stem>`."""
+    checkpoint = Path(checkpoint).resolve()
+    if checkpoint.parent.name == RUN_WEIGHTS_DIR:
+        return checkpoint.parent.parent / "eval" / split
+    return Path(runs_root) / "eval" / checkpoint.stem
+
+
+def write_eval_folder(report: EvalReport, checkpoint: Path, source: str) -> None:
+    """metrics.json, per_class.csv and confusion.png of `report` into `report.out_dir` (atomic writes)."""
+    result, names = report.result, report.class_names
+    gt_pixels = result.confusion.sum(axis=1).tolist()
+    predicted_pixels = result.confusion.sum(axis=0).tolist()
+    metrics = result.metrics.to_dict()
+    classes = [
+        {"class_id": k, "name": name, "iou": metrics["iou"][k], "accuracy": metrics["accuracy"][k],
+         "gt_pixels": gt_pixels[k], "predicted_pixels": predicted_pixels[k]}
+        for k, name in enumerate(names)
+    ]
+    document = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_source": source,
+        "manifest": str(report.manifest_path),
+        **asdict(report.protocol),
+        "num_images": result.num_images,
+        "miou": metrics["miou"],
+        "pixel_accuracy": metrics["pixel_accuracy"],
+        "images_per_second": round(result.images_per_second, 3),
+        "out_of_range_pixels": result.out_of_range_pixels,
+        "classes": classes,
+        "confusion": result.confusion.tolist(),
+    }
+    atomic_write_text(report.out_dir / METRICS_FILE, json.dumps(document, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PER_CLASS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**row, "iou": _csv_float(row["iou"]), "accuracy": _csv_float(row["accuracy"])} for row in classes)
+    atomic_write_text(report.out_dir / PER_CLASS_FILE, buffer.getvalue())
+    title = f"{Path(checkpoint).name} on {report.protocol.split}: mIoU {result.metrics.miou:.2f}"
+    write_png(report.out_dir / CONFUSION_FILE, confusion_figure(result.confusion, names, title))
+
+
+def _csv_float(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    data: str | os.PathLike | None = None,
+    split: str = "val",
+    mode: EvalMode | None = None,
+    crop: int | None = None,
+    stride: int | None = None,
+    tta: bool = False,
+    batch_size: int = 1,
+    device: str = "auto",
+    amp: AmpMode = "off",
+    out: str | os.PathLike | None = None,
+    runs_root: str | os.PathLike = "runs",
+    workers: int = 0,
+    progress: ProgressCallback | None = None,
+) -> EvalReport:
+    """Evaluates a checkpoint on a split of a prepared dataset and writes the eval folder.
+
+    data: the dataset.yaml (or its folder); defaults to the one recorded in the checkpoint's
+    settings (reference checkpoints record none: SettingsError asking for --data).
+    SettingsError when the checkpoint's class count differs from the dataset's; DataError (exit 3)
+    when the checkpoint file is not a checkpoint. Nothing is written before the evaluation succeeds.
+    """
+
+    checkpoint = Path(checkpoint)
+    torch_device = resolve_device(device)
+    loaded = load_inference_checkpoint(checkpoint, torch_device)
+    manifest_path = data or checkpoint_setting(loaded.settings, "data", "manifest")
+    if manifest_path is None:
+        raise SettingsError(f"{checkpoint} does not record its dataset; pass --data path/to/dataset.yaml")
+    manifest = load_manifest(manifest_path)
+    num_classes = len(loaded.class_names)
+    if num_classes != manifest.num_classes:
+        raise SettingsError(
+            f"checkpoint {checkpoint} predicts {num_classes} classes but dataset '{manifest.name}' "
+            f"({manifest_path}) has {manifest.num_classes}"
+        )
+    protocol = resolve_protocol(loaded.settings, manifest, split=split, mode=mode, crop=crop, stride=stride, tta=tta)
+    out_dir = Path(out) if out is not None else default_eval_dir(checkpoint, split, Path(runs_root))
+    check_out_dir(out_dir)
+    dataset = build_eval_dataset(manifest, split)
+    result = evaluate_dataset(
+        loaded.model, dataset, mode=protocol.mode, crop=protocol.crop, stride=protocol.stride, tta=tta,
+        batch_size=batch_size, device=torch_device, amp=amp, progress=progress, num_classes=num_classes,
+        ignore_index=manifest.ignore_index, workers=workers,
+    )
+    manifest_file = Path(manifest_path)
+    manifest_file = (manifest_file / MANIFEST_NAME if manifest_file.is_dir() else manifest_file).resolve()
+    report = EvalReport(result, protocol, list(manifest.classes), out_dir, manifest_file)
+    write_eval_folder(report, checkpoint, loaded.source)
+    return report

@@ -1,0 +1,132 @@
+"""What the training loop reports while it runs, and a plain-text reporter.
+
+The loop calls a `TrainReporter` (on rank 0 only); the CLI draws these events with rich (a live
+bar on a terminal), and `PlainReporter` writes one line per event (logs, pipes, CI). The engine
+itself never prints.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TextIO
+
+SECONDS_PER_MINUTE = 60
+
+
+@dataclass(frozen=True)
+class StartInfo:
+    """The startup banner: the run's scale next to the paper's (DESIGN.md section 3)."""
+
+    run_dir: Path
+    preset: str | None
+    method: str
+    backbone: str
+    device: str
+    world_size: int
+    global_batch: int
+    per_process_batch: int
+    lr: float
+    head_lr: float
+    amp: str
+    epochs: int
+    iterations_per_epoch: int
+    labeled_images: int
+    unlabeled_images: int
+    start_iteration: int
+    paper_batch: int | None
+    paper_lr: float | None
+    paper_gpus: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One log step: losses are means over the steps since the previous log line (all ranks)."""
+
+    epoch: int
+    epochs: int
+    iteration: int
+    total_iterations: int
+    loss: float
+    loss_x: float
+    loss_u: float | None
+    lr: float
+    seconds_per_iteration: float
+
+
+@dataclass(frozen=True)
+class EvalInfo:
+    epoch: int
+    miou: float
+    pixel_accuracy: float
+    best_miou: float
+    best_epoch: int
+    seconds: float
+
+
+class TrainReporter(Protocol):
+    def start(self, info: StartInfo) -> None: ...
+
+    def step(self, info: StepInfo) -> None: ...
+
+    def evaluated(self, info: EvalInfo) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def format_step(info: StepInfo) -> str:
+    loss_u = "-" if info.loss_u is None else f"{info.loss_u:.4f}"
+    remaining = (info.total_iterations - info.iteration) * info.seconds_per_iteration
+    return (
+        f"epoch {info.epoch + 1}/{info.epochs} iter {info.iteration}/{info.total_iterations} "
+        f"loss {info.loss:.4f} loss_x {info.loss_x:.4f} loss_u {loss_u} lr {info.lr:.3g} "
+        f"{info.seconds_per_iteration:.2f}s/it eta {remaining / SECONDS_PER_MINUTE:.1f}min"
+    )
+
+
+def format_eval(info: EvalInfo) -> str:
+    return (
+        f"epoch {info.epoch + 1} eval: mIoU {info.miou:.2f} pixel acc {info.pixel_accuracy:.2f} "
+        f"(best {info.best_miou:.2f} at epoch {info.best_epoch + 1}) in {info.seconds:.1f}s"
+    )
+
+
+def format_start(info: StartInfo) -> str:
+    paper = ""
+    if info.paper_batch is not None:
+        paper = f" (paper: {info.paper_batch}+{info.paper_batch} on {info.paper_gpus} GPUs, lr {info.paper_lr:g})"
+    return (
+        f"training {info.preset or 'custom'} [{info.method}, MiT-{info.backbone.upper()}] on {info.device} x{info.world_size}: "
+        f"global batch {info.global_batch}+{info.global_batch}, lr {info.lr:g} (head {info.head_lr:g}){paper}; "
+        f"{info.epochs} epochs x {info.iterations_per_epoch} iterations; run folder {info.run_dir}"
+    )
+
+
+class PlainReporter:
+    """One line per event on `stream` (stderr by default)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+
+    def _write(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def start(self, info: StartInfo) -> None:
+        self._write(format_start(info))
+        for note in info.notes:
+            self._write(f"note: {note}")
+
+    def step(self, info: StepInfo) -> None:
+        self._write(format_step(info))
+
+    def evaluated(self, info: EvalInfo) -> None:
+        self._write(format_eval(info))
+
+    def message(self, text: str) -> None:
+        self._write(text)
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,127 @@
+"""Presets: one YAML file per paper split in `presets/`, validated by the TrainSettings model.
+
+A preset file holds its `name` (as users type it, e.g. `pascal-1/8`; the file is `pascal-1_8.yaml`),
+`aliases` (e.g. `pascal-183`), the labeled count and the paper's mIoU (DESIGN.md section 3; null
+where the paper has none) for `--list-presets`, and a complete `settings` tree. Loading a preset
+validates that tree; the CLI then layers --config, environment, options and --set on top.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from allspark_cli.engine.settings import TrainSettings, check_keys
+from allspark_cli.errors import SettingsError
+
+# presets/ sits at the repository (or installed source) root, beside the package.
+PRESET_DIR = Path(__file__).resolve().parents[2] / "presets"
+PRESET_DIR_ENV = "ALLSPARK_PRESET_DIR"
+# Display order of --list-presets: the paper's tables, then the demo; within a family by labels.
+FAMILY_ORDER = ("pascal", "pascal-aug", "pascal-u2pl", "cityscapes", "coco", "demo")
+# The paper's hardware: 8 labeled + 8 unlabeled images per step over 4 GPUs (DESIGN.md section 3).
+PAPER_GPUS = 4
+
+
+class PresetFile(BaseModel):
+    """The schema of a preset YAML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    aliases: list[str] = []
+    description: str = ""
+    labeled_count: int | None = Field(default=None, ge=1)
+    paper_miou: float | None = Field(default=None, ge=0.0, le=100.0)
+    settings: TrainSettings
+
+
+class Preset(BaseModel):
+    """A loaded preset: its metadata, where it came from and its raw settings layer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    info: PresetFile
+    path: Path
+    layer: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def folder_name(self) -> str:
+        """File-system name of the preset (run folders): the file stem, e.g. pascal-1_8."""
+        return self.path.stem
+
+
+def preset_dir() -> Path:
+    """The presets folder (overridable with the ALLSPARK_PRESET_DIR environment variable)."""
+    override = os.environ.get(PRESET_DIR_ENV)
+    return Path(override) if override else PRESET_DIR
+
+
+def file_stem_for(name: str) -> str:
+    """`pascal-1/8` -> `pascal-1_8` (slashes cannot be in file names)."""
+    return name.replace("/", "_")
+
+
+def read_preset_file(path: Path) -> Preset:
+    """Reads and validates one preset file; SettingsError naming the file and the key on problems."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise SettingsError(f"{path}: not a readable preset file: {' '.join(str(error).split())}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("settings"), dict):
+        raise SettingsError(f"{path}: a preset file needs 'name' and a 'settings' mapping")
+    check_keys(raw["settings"], f"preset {path.name}")
+    try:
+        info = PresetFile.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise SettingsError(f"{path}: {where}: {first['msg']}") from None
+    layer = dict(raw["settings"])
+    layer["preset"] = info.name
+    return Preset(info=info, path=path, layer=layer)
+
+
+@lru_cache(maxsize=8)
+def _load_all(directory: Path) -> tuple[Preset, ...]:
+    if not directory.is_dir():
+        raise SettingsError(f"presets folder not found: {directory}")
+    return tuple(read_preset_file(path) for path in sorted(directory.glob("*.yaml")))
+
+
+def _display_key(preset: Preset) -> tuple[int, int, str]:
+    family = preset.name.rsplit("-", 1)[0]
+    rank = FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
+    return rank, preset.info.labeled_count or 0, preset.name
+
+
+def list_presets(directory: Path | None = None) -> list[Preset]:
+    """Every preset of the folder, in display order (paper family, then labeled count)."""
+    return sorted(_load_all((directory or preset_dir()).resolve()), key=_display_key)
+
+
+def find_preset(name: str, directory: Path | None = None) -> Preset:
+    """The preset called `name` (or one of its aliases, or a path to a preset file).
+
+    Unknown names raise SettingsError listing the closest preset names.
+    """
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return read_preset_file(candidate)
+    presets = list_presets(directory)
+    for preset in presets:
+        if name in (preset.name, preset.folder_name, *preset.info.aliases):
+            return preset
+    names = [p.name for p in presets] + [alias for p in presets for alias in p.info.aliases]
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise SettingsError(f"unknown preset '{name}'{hint} (see allspark train --list-presets)")

@@ -1,0 +1,160 @@
+"""The run folder: `<run.root>/<preset>/<name>/` and everything training writes into it.
+
+Layout: `config.yaml` (resolved settings), `env.json` (versions, device, world size, seed, git
+commit), `train.log` (plain log lines), `metrics.jsonl` (one JSON object per log step),
+`results.csv` (one row per evaluation), `weights/last.pt` and `weights/best.pt`, `plots/
+results.png` and `plots/val_mosaic.png`. Names are auto-numbered `exp`, `exp2`, ... unless given.
+Only rank 0 writes; every whole-file write is atomic; the logs are appended line by line.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from allspark_cli.errors import SettingsError
+from allspark_cli.fileio import atomic_write_text
+
+DEFAULT_RUN_NAME = "exp"
+CONFIG_FILE = "config.yaml"
+ENV_FILE = "env.json"
+LOG_FILE = "train.log"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.csv"
+WEIGHTS_DIR = "weights"
+PLOTS_DIR = "plots"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+RESULTS_COLUMNS = ("epoch", "iteration", "lr", "loss_x", "loss_u", "miou", "pixel_accuracy")
+GIT_TIMEOUT_S = 5  # a hung git (network file systems) must not block training
+
+
+def run_dir_for(root: Path, preset_folder: str, name: str | None, exist_ok: bool) -> Path:
+    """The folder a new run writes to (not created here).
+
+    Without `name`: the first free of exp, exp2, exp3, ... A given name that exists is refused
+    unless `exist_ok`.
+    """
+    parent = Path(root) / preset_folder
+    if name is not None:
+        path = parent / name
+        if path.exists() and not exist_ok:
+            raise SettingsError(f"run folder {path} already exists; pick another --name, or pass --exist-ok")
+        return path
+    number = 1
+    while True:
+        candidate = parent / (DEFAULT_RUN_NAME if number == 1 else f"{DEFAULT_RUN_NAME}{number}")
+        if not candidate.exists():
+            return candidate
+        number += 1
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_DIR).is_dir()
+
+
+def checkpoint_to_resume(path: str | Path) -> Path:
+    """`RUN_DIR` or `RUN_DIR/weights/last.pt` -> the last.pt to resume; SettingsError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / WEIGHTS_DIR / LAST_CHECKPOINT
+        if not is_run_dir(path) or not candidate.is_file():
+            raise SettingsError(f"{path} is not a training run folder (expected {CONFIG_FILE} and {WEIGHTS_DIR}/{LAST_CHECKPOINT})")
+        return candidate
+    if not path.is_file():
+        raise SettingsError(f"--resume: {path} does not exist")
+    return path
+
+
+def run_dir_of_checkpoint(checkpoint: Path) -> Path:
+    """The run folder a `weights/last.pt` belongs to; SettingsError when it is not inside a run."""
+    run_dir = checkpoint.resolve().parent.parent
+    if checkpoint.resolve().parent.name != WEIGHTS_DIR or not is_run_dir(run_dir):
+        raise SettingsError(f"{checkpoint} is not inside a run folder (RUN_DIR/{WEIGHTS_DIR}/{LAST_CHECKPOINT})")
+    return run_dir
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The checked-out commit of the source tree, or None (no git, not a repository, timeout)."""
+    folder = cwd or Path(__file__).resolve().parent
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def environment_info(*, device: torch.device, world_size: int, seed: int) -> dict[str, Any]:
+    """What env.json records: versions, device, world size, seed and the git commit."""
+    import numpy
+    import timm
+
+    from allspark_cli import __version__
+
+    return {
+        "allspark": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "world_size": world_size,
+        "seed": seed,
+        "git_commit": git_commit(),
+        "argv": sys.argv,
+    }
+
+
+class RunFolder:
+    """Writes the files of one run folder (use only on rank 0)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.weights = self.path / WEIGHTS_DIR
+        self.plots = self.path / PLOTS_DIR
+        self.last = self.weights / LAST_CHECKPOINT
+        self.best = self.weights / BEST_CHECKPOINT
+
+    def create(self, *, config_text: str, env: dict[str, Any]) -> None:
+        self.weights.mkdir(parents=True, exist_ok=True)
+        self.plots.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / CONFIG_FILE, config_text)
+        atomic_write_text(self.path / ENV_FILE, json.dumps(env, indent=2) + "\n")
+
+    def log(self, line: str) -> None:
+        with open(self.path / LOG_FILE, "a", encoding="utf-8") as handle:
+            handle.write(line.rstrip("\n") + "\n")
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, after_iteration: int) -> None:
+        """Drops metrics.jsonl lines logged after `after_iteration` (steps a resumed run redoes)."""
+        path = self.path / METRICS_FILE
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= after_iteration]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def write_results(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrites results.csv from all evaluation rows so far (atomic, so resume never duplicates)."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=RESULTS_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path / RESULTS_FILE, buffer.getvalue())

@@ -1,0 +1,37 @@
+"""Graceful stop on Ctrl-C (SIGINT) and SIGTERM: the loop finishes its step, saves, then stops.
+
+While installed, the first signal only sets `requested`; the training loop checks it after each
+step (all ranks agree through an all-reduce), saves last.pt and raises Interrupted. A second
+Ctrl-C falls back to Python's default and interrupts at once. Handlers can only be installed from
+the main thread; elsewhere (e.g. a worker thread) installing is a no-op.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,310 @@
+"""`train(settings) -> RunResult`: the training loop (DESIGN.md section 3), shaped like torchvision's.
+
+Reads top to bottom: data -> model -> parameter groups -> scheduler -> explicit resume -> run
+folder -> epoch loop (step, log, evaluate, atomic checkpoint). One process or several under
+torchrun (DDP on the TrainForward wrapper, SyncBatchNorm on CUDA only, the memory update gathered
+over all ranks). Only rank 0 writes. Ctrl-C / SIGTERM save last.pt and raise Interrupted; a
+non-finite loss saves the last good state and stops; CUDA OOM becomes ResourceError with remedies.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from allspark_cli.engine import distributed as D
+from allspark_cli.engine.events import EvalInfo, StartInfo, StepInfo, TrainReporter, format_start, format_step
+from allspark_cli.engine.losses import build_criterion
+from allspark_cli.engine.precision import autocast_factory, check_amp, make_scaler
+from allspark_cli.engine.presets import PAPER_GPUS
+from allspark_cli.engine.resume import capture_rng, check_resumable, restore_rng
+from allspark_cli.engine.rundir import RunFolder, environment_info, run_dir_for, run_dir_of_checkpoint
+from allspark_cli.engine.settings import TrainSettings, dump_settings_yaml, model_config_for
+from allspark_cli.engine.signals import StopRequest
+from allspark_cli.engine.step import TrainForward, train_step
+from allspark_cli.engine.train_data import build_loaders, eval_dataset, eval_protocol, manifest_path, open_dataset
+from allspark_cli.engine.train_eval import evaluate_epoch
+from allspark_cli.errors import Interrupted, ResourceError, SettingsError
+from allspark_cli.model.checkpoint import read_checkpoint, save_checkpoint
+from allspark_cli.model.config import build_model
+from allspark_cli.model.weights import load_pretrained_backbone
+
+# The paper's per-kind global batch and lr by dataset (DESIGN.md section 3), for the banner.
+PAPER_RECIPES = {"pascal": (8, 0.001), "cityscapes": (8, 0.005), "coco": (16, 0.001)}
+NO_RUN = Path()
+
+
+@dataclass
+class RunResult:
+    """Outcome of `train`: where it wrote, the best and last validation mIoU (percent)."""
+
+    run_dir: Path
+    best_miou: float
+    best_epoch: int
+    last_miou: float
+    epochs_done: int
+    iterations: int
+    finished: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    model: nn.Module | None = field(default=None, repr=False)
+
+
+def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
+    """lr * (1 - it/total)^power, per iteration (DESIGN.md section 3)."""
+    return base_lr * (1 - iteration / total) ** power
+
+
+def _resolved(settings: TrainSettings, protocol) -> TrainSettings:
+    """Settings as stored: absolute manifest, the evaluation protocol actually used."""
+    data = settings.data.model_copy(update={"manifest": manifest_path(settings).resolve()})
+    evaluation = settings.eval.model_copy(update={"mode": protocol.mode, "crop": protocol.crop, "stride": protocol.stride})
+    return settings.model_copy(update={"data": data, "eval": evaluation})
+
+
+def _build_model(settings: TrainSettings, num_classes: int, dist: D.DistInfo, notes: list[str]) -> nn.Module:
+    torch.manual_seed(settings.train.seed)  # identical initialisation on every rank
+    model = build_model(model_config_for(settings, num_classes))
+    if settings.model.pretrained is None:
+        notes.append("training from scratch (model.pretrained: null): expect far lower mIoU than with ImageNet weights")
+    else:
+        path = Path(settings.model.pretrained).expanduser()
+        if not path.is_file():
+            raise SettingsError(
+                f"model.pretrained: {path} not found; put the SegFormer MiT ImageNet weights there "
+                f"(mit_{settings.model.backbone}.pth), point --pretrained at them, or pass --no-pretrained"
+            )
+        notes.append(f"pretrained {path}: {load_pretrained_backbone(model.backbone, path).summary()}")
+    if dist.is_distributed and dist.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(dist.device)
+
+
+def _param_groups(model: nn.Module, settings: TrainSettings) -> list[dict[str, Any]]:
+    return [
+        {"params": model.backbone_parameters(), "lr": settings.optim.lr, "base_lr": settings.optim.lr},
+        {"params": model.head_parameters(), "lr": settings.optim.lr * settings.optim.head_lr_multiplier,
+         "base_lr": settings.optim.lr * settings.optim.head_lr_multiplier},
+    ]
+
+
+def _start_info(settings, run_dir, dist, loaders, start_iteration, notes) -> StartInfo:
+    family = (settings.preset or "").split("-")[0]
+    paper_batch, paper_lr = PAPER_RECIPES.get(family, (None, None))
+    unlabeled = loaders.datasets.unlabeled
+    return StartInfo(
+        run_dir=run_dir, preset=settings.preset, method=settings.model.method, backbone=settings.model.backbone,
+        device=str(dist.device), world_size=dist.world_size, global_batch=settings.train.batch_size,
+        per_process_batch=settings.train.batch_size // dist.world_size, lr=settings.optim.lr,
+        head_lr=settings.optim.lr * settings.optim.head_lr_multiplier, amp=settings.train.amp,
+        epochs=settings.train.epochs, iterations_per_epoch=loaders.iterations_per_epoch,
+        labeled_images=len(loaders.datasets.labeled.entries),
+        unlabeled_images=len(unlabeled) if unlabeled is not None else 0, start_iteration=start_iteration,
+        paper_batch=paper_batch, paper_lr=paper_lr, paper_gpus=PAPER_GPUS if paper_batch else None, notes=notes,
+    )
+
+
+def _oom_error(settings: TrainSettings, dist: D.DistInfo) -> ResourceError:
+    batch, crop = settings.train.batch_size, settings.data.crop
+    return ResourceError(
+        f"CUDA out of memory with global batch {batch}+{batch} ({batch // dist.world_size} per GPU), crop {crop}, "
+        f"amp {settings.train.amp}: try --batch-size {max(batch // 2, 1)}, --amp bf16, a smaller --crop, "
+        "or more GPUs (torchrun --nproc_per_node N)"
+    )
+
+
+def train(
+    settings: TrainSettings,
+    *,
+    resume: str | Path | None = None,
+    force: bool = False,
+    reporter: TrainReporter | None = None,
+) -> RunResult:
+    """Trains (or, with `resume` = a run's last.pt, continues) the run described by `settings`.
+
+    Raises SettingsError / DataError / EnvError before anything is written when the settings,
+    data or device do not fit; ResourceError on CUDA OOM; Interrupted after saving on Ctrl-C/SIGTERM.
+    """
+    dist = D.init_distributed(settings.train.device)
+    try:
+        return _train(settings, dist, Path(resume) if resume else None, force, reporter)
+    finally:
+        D.shutdown_distributed(dist)
+
+
+def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporter) -> RunResult:
+    main = dist.rank == 0
+    reporter = reporter if main else None
+    check_amp(settings.train.amp, dist.device)
+    # Data: checked before any compute; the loaders' order is a function of (seed, epoch).
+    manifest = open_dataset(settings, dist)
+    protocol = eval_protocol(settings, manifest)
+    settings = _resolved(settings, protocol)
+    loaders = build_loaders(settings, manifest, dist)
+    val_set = eval_dataset(settings, manifest)
+    checkpoint = read_checkpoint(resume) if resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint.train_state, checkpoint=str(resume), world_size=dist.world_size,
+                        batch_size=settings.train.batch_size, force=force)
+    # Model, parameter groups, scheduler.
+    notes: list[str] = []
+    segmentor = _build_model(settings, manifest.num_classes, dist, notes)
+    runner: nn.Module = TrainForward(segmentor)
+    if dist.is_distributed:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        # Buffers are not broadcast: the memory is kept identical by gathering, BN stats per rank.
+        runner = DistributedDataParallel(runner, device_ids=device_ids, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(_param_groups(segmentor, settings), lr=settings.optim.lr,
+                                momentum=settings.optim.momentum, weight_decay=settings.optim.weight_decay)
+    scaler = make_scaler(settings.train.amp, dist.device)
+    autocast = autocast_factory(settings.train.amp, dist.device)
+    criterion_l = build_criterion(settings.train.loss, ohem_thresh=settings.train.ohem_thresh,
+                                  ohem_min_kept=settings.train.ohem_min_kept, ignore_index=manifest.ignore_index)
+    per_epoch = loaders.iterations_per_epoch
+    total_iterations = settings.train.epochs * per_epoch
+    gather = D.all_gather_cat if dist.is_distributed else None
+    # Explicit resume.
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "iteration": 0, "best_miou": -math.inf, "best_epoch": -1,
+                             "last_miou": math.nan, "history": []}
+    if checkpoint is not None:
+        segmentor.load_state_dict(checkpoint.state_dict)
+        saved = checkpoint.train_state
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        state.update({key: saved[key] for key in state})
+        if saved.get("rng") is not None and dist.rank == 0:
+            restore_rng(saved["rng"])
+        else:  # only rank 0's RNG is saved; the others get a fresh, position-dependent seed
+            torch.manual_seed(settings.train.seed + dist.rank + state["iteration"])
+        if state["epoch"] >= settings.train.epochs:
+            raise SettingsError(f"--resume: the run already reached epoch {state['epoch']} of {settings.train.epochs}")
+        run_dir = run_dir_of_checkpoint(resume)
+    else:
+        torch.manual_seed(settings.train.seed + dist.rank)  # dropout differs across ranks
+        preset_folder = (settings.preset or "custom").replace("/", "_")
+        run_dir = run_dir_for(Path(settings.run.root).expanduser(), preset_folder, settings.run.name,
+                              settings.run.exist_ok) if main else NO_RUN
+        run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0 picks the auto-numbered name
+    run_folder = RunFolder(run_dir)
+    created = main and not run_dir.exists()
+    if main:
+        run_folder.create(config_text=dump_settings_yaml(settings),
+                          env=environment_info(device=dist.device, world_size=dist.world_size, seed=settings.train.seed))
+        if checkpoint is not None:
+            run_folder.truncate_metrics(state["iteration"])
+            run_folder.log(f"resumed from {resume} at iteration {state['iteration']}")
+    D.barrier()
+    start_info = _start_info(settings, run_folder.path, dist, loaders, state["iteration"], notes)
+    if main:
+        run_folder.log(format_start(start_info))
+        for note in notes:
+            run_folder.log(f"note: {note}")
+    if reporter is not None:
+        reporter.start(start_info)
+
+    def save(path: Path, *, finished: bool = False, with_state: bool = True) -> None:
+        if not main:
+            return
+        train_state = None
+        if with_state:
+            train_state = {**state, "finished": finished, "epochs": settings.train.epochs,
+                           "world_size": dist.world_size, "batch_size": settings.train.batch_size,
+                           "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng()}
+        save_checkpoint(path, segmentor, class_names=manifest.classes, palette=manifest.palette,
+                        settings=settings.to_dict(), train_state=train_state)
+
+    stop = StopRequest()
+    try:
+        with stop.installed():
+            for epoch in range(state["epoch"], settings.train.epochs):
+                start_batch = state["batch"] if epoch == state["epoch"] else 0
+                for sampler in loaders.samplers:
+                    sampler.set_epoch(epoch, start_batch)
+                for dataset in (loaders.datasets.labeled, loaders.datasets.unlabeled):
+                    if dataset is not None:
+                        dataset.set_epoch(epoch)
+                use_memory = epoch >= settings.train.warmup_epochs
+                batches_u = iter(loaders.unlabeled) if loaders.unlabeled is not None else None
+                window = torch.zeros(3, device=dist.device)
+                epoch_sum, epoch_steps = torch.zeros(3, device=dist.device), 0
+                window_start, window_steps = time.perf_counter(), 0
+                segmentor.train()
+                for batch_index, batch_l in enumerate(loaders.labeled, start=start_batch):
+                    iteration = epoch * per_epoch + batch_index
+                    lr = poly_lr(settings.optim.lr, iteration, total_iterations, settings.optim.poly_power)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * group["base_lr"] / settings.optim.lr
+                    batch_l = [t.to(dist.device, non_blocking=True) for t in batch_l]
+                    batch_u = None if batches_u is None else [t.to(dist.device, non_blocking=True) for t in next(batches_u)]
+                    losses = train_step(runner, segmentor, batch_l, batch_u, criterion_l=criterion_l,
+                                        use_memory=use_memory, iteration=iteration, gather=gather, autocast=autocast)
+                    flags = D.all_reduce_(torch.stack([(~torch.isfinite(losses.total.detach())).float(),
+                                                       torch.tensor(float(stop.requested), device=dist.device)]))
+                    if flags[0] > 0:
+                        save(run_folder.last)
+                        raise SettingsError(
+                            f"the loss became non-finite at epoch {epoch + 1}, iteration {iteration}; the last good "
+                            f"state is in {run_folder.last}; lower --lr or use --amp off/bf16, then --resume"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(losses.total).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    state.update(iteration=iteration + 1, batch=batch_index + 1, epoch=epoch)
+                    loss_u = losses.loss_u if losses.loss_u is not None else torch.zeros((), device=dist.device)
+                    step_losses = torch.stack([losses.total.detach(), losses.loss_x, loss_u]).float()
+                    window += step_losses
+                    epoch_sum += step_losses
+                    window_steps += 1
+                    epoch_steps += 1
+                    if window_steps == settings.train.log_every or batch_index + 1 == per_epoch:
+                        means = (D.all_reduce_(window) / (window_steps * dist.world_size)).tolist()
+                        seconds = (time.perf_counter() - window_start) / window_steps
+                        info = StepInfo(epoch, settings.train.epochs, iteration + 1, total_iterations, means[0], means[1],
+                                        means[2] if losses.loss_u is not None else None, lr, seconds)
+                        if main:
+                            run_folder.log(format_step(info))
+                            run_folder.append_metrics({"epoch": epoch, "iteration": iteration + 1, "lr": lr,
+                                                       "loss": means[0], "loss_x": means[1], "loss_u": info.loss_u,
+                                                       "seconds_per_iteration": seconds})
+                        if reporter is not None:
+                            reporter.step(info)
+                        window.zero_()
+                        window_start, window_steps = time.perf_counter(), 0
+                    if settings.train.save_every and (iteration + 1) % settings.train.save_every == 0:
+                        save(run_folder.last)
+                    if flags[1] > 0:
+                        save(run_folder.last)
+                        raise Interrupted(f"stopped at iteration {iteration + 1}; resume with "
+                                          f"allspark train --resume {run_folder.path}")
+                state.update(epoch=epoch + 1, batch=0)
+                last_epoch = epoch + 1 == settings.train.epochs
+                if (epoch + 1) % settings.eval.every == 0 or last_epoch:
+                    means = (D.all_reduce_(epoch_sum) / (epoch_steps * dist.world_size)).tolist()
+                    epoch_losses = {"loss_x": means[1], "loss_u": means[2] if loaders.unlabeled is not None else None}
+                    result = evaluate_epoch(segmentor, val_set, settings, protocol, dist, manifest, run_folder, state,
+                                            lr=lr, main=main, losses=epoch_losses)
+                    if main and result.improved:
+                        save(run_folder.best, with_state=False)
+                    if reporter is not None:
+                        reporter.evaluated(EvalInfo(epoch, result.miou, result.pixel_accuracy, state["best_miou"],
+                                                    state["best_epoch"], result.seconds))
+                save(run_folder.last, finished=last_epoch)
+    except BaseException as error:
+        if created and not run_folder.last.exists():  # failed before its first checkpoint: leave nothing
+            shutil.rmtree(run_folder.path, ignore_errors=True)
+        if isinstance(error, torch.OutOfMemoryError):
+            raise _oom_error(settings, dist) from None
+        raise
+    finally:
+        if reporter is not None:
+            reporter.close()
+    return RunResult(run_dir=run_folder.path, best_miou=state["best_miou"], best_epoch=state["best_epoch"],
+                     last_miou=state["last_miou"], epochs_done=state["epoch"], iterations=state["iteration"],
+                     finished=state["epoch"] >= settings.train.epochs, history=list(state["history"]), model=segmentor)

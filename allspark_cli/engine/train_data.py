@@ -1,0 +1,119 @@
+"""Start-up checks and loaders of a training run: everything data-related before the first step.
+
+`open_dataset` builds the demo dataset when a demo preset's manifest is missing, loads and checks
+the manifest (fast check, bad data refused before compute is spent) and resolves the evaluation
+protocol. `build_loaders` makes the two deterministic loaders (see engine/sampling.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from allspark_cli.data.datasets import EvalDataset, TrainDatasets, build_eval_dataset, build_train_datasets
+from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, load_manifest
+from allspark_cli.engine.distributed import DistInfo, barrier
+from allspark_cli.engine.sampling import LABELED_STREAM, UNLABELED_STREAM, EpochBatchSampler
+from allspark_cli.engine.settings import TrainSettings
+from allspark_cli.errors import SettingsError
+
+DEMO_DATASET = "demo"
+
+
+class EvalProtocol(NamedTuple):
+    mode: str
+    crop: int | None
+    stride: int | None
+
+
+class Loaders(NamedTuple):
+    labeled: DataLoader
+    unlabeled: DataLoader | None
+    samplers: tuple[EpochBatchSampler, ...]
+    datasets: TrainDatasets
+    iterations_per_epoch: int
+
+
+def manifest_path(settings: TrainSettings) -> Path:
+    path = Path(settings.data.manifest).expanduser()
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
+def open_dataset(settings: TrainSettings, dist: DistInfo, *, fast_check: bool = True) -> DatasetManifest:
+    """The checked manifest of the run (builds the demo dataset first when it is asked for and missing)."""
+    path = manifest_path(settings)
+    is_demo = (settings.preset or "").startswith(DEMO_DATASET + "-")
+    if not path.is_file() and is_demo:
+        if dist.rank == 0:
+            from data_tools.demo import build_demo
+
+            build_demo(path.parent)
+        barrier()
+    manifest = load_manifest(path)
+    if settings.data.split not in manifest.train_splits:
+        raise SettingsError(
+            f"data.split: dataset {path} has no training split '{settings.data.split}'; "
+            f"available: {', '.join(manifest.train_splits)}"
+        )
+    if settings.eval.split not in manifest.eval_splits:
+        raise SettingsError(f"eval.split: dataset {path} has no evaluation split '{settings.eval.split}'; "
+                            f"available: {', '.join(manifest.eval_splits)}")
+    from allspark_cli.data.check import check_dataset, raise_if_problems
+
+    raise_if_problems(check_dataset(manifest, fast=fast_check))
+    return manifest
+
+
+def eval_protocol(settings: TrainSettings, manifest: DatasetManifest) -> EvalProtocol:
+    """Settings' eval mode/crop/stride where given, else the manifest's (DESIGN.md section 3b)."""
+    mode = settings.eval.mode or manifest.eval_mode
+    crop = settings.eval.crop or manifest.eval_crop
+    stride = settings.eval.stride or manifest.eval_stride
+    if mode != "whole" and crop is None:
+        raise SettingsError(f"eval.crop: evaluation mode '{mode}' needs a crop size")
+    return EvalProtocol(mode, crop, stride)
+
+
+def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: DistInfo) -> Loaders:
+    """Loaders of this rank's share: per-rank batch = global batch / world size, drop-last."""
+    global_batch = settings.train.batch_size
+    if global_batch % dist.world_size:
+        raise SettingsError(
+            f"train.batch_size: the global batch {global_batch} must be a multiple of the {dist.world_size} processes"
+        )
+    per_rank = global_batch // dist.world_size
+    seed = settings.train.seed
+    datasets = build_train_datasets(manifest, settings.data.split, crop=settings.data.crop, seed=seed)
+    use_unlabeled = settings.model.method != "sup" and datasets.unlabeled is not None
+    if settings.model.method != "sup" and datasets.unlabeled is None:
+        raise SettingsError(
+            f"model.method: '{settings.model.method}' needs unlabeled images, but split '{settings.data.split}' "
+            "has none; use method sup (or another split)"
+        )
+    pin = dist.device.type == "cuda"
+    generator = torch.Generator().manual_seed(seed)  # keeps loader start-up off the global RNG (resume)
+
+    def loader(dataset, stream: int) -> tuple[DataLoader, EpochBatchSampler]:
+        sampler = EpochBatchSampler(len(dataset), batch_size=per_rank, seed=seed, stream=stream,
+                                    rank=dist.rank, world_size=dist.world_size,
+                                    max_batches=settings.train.epoch_iterations)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=settings.data.workers, pin_memory=pin,
+                          generator=generator), sampler
+
+    labeled, labeled_sampler = loader(datasets.labeled, LABELED_STREAM)
+    unlabeled, samplers = None, (labeled_sampler,)
+    if use_unlabeled:
+        unlabeled, unlabeled_sampler = loader(datasets.unlabeled, UNLABELED_STREAM)
+        samplers = (labeled_sampler, unlabeled_sampler)
+    iterations = min(sampler.batches_per_epoch for sampler in samplers)
+    if iterations < 1:
+        size = len(datasets.unlabeled) if use_unlabeled else len(datasets.labeled)
+        raise SettingsError(f"train.batch_size: split '{settings.data.split}' has {size} images, fewer than "
+                            f"one global batch of {global_batch}")
+    return Loaders(labeled, unlabeled, samplers, datasets, iterations)
+
+
+def eval_dataset(settings: TrainSettings, manifest: DatasetManifest) -> EvalDataset:
+    return build_eval_dataset(manifest, settings.eval.split)

@@ -1,0 +1,160 @@
+"""`allspark train` on the command line: option paths into the settings, help, presets table, a
+real tiny run, and the bad-input table (exit code, message, nothing written)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from allspark_cli.cli.app import app
+from allspark_cli.engine import train as engine_train
+from allspark_cli.engine.settings import TrainSettings
+from allspark_cli.model.checkpoint import save_checkpoint
+from allspark_cli.model.config import ModelConfig, build_model
+from train_fixtures import CLASSES, PALETTE, make_dataset, tiny_layer
+
+runner = CliRunner()
+
+
+def _output(result) -> str:
+    return result.output + (getattr(result, "stderr", "") if result.stderr_bytes is not None else "")
+
+
+@pytest.fixture
+def received(monkeypatch) -> dict:
+    """Replaces the engine's train: records what the CLI passed instead of training."""
+    calls: dict = {}
+
+    def fake_train(settings: TrainSettings, *, resume=None, force=False, reporter=None):
+        calls.update(settings=settings, resume=resume, force=force)
+        return engine_train.RunResult(run_dir=Path("runs/x/exp"), best_miou=1.0, best_epoch=0, last_miou=1.0,
+                                      epochs_done=1, iterations=1, finished=True)
+
+    monkeypatch.setattr(engine_train, "train", fake_train)
+    return calls
+
+
+def test_help_lists_the_options() -> None:
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0, result.output
+    for option in ("--preset", "--resume", "--set", "--no-pretrained", "--list-presets"):
+        assert option in result.output
+
+
+def test_list_presets_prints_the_table() -> None:
+    result = runner.invoke(app, ["train", "--list-presets"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for fragment in ("pascal-1/16", "pascal-92", "76.07", "cityscapes-1/30", "coco-1/512", "34.10", "demo-1/16", "8+8"):
+        assert fragment in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "path", "expected"),
+    [
+        (["--epochs", "3"], "train.epochs", 3),
+        (["--batch-size", "4"], "train.batch_size", 4),
+        (["--crop", "321"], "data.crop", 321),
+        (["--lr", "0.02"], "optim.lr", 0.02),
+        (["--backbone", "b2"], "model.backbone", "b2"),
+        (["--pretrained", "w/mit.pth"], "model.pretrained", Path("w/mit.pth")),
+        (["--no-pretrained"], "model.pretrained", None),
+        (["--method", "cca+smem"], "model.method", "cca+smem"),
+        (["--amp", "bf16"], "train.amp", "bf16"),
+        (["--seed", "7"], "train.seed", 7),
+        (["--device", "cpu"], "train.device", "cpu"),
+        (["--workers", "0"], "data.workers", 0),
+        (["--name", "mine"], "run.name", "mine"),
+        (["--data", "elsewhere/dataset.yaml"], "data.manifest", Path("elsewhere/dataset.yaml")),
+        (["--exist-ok"], "run.exist_ok", True),
+        (["--save-every", "50"], "train.save_every", 50),
+        (["--set", "optim.head_lr_multiplier=5", "--set", "train.epochs=2"], "optim.head_lr_multiplier", 5.0),
+        ([], "data.split", "183"),
+        ([], "model.pretrained", Path("weights/mit_b5.pth")),
+    ],
+)
+def test_options_reach_the_settings(received: dict, args: list[str], path: str, expected) -> None:
+    result = runner.invoke(app, ["train", "--preset", "pascal-1/8", *args])
+    assert result.exit_code == 0, _output(result)
+    value = received["settings"]
+    for part in path.split("."):
+        value = getattr(value, part)
+    assert value == expected
+    assert received["settings"].preset == "pascal-1/8"
+
+
+def test_precedence_on_the_command_line(received: dict, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {epochs: 10, seed: 3, batch_size: 4}\n")
+    env = {"ALLSPARK_TRAIN__EPOCHS": "20", "ALLSPARK_TRAIN__SEED": "5"}
+    result = runner.invoke(app, ["train", "-p", "pascal-92", "-c", str(config), "--epochs", "30", "-s", "train.seed=9"],
+                           env=env)
+    assert result.exit_code == 0, _output(result)
+    train = received["settings"].train
+    assert (train.epochs, train.seed, train.batch_size) == (30, 9, 4)
+
+
+def test_resume_takes_the_runs_settings(received: dict, tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "tiny" / "exp"
+    layer = tiny_layer(tmp_path / "d.yaml", tmp_path / "runs")
+    settings = TrainSettings.model_validate(layer)
+    (run / "weights").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(settings.to_dict()))
+    model = build_model(ModelConfig(backbone="b0", method="semi", num_classes=3, head_dim=8))
+    save_checkpoint(run / "weights/last.pt", model, class_names=CLASSES, palette=PALETTE, settings=settings.to_dict(),
+                    train_state={"finished": False, "iteration": 1})
+    result = runner.invoke(app, ["train", "--resume", str(run), "--epochs", "5", "--force"])
+    assert result.exit_code == 0, _output(result)
+    assert received["resume"] == run / "weights/last.pt" and received["force"]
+    assert received["settings"].train.epochs == 5 and received["settings"].data.split == "half"
+
+
+def test_a_real_tiny_run_through_the_cli(tmp_path: Path) -> None:
+    manifest = make_dataset(tmp_path / "data")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_layer(manifest, tmp_path / "runs")))
+    result = runner.invoke(app, ["train", "--config", str(config), "--name", "cli", "--seed", "1"])
+    assert result.exit_code == 0, _output(result)
+    assert "best mIoU" in result.output
+    assert (tmp_path / "runs" / "tiny" / "cli" / "weights" / "best.pt").is_file()
+    assert "iter 2/2" in (tmp_path / "runs" / "tiny" / "cli" / "train.log").read_text()
+
+
+def _broken_dataset(tmp_path: Path) -> Path:
+    manifest = make_dataset(tmp_path / "broken")
+    (tmp_path / "broken" / "images" / "train_0.png").unlink()
+    return manifest
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["--preset", "pascal-1/9"], 2, "closest: pascal-1/8"),
+        (["--preset", "pascal-1/8", "--set", "trian.epochs=1"], 2, "did you mean 'train.epochs'"),
+        (["--preset", "pascal-1/8", "--crop", "16"], 2, "data.crop"),
+        (["--preset", "pascal-1/8", "--lr", "0"], 2, "optim.lr"),
+        (["--preset", "pascal-1/8", "--lr", "-1"], 2, "optim.lr"),
+        (["--preset", "pascal-1/8", "--batch-size", "0"], 2, "--batch-size"),
+        (["--preset", "pascal-1/8", "--pretrained", "x.pth", "--no-pretrained"], 2, "exclude each other"),
+        ([], 2, "nothing to train"),
+        (["--resume", "."], 2, "not a training run folder"),
+        (["--preset", "pascal-1/8", "--resume", "."], 2, "do not combine"),
+        (["--preset", "pascal-1/8"], 3, "dataset manifest not found"),
+        (["broken"], 3, "problem(s)"),
+        (["cuda"], 4, "no CUDA GPU"),
+    ],
+)
+def test_bad_inputs(tmp_path: Path, args: list[str], code: int, fragment: str) -> None:
+    if args == ["broken"]:
+        args = ["--preset", "demo-1/16", "--data", str(_broken_dataset(tmp_path)), "--set", "data.split=half",
+                "--device", "cpu"]
+    if args == ["cuda"]:
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        args = ["--preset", "pascal-1/8", "--device", "cuda"]
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == code, _output(result)
+    assert fragment in _output(result)
+    assert not Path("runs").exists()  # the working folder is the test's own (conftest)

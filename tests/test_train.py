@@ -1,0 +1,140 @@
+"""The training loop end to end on a tiny dataset, and its building blocks (loss, schedule, order)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from allspark_cli.data.datasets import build_eval_dataset
+from allspark_cli.data.manifest import load_manifest
+from allspark_cli.engine import train as train_module
+from allspark_cli.engine.evaluate import evaluate_dataset
+from allspark_cli.engine.losses import OhemCrossEntropy, cross_entropy
+from allspark_cli.engine.rundir import run_dir_for
+from allspark_cli.engine.sampling import EpochBatchSampler
+from allspark_cli.engine.settings import TrainSettings, build_settings
+from allspark_cli.engine.step import pseudo_labels
+from allspark_cli.engine.train import poly_lr, train
+from allspark_cli.errors import SettingsError
+from allspark_cli.model.checkpoint import load_model, read_checkpoint
+from allspark_cli.model.config import ModelConfig, build_model
+from train_fixtures import make_dataset, tiny_layer
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def test_tiny_run_writes_a_complete_run_folder(manifest: Path, tmp_path: Path) -> None:
+    settings = build_settings(base=tiny_layer(manifest, tmp_path / "runs"))
+    result = train(settings)
+    run = tmp_path / "runs" / "tiny" / "exp"
+    assert result.run_dir == run and result.finished and result.iterations == 2
+    for name in ("config.yaml", "env.json", "train.log", "metrics.jsonl", "results.csv", "weights/last.pt",
+                 "weights/best.pt", "plots/results.png", "plots/val_mosaic.png"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    saved = TrainSettings.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+    assert saved.data.manifest == manifest.resolve() and saved.eval.mode == "whole"
+    env = json.loads((run / "env.json").read_text())
+    assert env["world_size"] == 1 and env["seed"] == 0 and "torch" in env and "git_commit" in env
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2] and all(m["loss_u"] is not None for m in metrics)
+    rows = list(csv.DictReader((run / "results.csv").open()))
+    assert list(rows[0]) == ["epoch", "iteration", "lr", "loss_x", "loss_u", "miou", "pixel_accuracy"]
+    assert len(rows) == 1 and float(rows[0]["miou"]) == pytest.approx(result.best_miou)
+    last = read_checkpoint(run / "weights/last.pt")
+    assert last.train_state["finished"] and last.train_state["iteration"] == 2
+    assert last.settings["data"]["manifest"] == str(manifest.resolve()) and last.settings["data"]["crop"] == 64
+    assert last.class_names == ["background", "square", "disc"]
+    # best.pt is a plain checkpoint that the eval developer's function scores as training did.
+    model = load_model(run / "weights/best.pt")
+    again = evaluate_dataset(model, build_eval_dataset(load_manifest(manifest)), mode="whole", device="cpu")
+    assert again.metrics.miou == pytest.approx(result.best_miou, abs=1e-4)
+    # The next run of the preset is auto-numbered; a taken --name is refused unless --exist-ok.
+    assert run_dir_for(tmp_path / "runs", "tiny", None, False).name == "exp2"
+    with pytest.raises(SettingsError, match="--exist-ok"):
+        run_dir_for(tmp_path / "runs", "tiny", "exp", False)
+
+
+def test_sup_on_a_fully_labeled_split_makes_one_pass_over_the_labeled_list(manifest: Path, tmp_path: Path) -> None:
+    layer = tiny_layer(manifest, tmp_path, data={"split": "full"}, model={"method": "sup"})
+    result = train(build_settings(base=layer))
+    assert result.iterations == 4  # 8 labeled images / global batch 2
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["loss_u"] is None for m in metrics)
+
+
+def test_non_finite_loss_stops_after_saving_the_last_good_state(manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    def exploding(kind, **kwargs):
+        return lambda logits, target: logits.sum() * float("nan")
+
+    monkeypatch.setattr(train_module, "build_criterion", exploding)
+    with pytest.raises(SettingsError, match="non-finite at epoch 1, iteration 0"):
+        train(build_settings(base=tiny_layer(manifest, tmp_path)))
+    state = read_checkpoint(tmp_path / "tiny" / "exp" / "weights" / "last.pt").train_state
+    assert state["iteration"] == 0 and not state["finished"]
+
+
+@pytest.mark.parametrize(
+    ("sections", "error", "fragment"),
+    [
+        ({"data": {"split": "1/3"}}, SettingsError, "no training split '1/3'; available: half, full"),
+        ({"train": {"batch_size": 6}}, SettingsError, "fewer than one global batch of 6"),
+        ({"model": {"pretrained": "missing/mit_b0.pth"}}, SettingsError, "--no-pretrained"),
+        ({"model": {"method": "semi"}, "data": {"split": "full"}}, SettingsError, "needs unlabeled images"),
+        ({"train": {"amp": "fp16"}}, Exception, "fp16 needs a CUDA device"),
+    ],
+)
+def test_bad_inputs_leave_no_run_folder(manifest: Path, tmp_path: Path, sections, error, fragment) -> None:
+    with pytest.raises(error, match=None) as raised:
+        train(build_settings(base=tiny_layer(manifest, tmp_path / "runs", **sections)))
+    assert fragment in str(raised.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_poly_schedule() -> None:
+    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
+    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+    assert poly_lr(0.01, 100, 100, 0.9) == 0.0
+
+
+def test_cross_entropy_ignores_255_and_ohem_keeps_the_hardest() -> None:
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0, 0] = torch.tensor([4.0, 4.0, -4.0, 0.0])  # easy, easy, hard, medium for class 0
+    target = torch.tensor([[[0, 0, 0, 255]]])
+    per_pixel = torch.nn.functional.cross_entropy(logits, target, ignore_index=255, reduction="none")[0, 0]
+    assert cross_entropy(logits, target) == pytest.approx(per_pixel[:3].mean())
+    ohem = OhemCrossEntropy(thresh=0.7, min_kept=1)
+    assert ohem(logits, target) == pytest.approx(per_pixel[2])  # only the hard pixel is below 0.7
+    assert OhemCrossEntropy(thresh=0.7, min_kept=10)(logits, target) == pytest.approx(per_pixel[:3].mean())
+
+
+def test_pseudo_labels_use_eval_mode_and_ignore_padding() -> None:
+    model = build_model(ModelConfig(backbone="b0", method="semi", num_classes=3, head_dim=16)).train()
+    images = torch.randn(2, 3, 64, 64)
+    pad = torch.zeros(2, 64, 64, dtype=torch.int64)
+    pad[:, :, 48:] = 255
+    logits, pseudo = pseudo_labels(model, images, pad, torch.no_grad)
+    assert model.training  # restored
+    with torch.no_grad():
+        expected = model.eval()(images)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert (pseudo[:, :, 48:] == 255).all() and (pseudo[:, :, :48] < 3).all()
+
+
+def test_data_order_is_a_function_of_seed_and_epoch_and_shards_by_rank() -> None:
+    def batches(rank: int, world: int, epoch: int, start: int = 0) -> list[list[int]]:
+        sampler = EpochBatchSampler(10, batch_size=2 // world, seed=3, stream=1, rank=rank, world_size=world)
+        sampler.set_epoch(epoch, start)
+        return list(sampler)
+
+    assert batches(0, 1, 0) == batches(0, 1, 0) != batches(0, 1, 1)
+    assert batches(0, 1, 0)[2:] == batches(0, 1, 0, start=2)  # resume skips the done batches
+    merged = [a + b for a, b in zip(batches(0, 2, 0), batches(1, 2, 0))]
+    assert sorted(np.concatenate(merged).tolist()) == sorted(np.concatenate(batches(0, 1, 0)).tolist())
