@@ -21,14 +21,15 @@ from allspark_cli.engine.precision import autocast_factory
 from allspark_cli.engine.step import TrainForward, train_step
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
 
-NUM_CLASSES = 21
+DEMO_CLASSES = 7  # the demo dataset's K (CPU row)
+PASCAL_CLASSES = 21  # the paper's K (CUDA row)
 WARMUP_ITERATIONS = 2
 KIB = 1024
 
 
 def bench(backbone: str, crop: int, batch: int, head_dim: int, device: torch.device, method: str, iterations: int,
-          amp: str) -> dict:
-    config = ModelConfig(backbone=backbone, method=method, num_classes=NUM_CLASSES, head_dim=head_dim,
+          amp: str, num_classes: int) -> dict:
+    config = ModelConfig(backbone=backbone, method=method, num_classes=num_classes, head_dim=head_dim,
                          memory_tokens=tokens_for_crop(crop))
     model = build_model(config).to(device).train()
     runner = TrainForward(model)
@@ -36,7 +37,7 @@ def bench(backbone: str, crop: int, batch: int, head_dim: int, device: torch.dev
     optimizer = torch.optim.SGD(groups, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     criterion = build_criterion("ce", ohem_thresh=0.7, ohem_min_kept=1)
     images_l = torch.randn(batch, 3, crop, crop, device=device)
-    masks_l = torch.randint(0, NUM_CLASSES, (batch, crop, crop), device=device)
+    masks_l = torch.randint(0, num_classes, (batch, crop, crop), device=device)
     images_u = torch.randn(batch, 3, crop, crop, device=device)
     pad = torch.zeros(batch, crop, crop, dtype=torch.int64, device=device)
     ids = torch.arange(batch, device=device)
@@ -64,7 +65,7 @@ def bench(backbone: str, crop: int, batch: int, head_dim: int, device: torch.dev
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB**2  # Linux reports KiB
         where = "RSS"
     seconds = statistics.median(times)
-    return {"model": f"MiT-{backbone.upper()} E={head_dim}", "device": str(device), "crop": crop,
+    return {"model": f"MiT-{backbone.upper()} E={head_dim} K={num_classes}", "device": str(device), "crop": crop,
             "batch": f"{batch}+{batch}", "amp": amp, "s/it": seconds, "img/s": 2 * batch / seconds,
             "peak": f"{peak:.2f} GiB ({where})"}
 
@@ -79,11 +80,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = [bench("b0", 128, args.cpu_batch, args.cpu_head_dim, torch.device("cpu"), args.method, args.iterations, "off")]
+    rows = [bench("b0", 128, args.cpu_batch, args.cpu_head_dim, torch.device("cpu"), args.method, args.iterations, "off",
+                  DEMO_CLASSES)]
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
         for amp in ("off", "bf16"):
-            rows.append(bench("b5", 513, 2, 768, cuda, args.method, args.iterations, amp))
+            rows.append(bench("b5", 513, 2, 768, cuda, args.method, args.iterations, amp, PASCAL_CLASSES))
     from rich.console import Console
     from rich.table import Table
 

@@ -23,6 +23,7 @@ from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.imageio import read_mask
 from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, write_manifest
 from allspark_cli.data.splits import SplitEntry
+from allspark_cli.classnames import CITYSCAPES_CLASSES
 from allspark_cli.errors import DataError
 from allspark_cli.fileio import write_png
 from allspark_cli.viz.palette import cityscapes_palette
@@ -52,10 +53,6 @@ from data_tools.splits import (
     resolve_reference_folder,
 )
 
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)
 # Official labelId -> trainId table (cityscapesscripts `labels.py`); all other ids are ignored.
 LABEL_TO_TRAIN_ID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,

@@ -9,10 +9,14 @@ Layout (the same as every prepared dataset; see docs/data-pipeline.md):
     out_dir/splits/<1-16|1-8|1-4|1-2|full>/{labeled,unlabeled}.txt, out_dir/splits/val.txt
 
 What makes it a real segmentation problem: the class of an object is its *shape* (disc, square,
-triangle, ring, star, cross). Colours and textures (solid, stripes, gradients, noise) are drawn
-from the same distribution for every class and for the background, objects vary in scale and
-rotation, overlap and occlude each other, and the background carries clutter that looks like
-objects (ellipses, elongated bars, ring arcs, irregular polygons, strokes) but is class 0.
+triangle, ring, star, cross). Textures (solid, stripes, gradients, noise) are drawn from the same
+distribution for every class; hues come from overlapping per-class bands, so colour hints at the
+class without settling it; objects vary in scale and rotation, overlap and occlude each other,
+and the background carries clutter shaped like objects (ellipses, elongated bars, ring arcs,
+irregular polygons, strokes) that is class 0. Objects are saturated and the background and its
+clutter muted: a from-scratch model learns to find objects within a CPU demo's minutes, while
+telling the classes apart needs shape where the colour bands overlap, which is where the number
+of labels shows.
 Train and val come from the same generator. Every image is a pure function of
 (seed, split, index), so the dataset is identical for any number of workers, and an interrupted
 build resumes by skipping files that exist (all files are written atomically).
@@ -41,7 +45,7 @@ DEMO_TRAIN_CROP = 128
 DEMO_SPLITS = {"1/16": 16, "1/8": 8, "1/4": 4, "1/2": 2}
 BUILD_INFO_NAME = "demo-build.json"
 # Bump when the generator changes, so an old folder is not silently mixed with new images.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 JPEG_QUALITY = 92
 # Each split must have at least one labeled and one unlabeled image (1/2 of 2 = 1 + 1).
 MIN_TRAIN = 2
@@ -51,10 +55,10 @@ _SPLIT_CODES = {"train": 0, "val": 1}
 _LIST_SEED_CODE = 2
 
 # Scene composition (per image).
-OBJECTS_PER_IMAGE = (2, 6)
-CLUTTER_PER_IMAGE = (1, 4)
-RADIUS_MIN = 10.0
-RADIUS_MAX_FRACTION = 0.25  # of the short image side
+OBJECTS_PER_IMAGE = (3, 6)
+CLUTTER_PER_IMAGE = (0, 2)
+RADIUS_MIN = 12.0
+RADIUS_MAX_FRACTION = 0.3  # of the short image side
 RING_HOLE_RANGE = (0.45, 0.65)
 STAR_POINTS = 5
 STAR_INNER_RATIO = 0.42
@@ -62,23 +66,47 @@ CROSS_ARM_RATIO = 0.36  # arm width relative to the cross's span
 CLUTTER_ELLIPSE_AXIS_RANGE = (0.2, 0.5)  # short axis / long axis: clearly not a disc
 CLUTTER_BAR_ASPECT_RANGE = (2.5, 5.0)  # long side / short side: clearly not a square
 # The background texture is pulled this far towards its mean colour: a softer background keeps
-# objects findable, while clutter (full-contrast object textures) keeps texture from giving the class.
+# objects findable; clutter keeps its full contrast.
 BACKGROUND_CONTRAST = 0.5
 STRIPE_PERIOD_RANGE = (4.0, 16.0)
 NOISE_CELL = 8  # pixels per cell of the low-frequency noise
 IMAGE_NOISE_RANGE = (2.0, 8.0)
 IMAGE_BLUR_MAX = 0.8
 
+# Object colours: strong saturation and value (OpenCV HSV ranges: hue 0-179). The hue of an
+# object is drawn around its class's base hue, with bands that overlap their neighbours: colour
+# is a quick but ambiguous cue (a from-scratch model learns it within a CPU demo's budget), and
+# shape settles the ambiguous cases, which is where the number of labels shows.
+CLASS_HUE_SPACING = 30
+CLASS_HUE_JITTER = 20
+OBJECT_SATURATION_RANGE = (140, 256)
+OBJECT_VALUE_RANGE = (110, 256)
+HUE_RANGE = 180
+# Background and clutter colours: greys with a slight tint.
+MUTED_GREY_RANGE = (60.0, 200.0)
+MUTED_TINT = 18.0
+
 Progress = Callable[[int, int], None]
+ColourFn = Callable[[np.random.Generator], np.ndarray]
 
 
-def _colour(rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(0, 256, size=3).astype(np.float32)
+def _object_colour(rng: np.random.Generator, class_id: int) -> np.ndarray:
+    hue = (class_id * CLASS_HUE_SPACING + rng.integers(-CLASS_HUE_JITTER, CLASS_HUE_JITTER + 1)) % HUE_RANGE
+    hsv = np.array(
+        [[[hue, rng.integers(*OBJECT_SATURATION_RANGE), rng.integers(*OBJECT_VALUE_RANGE)]]],
+        dtype=np.uint8,
+    )
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
 
 
-def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """(height, width, 3) float32 fill: solid, stripes, gradient or blotchy noise of random colours."""
-    first, second = _colour(rng), _colour(rng)
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    grey = rng.uniform(*MUTED_GREY_RANGE)
+    return np.clip(grey + rng.uniform(-MUTED_TINT, MUTED_TINT, size=3), 0, 255).astype(np.float32)
+
+
+def _texture(rng: np.random.Generator, height: int, width: int, colour: ColourFn) -> np.ndarray:
+    """(height, width, 3) float32 fill: solid, stripes, gradient or blotchy noise of two colours."""
+    first, second = colour(rng), colour(rng)
     kind = int(rng.integers(4))
     if kind == 0:
         return np.broadcast_to(first, (height, width, 3))
@@ -160,12 +188,14 @@ def _draw_clutter(layer: np.ndarray, center: np.ndarray, radius: float, rng: np.
 
 
 def _paint(image: np.ndarray, mask: np.ndarray, layer: np.ndarray, value: int, rng: np.random.Generator) -> None:
-    """Fills the pixels of `layer` with a fresh texture and writes `value` into the mask there."""
+    """Fills the pixels of `layer` with a fresh texture (saturated for objects, muted for clutter)
+    and writes `value` into the mask there."""
     x, y, width, height = cv2.boundingRect(layer)
     if width == 0 or height == 0:
         return
     inside = layer[y : y + height, x : x + width].astype(bool)
-    image[y : y + height, x : x + width][inside] = _texture(rng, height, width)[inside]
+    colour = (lambda generator: _object_colour(generator, value)) if value else _muted_colour
+    image[y : y + height, x : x + width][inside] = _texture(rng, height, width, colour)[inside]
     mask[y : y + height, x : x + width][inside] = value
 
 
@@ -176,7 +206,7 @@ def render_sample(seed: int, split: str, index: int, size_range: tuple[int, int]
     """
     rng = np.random.default_rng((seed, _SPLIT_CODES[split], index))
     height, width = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
-    background = _texture(rng, height, width)
+    background = _texture(rng, height, width, _muted_colour)
     mean = background.mean(axis=(0, 1))
     image = np.ascontiguousarray(mean + BACKGROUND_CONTRAST * (background - mean), dtype=np.float32)
     mask = np.zeros((height, width), dtype=np.uint8)

@@ -26,6 +26,7 @@ from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.imageio import read_mask, read_size
 from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, write_manifest
 from allspark_cli.data.splits import SplitEntry
+from allspark_cli.classnames import VOC_CLASSES
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_write_bytes, write_png
 from allspark_cli.viz.palette import voc_palette
@@ -58,10 +59,6 @@ from data_tools.splits import (
     scaled_count,
 )
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
 MAX_CLASS_ID = len(VOC_CLASSES) - 1
 # Reference sizes (DESIGN.md section 4): the named original splits are counts out of VOC train.
 VOC_TRAIN_SIZE = 1464

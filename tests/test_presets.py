@@ -76,7 +76,7 @@ def test_paper_recipe_values(name, crop, epochs, batch, lr, head, warmup, loss, 
     assert (s.optim.head_lr_multiplier, s.train.warmup_epochs, s.train.loss, s.data.split) == (head, warmup, loss, split)
     assert (s.model.backbone, s.model.head_dim, s.model.attention_heads) == ("b5", 768, 2)
     assert s.model.pretrained == Path("weights/mit_b5.pth")
-    assert (s.optim.momentum, s.optim.weight_decay, s.optim.poly_power) == (0.9, 1e-4, 0.9)
+    assert (s.optim.name, s.optim.momentum, s.optim.weight_decay, s.optim.poly_power) == ("sgd", 0.9, 1e-4, 0.9)
     assert preset.info.paper_miou == miou
 
 
@@ -90,7 +90,7 @@ def test_demo_presets_are_cpu_sized() -> None:
     for name in ("demo-1/16", "demo-full"):
         s = find_preset(name).info.settings
         assert (s.model.backbone, s.data.crop, s.model.pretrained) == ("b0", 128, None)
-        assert s.train.batch_size <= 8
+        assert s.train.batch_size <= 8 and s.train.epoch_iterations is not None
     assert find_preset("demo-full").info.settings.model.method == "sup"
     assert find_preset("demo-1/16").info.settings.model.method == "allspark"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from allspark_cli.engine import train as train_module
+from allspark_cli.engine import epoch as epoch_module
 from allspark_cli.engine.resume import capture_rng, restore_rng, resume_base
 from allspark_cli.engine.settings import build_settings
 from allspark_cli.engine.train import train
@@ -35,7 +35,7 @@ def _layer(manifest: Path, root: Path) -> dict:
 
 def _interrupt_on_call(monkeypatch, call: int) -> None:
     """Sends this process SIGINT during the `call`-th training step, as Ctrl-C would."""
-    real_step, calls = train_module.train_step, []
+    real_step, calls = epoch_module.train_step, []
 
     def step(*args, **kwargs):
         calls.append(1)
@@ -43,7 +43,7 @@ def _interrupt_on_call(monkeypatch, call: int) -> None:
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", step)
+    monkeypatch.setattr(epoch_module, "train_step", step)
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(manifest: Path, tmp_path: Path, monkeypatch) -> None:

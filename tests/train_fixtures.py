@@ -11,9 +11,13 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from allspark_cli.data.manifest import DatasetManifest, TrainSplit, write_manifest
 from allspark_cli.fileio import write_png
+
+# One thread: the suite shares 2 cores with other jobs, where OpenMP threads stall each other.
+torch.set_num_threads(1)
 
 CLASSES = ["background", "square", "disc"]
 PALETTE = [(0, 0, 0), (200, 40, 40), (40, 200, 40)]

@@ -31,6 +31,9 @@ from allspark_cli.errors import SettingsError
 
 
 
+PRESETS_TABLE_WIDTH = 100
+
+
 class RichReporter:
     """A live bar with ETA, losses, lr and the last mIoU (terminals only)."""
 
@@ -43,9 +46,10 @@ class RichReporter:
         self.miou = "-"
 
     def start(self, info: events.StartInfo) -> None:
-        self.console.print(events.format_start(info))
+        # Plain text (markup off): the banner contains "[allspark, MiT-B5]", which is not markup.
+        self.console.print(events.format_start(info), markup=False, highlight=False)
         for note in info.notes:
-            self.console.print(f"[yellow]note:[/] {note}")
+            self.console.print(f"note: {note}", style="yellow", markup=False, highlight=False)
         total = info.epochs * info.iterations_per_epoch
         self.progress.start()
         self.task = self.progress.add_task("train", total=total, completed=info.start_iteration, status="")
@@ -57,10 +61,10 @@ class RichReporter:
 
     def evaluated(self, info: events.EvalInfo) -> None:
         self.miou = f"{info.miou:.2f}"
-        self.progress.console.print(events.format_eval(info))
+        self.progress.console.print(events.format_eval(info), markup=False, highlight=False)
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(text, markup=False, highlight=False)
 
     def close(self) -> None:
         self.progress.stop()
@@ -111,7 +115,9 @@ def train_command(
     """
     console = Console(stderr=True)
     if list_presets_flag:
-        Console().print(presets_table())
+        stdout = Console()
+        # Pipes get rich's 80 columns by default, which would truncate the table.
+        Console(width=max(stdout.width, PRESETS_TABLE_WIDTH)).print(presets_table())
         return
     if no_pretrained and pretrained is not None:
         raise SettingsError("--pretrained and --no-pretrained exclude each other")

@@ -26,6 +26,8 @@ PRESET_DIR_ENV = "ALLSPARK_PRESET_DIR"
 FAMILY_ORDER = ("pascal", "pascal-aug", "pascal-u2pl", "cityscapes", "coco", "demo")
 # The paper's hardware: 8 labeled + 8 unlabeled images per step over 4 GPUs (DESIGN.md section 3).
 PAPER_GPUS = 4
+CLOSE_NAMES = 4  # suggestions shown for an unknown preset
+CLOSE_CUTOFF = 0.5  # difflib similarity below which a name is not suggested
 
 
 class PresetFile(BaseModel):
@@ -122,6 +124,6 @@ def find_preset(name: str, directory: Path | None = None) -> Preset:
         if name in (preset.name, preset.folder_name, *preset.info.aliases):
             return preset
     names = [p.name for p in presets] + [alias for p in presets for alias in p.info.aliases]
-    close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
+    close = difflib.get_close_matches(name, names, n=CLOSE_NAMES, cutoff=CLOSE_CUTOFF)
     hint = f"; closest: {', '.join(close)}" if close else ""
     raise SettingsError(f"unknown preset '{name}'{hint} (see allspark train --list-presets)")

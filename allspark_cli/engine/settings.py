@@ -25,11 +25,13 @@ ENV_PREFIX = "ALLSPARK_"
 ENV_SEPARATOR = "__"
 MIN_CROP = 32  # the stride-32 stage needs at least one token
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+SUGGESTION_CUTOFF = 0.6  # difflib similarity below which no did-you-mean is offered
 
 Backbone = Literal["b0", "b1", "b2", "b3", "b4", "b5"]
 MethodName = Literal["sup", "semi", "cca", "cca+smem", "allspark"]
 AmpMode = Literal["off", "bf16", "fp16"]
 LossName = Literal["ce", "ohem"]
+OptimizerName = Literal["sgd", "adamw"]
 EvalModeName = Literal["whole", "slide", "center-crop"]
 
 
@@ -59,11 +61,19 @@ class ModelSettings(_Section):
         default=Path("weights/mit_b5.pth"),
         description="MiT ImageNet weights (SegFormer release mit_bX.pth); null trains from scratch",
     )
+    allow_partial_pretrained: bool = Field(
+        default=False, description="load weights that cover the backbone only partly (otherwise refused)"
+    )
 
 
 class OptimSettings(_Section):
-    """SGD with two parameter groups and a per-iteration poly decay (DESIGN.md section 3)."""
+    """SGD with two parameter groups and a per-iteration poly decay (DESIGN.md section 3).
 
+    `name: adamw` is offered for training from scratch (the demo presets): without ImageNet
+    weights SGD needs far more iterations than a CPU demo can afford. `momentum` is SGD's only.
+    """
+
+    name: OptimizerName = "sgd"
     lr: float = Field(default=0.001, gt=0.0, description="backbone learning rate (global batch)")
     head_lr_multiplier: float = Field(default=10.0, gt=0.0, description="head/module lr = lr * this")
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
@@ -178,7 +188,7 @@ KNOWN_PATHS = _known_paths(TrainSettings)
 
 def did_you_mean(key: str, candidates: list[str]) -> str:
     """' (did you mean 'x'?)' for the closest candidate, or '' when none is close."""
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=SUGGESTION_CUTOFF)
     if not close:
         last = key.rsplit(".", 1)[-1]
         close = [c for c in candidates if c.rsplit(".", 1)[-1] == last][:1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from allspark_cli.engine import distributed as D
-from allspark_cli.engine.events import EvalInfo, StartInfo, StepInfo, TrainReporter, format_start, format_step
+from allspark_cli.engine.epoch import EpochLoop, poly_lr, train_epoch
+from allspark_cli.engine.events import EvalInfo, StartInfo, TrainReporter, format_start
 from allspark_cli.engine.losses import build_criterion
 from allspark_cli.engine.precision import autocast_factory, check_amp, make_scaler
 from allspark_cli.engine.presets import PAPER_GPUS
@@ -28,7 +28,7 @@ from allspark_cli.engine.resume import capture_rng, check_resumable, restore_rng
 from allspark_cli.engine.rundir import RunFolder, environment_info, run_dir_for, run_dir_of_checkpoint
 from allspark_cli.engine.settings import TrainSettings, dump_settings_yaml, model_config_for
 from allspark_cli.engine.signals import StopRequest
-from allspark_cli.engine.step import TrainForward, train_step
+from allspark_cli.engine.step import TrainForward
 from allspark_cli.engine.train_data import build_loaders, eval_dataset, eval_protocol, manifest_path, open_dataset
 from allspark_cli.engine.train_eval import evaluate_epoch
 from allspark_cli.errors import Interrupted, ResourceError, SettingsError
@@ -56,11 +56,6 @@ class RunResult:
     model: nn.Module | None = field(default=None, repr=False)
 
 
-def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
-    """lr * (1 - it/total)^power, per iteration (DESIGN.md section 3)."""
-    return base_lr * (1 - iteration / total) ** power
-
-
 def _resolved(settings: TrainSettings, protocol) -> TrainSettings:
     """Settings as stored: absolute manifest, the evaluation protocol actually used."""
     data = settings.data.model_copy(update={"manifest": manifest_path(settings).resolve()})
@@ -80,7 +75,7 @@ def _build_model(settings: TrainSettings, num_classes: int, dist: D.DistInfo, no
                 f"model.pretrained: {path} not found; put the SegFormer MiT ImageNet weights there "
                 f"(mit_{settings.model.backbone}.pth), point --pretrained at them, or pass --no-pretrained"
             )
-        notes.append(f"pretrained {path}: {load_pretrained_backbone(model.backbone, path).summary()}")
+        notes.append(f"pretrained {path}: {load_pretrained_backbone(model.backbone, path, allow_partial=settings.model.allow_partial_pretrained).summary()}")
     if dist.is_distributed and dist.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(dist.device)
@@ -92,6 +87,13 @@ def _param_groups(model: nn.Module, settings: TrainSettings) -> list[dict[str, A
         {"params": model.head_parameters(), "lr": settings.optim.lr * settings.optim.head_lr_multiplier,
          "base_lr": settings.optim.lr * settings.optim.head_lr_multiplier},
     ]
+
+
+def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    groups, optim = _param_groups(model, settings), settings.optim
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 def _start_info(settings, run_dir, dist, loaders, start_iteration, notes) -> StartInfo:
@@ -143,7 +145,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     reporter = reporter if main else None
     check_amp(settings.train.amp, dist.device)
     # Data: checked before any compute; the loaders' order is a function of (seed, epoch).
-    manifest = open_dataset(settings, dist)
+    manifest = open_dataset(settings, dist, notify=reporter.message if reporter is not None else None)
     protocol = eval_protocol(settings, manifest)
     settings = _resolved(settings, protocol)
     loaders = build_loaders(settings, manifest, dist)
@@ -160,8 +162,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         # Buffers are not broadcast: the memory is kept identical by gathering, BN stats per rank.
         runner = DistributedDataParallel(runner, device_ids=device_ids, broadcast_buffers=False)
-    optimizer = torch.optim.SGD(_param_groups(segmentor, settings), lr=settings.optim.lr,
-                                momentum=settings.optim.momentum, weight_decay=settings.optim.weight_decay)
+    optimizer = _optimizer(segmentor, settings)
     scaler = make_scaler(settings.train.amp, dist.device)
     autocast = autocast_factory(settings.train.amp, dist.device)
     criterion_l = build_criterion(settings.train.loss, ohem_thresh=settings.train.ohem_thresh,
@@ -192,7 +193,13 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                               settings.run.exist_ok) if main else NO_RUN
         run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0 picks the auto-numbered name
     run_folder = RunFolder(run_dir)
-    created = main and not run_dir.exists()
+    # The outermost folder this run creates (runs/<preset>/<name> may all be new): removed again
+    # when the run fails before its first checkpoint.
+    created = None
+    if main and not run_dir.exists():
+        created = run_dir
+        while not created.parent.exists():
+            created = created.parent
     if main:
         run_folder.create(config_text=dump_settings_yaml(settings),
                           env=environment_info(device=dist.device, world_size=dist.world_size, seed=settings.train.seed))
@@ -220,74 +227,16 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                         settings=settings.to_dict(), train_state=train_state)
 
     stop = StopRequest()
+    loop = EpochLoop(settings, dist, runner, segmentor, optimizer, scaler, autocast, criterion_l, gather, loaders,
+                 run_folder, reporter, state, stop, save, total_iterations)
     try:
         with stop.installed():
             for epoch in range(state["epoch"], settings.train.epochs):
                 start_batch = state["batch"] if epoch == state["epoch"] else 0
-                for sampler in loaders.samplers:
-                    sampler.set_epoch(epoch, start_batch)
-                for dataset in (loaders.datasets.labeled, loaders.datasets.unlabeled):
-                    if dataset is not None:
-                        dataset.set_epoch(epoch)
-                use_memory = epoch >= settings.train.warmup_epochs
-                batches_u = iter(loaders.unlabeled) if loaders.unlabeled is not None else None
-                window = torch.zeros(3, device=dist.device)
-                epoch_sum, epoch_steps = torch.zeros(3, device=dist.device), 0
-                window_start, window_steps = time.perf_counter(), 0
-                segmentor.train()
-                for batch_index, batch_l in enumerate(loaders.labeled, start=start_batch):
-                    iteration = epoch * per_epoch + batch_index
-                    lr = poly_lr(settings.optim.lr, iteration, total_iterations, settings.optim.poly_power)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group["base_lr"] / settings.optim.lr
-                    batch_l = [t.to(dist.device, non_blocking=True) for t in batch_l]
-                    batch_u = None if batches_u is None else [t.to(dist.device, non_blocking=True) for t in next(batches_u)]
-                    losses = train_step(runner, segmentor, batch_l, batch_u, criterion_l=criterion_l,
-                                        use_memory=use_memory, iteration=iteration, gather=gather, autocast=autocast)
-                    flags = D.all_reduce_(torch.stack([(~torch.isfinite(losses.total.detach())).float(),
-                                                       torch.tensor(float(stop.requested), device=dist.device)]))
-                    if flags[0] > 0:
-                        save(run_folder.last)
-                        raise SettingsError(
-                            f"the loss became non-finite at epoch {epoch + 1}, iteration {iteration}; the last good "
-                            f"state is in {run_folder.last}; lower --lr or use --amp off/bf16, then --resume"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(losses.total).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    state.update(iteration=iteration + 1, batch=batch_index + 1, epoch=epoch)
-                    loss_u = losses.loss_u if losses.loss_u is not None else torch.zeros((), device=dist.device)
-                    step_losses = torch.stack([losses.total.detach(), losses.loss_x, loss_u]).float()
-                    window += step_losses
-                    epoch_sum += step_losses
-                    window_steps += 1
-                    epoch_steps += 1
-                    if window_steps == settings.train.log_every or batch_index + 1 == per_epoch:
-                        means = (D.all_reduce_(window) / (window_steps * dist.world_size)).tolist()
-                        seconds = (time.perf_counter() - window_start) / window_steps
-                        info = StepInfo(epoch, settings.train.epochs, iteration + 1, total_iterations, means[0], means[1],
-                                        means[2] if losses.loss_u is not None else None, lr, seconds)
-                        if main:
-                            run_folder.log(format_step(info))
-                            run_folder.append_metrics({"epoch": epoch, "iteration": iteration + 1, "lr": lr,
-                                                       "loss": means[0], "loss_x": means[1], "loss_u": info.loss_u,
-                                                       "seconds_per_iteration": seconds})
-                        if reporter is not None:
-                            reporter.step(info)
-                        window.zero_()
-                        window_start, window_steps = time.perf_counter(), 0
-                    if settings.train.save_every and (iteration + 1) % settings.train.save_every == 0:
-                        save(run_folder.last)
-                    if flags[1] > 0:
-                        save(run_folder.last)
-                        raise Interrupted(f"stopped at iteration {iteration + 1}; resume with "
-                                          f"allspark train --resume {run_folder.path}")
+                epoch_losses, lr = train_epoch(loop, epoch, start_batch)
                 state.update(epoch=epoch + 1, batch=0)
                 last_epoch = epoch + 1 == settings.train.epochs
                 if (epoch + 1) % settings.eval.every == 0 or last_epoch:
-                    means = (D.all_reduce_(epoch_sum) / (epoch_steps * dist.world_size)).tolist()
-                    epoch_losses = {"loss_x": means[1], "loss_u": means[2] if loaders.unlabeled is not None else None}
                     result = evaluate_epoch(segmentor, val_set, settings, protocol, dist, manifest, run_folder, state,
                                             lr=lr, main=main, losses=epoch_losses)
                     if main and result.improved:
@@ -296,9 +245,13 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                         reporter.evaluated(EvalInfo(epoch, result.miou, result.pixel_accuracy, state["best_miou"],
                                                     state["best_epoch"], result.seconds))
                 save(run_folder.last, finished=last_epoch)
+                stop_now = D.all_reduce_(torch.tensor([float(stop.requested)], device=dist.device))
+                if stop_now.item() > 0 and not last_epoch:  # a signal during the evaluation
+                    raise Interrupted(f"stopped after epoch {epoch + 1}; resume with "
+                                      f"allspark train --resume {run_folder.path}")
     except BaseException as error:
-        if created and not run_folder.last.exists():  # failed before its first checkpoint: leave nothing
-            shutil.rmtree(run_folder.path, ignore_errors=True)
+        if created is not None and not run_folder.last.exists():  # failed before its first checkpoint
+            shutil.rmtree(created, ignore_errors=True)
         if isinstance(error, torch.OutOfMemoryError):
             raise _oom_error(settings, dist) from None
         raise

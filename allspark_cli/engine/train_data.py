@@ -6,6 +6,7 @@ protocol. `build_loaders` makes the two deterministic loaders (see engine/sampli
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,14 +42,21 @@ def manifest_path(settings: TrainSettings) -> Path:
     return path / MANIFEST_NAME if path.is_dir() else path
 
 
-def open_dataset(settings: TrainSettings, dist: DistInfo, *, fast_check: bool = True) -> DatasetManifest:
-    """The checked manifest of the run (builds the demo dataset first when it is asked for and missing)."""
+def open_dataset(
+    settings: TrainSettings, dist: DistInfo, *, fast_check: bool = True, notify: Callable[[str], None] | None = None
+) -> DatasetManifest:
+    """The checked manifest of the run (builds the demo dataset first when it is asked for and missing).
+
+    `notify(text)` is told about slow one-off work (building the demo dataset).
+    """
     path = manifest_path(settings)
     is_demo = (settings.preset or "").startswith(DEMO_DATASET + "-")
     if not path.is_file() and is_demo:
         if dist.rank == 0:
             from data_tools.demo import build_demo
 
+            if notify is not None:
+                notify(f"building the demo dataset in {path.parent} (first run only, about a minute)")
             build_demo(path.parent)
         barrier()
     manifest = load_manifest(path)

@@ -22,6 +22,7 @@ FIGURE_DPI = 100
 MOSAIC_GAP = 4  # pixels of white between tiles
 WHITE = 255
 UINT8_MAX = 255
+GRID_ALPHA = 0.3
 
 
 def plot_results(rows: list[dict[str, Any]], path: Path) -> None:
@@ -38,7 +39,7 @@ def plot_results(rows: list[dict[str, Any]], path: Path) -> None:
         axis.plot(epochs, values, marker="o")
         axis.set_title(title)
         axis.set_xlabel("epoch")
-        axis.grid(True, alpha=0.3)
+        axis.grid(True, alpha=GRID_ALPHA)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
@@ -49,7 +50,7 @@ def denormalize(image: np.ndarray) -> np.ndarray:
     """(3, H, W) ImageNet-normalised float -> (H, W, 3) uint8 RGB."""
     mean = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
     std = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]
-    rgb = (image * std + mean).clip(0.0, 1.0) * UINT8_MAX
+    rgb = (image * std + mean).clip(0, 1) * UINT8_MAX
     return rgb.round().astype(np.uint8).transpose(1, 2, 0)
 
 

@@ -1,0 +1,137 @@
+"""One training epoch: the step loop with its schedule, logging, saving and stop checks.
+
+`train_epoch` runs the iterations of one epoch from a given batch (a resumed run skips the batches
+it already did), sets the poly learning rate per iteration (DESIGN.md section 3), calls the
+semi-supervised step, steps the optimizer (through the fp16 scaler when enabled), logs every
+`train.log_every` iterations (losses averaged over steps and ranks), saves `last.pt` every
+`train.save_every` iterations, and on a non-finite loss or a stop request saves and raises.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from allspark_cli.engine import distributed as D
+from allspark_cli.engine.events import StepInfo, TrainReporter, format_step
+from allspark_cli.engine.rundir import RunFolder
+from allspark_cli.engine.settings import TrainSettings
+from allspark_cli.engine.signals import StopRequest
+from allspark_cli.engine.step import train_step
+from allspark_cli.errors import Interrupted, SettingsError
+
+
+def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
+    """lr * (1 - it/total)^power, per iteration (DESIGN.md section 3)."""
+    return base_lr * (1 - iteration / total) ** power
+
+
+@dataclass
+class EpochLoop:
+    """What every training step needs; built once by `_train`."""
+
+    settings: TrainSettings
+    dist: D.DistInfo
+    runner: nn.Module
+    segmentor: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    criterion_l: Any
+    gather: Any
+    loaders: Any
+    run_folder: RunFolder
+    reporter: TrainReporter | None
+    state: dict[str, Any]
+    stop: StopRequest
+    save: Any
+    total_iterations: int
+
+
+class _LossWindow:
+    """Sums of (loss, loss_x, loss_u) over steps, averaged over steps and ranks on demand."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums, self.steps, self.start = torch.zeros(3, device=device), 0, time.perf_counter()
+
+    def add(self, losses: torch.Tensor) -> None:
+        self.sums += losses
+        self.steps += 1
+
+    def means(self, dist: D.DistInfo) -> list[float]:
+        return (D.all_reduce_(self.sums.clone()) / (self.steps * dist.world_size)).tolist()
+
+    def seconds_per_step(self) -> float:
+        return (time.perf_counter() - self.start) / max(self.steps, 1)
+
+
+def _log_step(loop: EpochLoop, window: _LossWindow, epoch: int, iteration: int, lr: float, with_u: bool) -> None:
+    means = window.means(loop.dist)
+    info = StepInfo(epoch, loop.settings.train.epochs, iteration, loop.total_iterations, means[0], means[1],
+                    means[2] if with_u else None, lr, window.seconds_per_step())
+    if loop.dist.rank == 0:
+        loop.run_folder.log(format_step(info))
+        loop.run_folder.append_metrics({"epoch": epoch, "iteration": iteration, "lr": lr, "loss": info.loss,
+                                        "loss_x": info.loss_x, "loss_u": info.loss_u,
+                                        "seconds_per_iteration": info.seconds_per_iteration})
+    if loop.reporter is not None:
+        loop.reporter.step(info)
+
+
+def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str, float | None] | None, float]:
+    """Runs epoch `epoch` from batch `start_batch`; returns its mean losses (None when no step ran
+    here, e.g. a run resumed exactly at the epoch's end) and the last lr."""
+    settings, dist, state, loaders = loop.settings, loop.dist, loop.state, loop.loaders
+    per_epoch = loaders.iterations_per_epoch
+    for sampler in loaders.samplers:
+        sampler.set_epoch(epoch, start_batch)
+    for dataset in (loaders.datasets.labeled, loaders.datasets.unlabeled):
+        if dataset is not None:
+            dataset.set_epoch(epoch)
+    use_memory = epoch >= settings.train.warmup_epochs
+    lr = poly_lr(settings.optim.lr, epoch * per_epoch + start_batch, loop.total_iterations, settings.optim.poly_power)
+    batches_u = iter(loaders.unlabeled) if loaders.unlabeled is not None else None
+    window, epoch_window = _LossWindow(dist.device), _LossWindow(dist.device)
+    loop.segmentor.train()
+    for batch_index, batch_l in enumerate(loaders.labeled, start=start_batch):
+        iteration = epoch * per_epoch + batch_index
+        lr = poly_lr(settings.optim.lr, iteration, loop.total_iterations, settings.optim.poly_power)
+        for group in loop.optimizer.param_groups:
+            group["lr"] = lr * group["base_lr"] / settings.optim.lr
+        batch_l = [t.to(dist.device, non_blocking=True) for t in batch_l]
+        batch_u = None if batches_u is None else [t.to(dist.device, non_blocking=True) for t in next(batches_u)]
+        losses = train_step(loop.runner, loop.segmentor, batch_l, batch_u, criterion_l=loop.criterion_l,
+                            use_memory=use_memory, iteration=iteration, gather=loop.gather, autocast=loop.autocast)
+        flags = D.all_reduce_(torch.stack([(~torch.isfinite(losses.total.detach())).float(),
+                                           torch.tensor(float(loop.stop.requested), device=dist.device)]))
+        if flags[0] > 0:
+            loop.save(loop.run_folder.last)
+            raise SettingsError(
+                f"the loss became non-finite at epoch {epoch + 1}, iteration {iteration}; the last good state is in "
+                f"{loop.run_folder.last}; lower --lr or use --amp off/bf16, then --resume"
+            )
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(losses.total).backward()
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        state.update(iteration=iteration + 1, batch=batch_index + 1, epoch=epoch)
+        loss_u = losses.loss_u if losses.loss_u is not None else torch.zeros((), device=dist.device)
+        step_losses = torch.stack([losses.total.detach(), losses.loss_x, loss_u]).float()
+        window.add(step_losses)
+        epoch_window.add(step_losses)
+        if window.steps == settings.train.log_every or batch_index + 1 == per_epoch:
+            _log_step(loop, window, epoch, iteration + 1, lr, losses.loss_u is not None)
+            window = _LossWindow(dist.device)
+        if settings.train.save_every and (iteration + 1) % settings.train.save_every == 0:
+            loop.save(loop.run_folder.last)
+        if flags[1] > 0:
+            loop.save(loop.run_folder.last)
+            raise Interrupted(f"stopped at iteration {iteration + 1}; resume with "
+                              f"allspark train --resume {loop.run_folder.path}")
+    if not epoch_window.steps:
+        return None, lr
+    means = epoch_window.means(dist)
+    return {"loss_x": means[1], "loss_u": means[2] if loaders.unlabeled is not None else None}, lr
