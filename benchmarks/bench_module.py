@@ -9,8 +9,9 @@ Settings (C = 512, 2 heads, batch 2 labeled + 2 unlabeled): pascal 17x17 tokens 
 K = 81, cityscapes 26x26 K = 19; memory 1x, 2x, 4x C; fp32 and bf16 autocast.
 Each configuration runs in a fresh subprocess. Peak growth is measured on the step after a
 warm-up step: on CPU the resident set sampled every millisecond during the step, minus the level
-before it (after handing freed allocator memory back to the OS); on CUDA max_memory_allocated
-minus memory_allocated before the step. GFLOP are counted by torch's FlopCounterMode on one step; the achieved rate is set next to
+before it, in a second child whose glibc mmap threshold is pinned at 1 MiB so that freed tensors
+leave the resident set at once (times come from a child with the default allocator); on CUDA
+max_memory_allocated minus memory_allocated before the step. GFLOP are counted by torch's FlopCounterMode on one step; the achieved rate is set next to
 the machine's own matrix-multiply rate, measured here on square matrices.
 """
 from __future__ import annotations
@@ -36,6 +37,12 @@ CHANNELS = 512
 HEADS = 2
 BATCH = 2
 MATMUL_SIZE = 2048
+# glibc raises its mmap threshold as large blocks are freed and then keeps freed tensors in the
+# heap, so the resident set would track the allocator's history rather than live memory. A fixed
+# threshold returns every large block to the OS when it is freed.
+# The time comes from a child with the default allocator (the pinned threshold slows every
+# allocation down), the peak memory from a second child with the pinned threshold.
+MEMORY_CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def _sync(device: str) -> None:
@@ -159,6 +166,14 @@ def run_one(setting: str, memory_multiple: int, precision: str, device: str, rep
     }
 
 
+def _run_child(child: str, env: dict[str, str]) -> dict | None:
+    result = subprocess.run([sys.executable, __file__, "--child", child], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        print(f"{child}: failed: {result.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=list(SETTINGS), action="append", help="settings to run (default all)")
@@ -187,11 +202,11 @@ def main() -> None:
             for memory in multiples:
                 for precision in args.precision or ["fp32", "bf16"]:
                     child = f"{setting},{memory},{precision},{device},{args.repeats}"
-                    result = subprocess.run([sys.executable, __file__, "--child", child], capture_output=True, text=True)
-                    if result.returncode != 0:
-                        print(f"{child}: failed: {result.stderr.strip().splitlines()[-1:]}", flush=True)
+                    timed = _run_child(child, dict(os.environ))
+                    sized = _run_child(child, MEMORY_CHILD_ENV)
+                    if timed is None or sized is None:
                         continue
-                    row = json.loads(result.stdout.strip().splitlines()[-1])
+                    row = {**timed, "peak_growth_gb": sized["peak_growth_gb"]}
                     row["gflops_per_s"] = row["gflop"] / row["median_s"]
                     row["matmul_fraction"] = row["gflops_per_s"] / rates[precision]
                     rows.append(row)

@@ -35,9 +35,12 @@ def test_values_and_gradients_match_plain_autograd(saved_maps_budget, rows_per_c
         torch.testing.assert_close(a, b)
 
 
-def test_dropout_mask_is_the_same_in_forward_and_backward():
+@pytest.mark.parametrize("saved_masks_budget", [0, 2**30])
+def test_dropout_mask_is_the_same_in_forward_and_backward(saved_masks_budget, monkeypatch):
     """With dropout the gradient must be that of the forward's own mask: check against finite differences
-    of a function whose mask is fixed by re-seeding torch before every evaluation."""
+    of a function whose mask is fixed by re-seeding torch before every evaluation. Masks either kept
+    for backward or regenerated from their seed."""
+    monkeypatch.setattr(attention, "SAVED_MASKS_BUDGET_BYTES", saved_masks_budget)
     q = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
     k = torch.randn(3, 8, dtype=torch.float64)
     v = torch.randn(3, 8, dtype=torch.float64)

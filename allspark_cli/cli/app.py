@@ -42,12 +42,24 @@ def root(
     ctx.obj = {"debug": debug}
 
 
+# Help panels of `allspark --help`, in the order of a project's life.
+COMMAND_PANELS = {
+    "prepare": "Data",
+    "train": "Training and evaluation",
+    "eval": "Training and evaluation",
+    "predict": "Using a model",
+    "inspect-memory": "Using a model",
+}
+
+
 def _register_commands() -> None:
     from allspark_cli.cli import eval as eval_cmd
     from allspark_cli.cli import inspect_memory, predict, prepare, train
 
     for module in (prepare, train, eval_cmd, predict, inspect_memory):
         module.register(app)
+    for info in (*app.registered_commands, *app.registered_groups):
+        info.rich_help_panel = COMMAND_PANELS.get(info.name, info.rich_help_panel)
 
 
 _register_commands()

@@ -24,10 +24,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
 
     Returns a scalar; 0 (with a gradient path) when every pixel is ignored, rather than NaN.
     """
-    valid = target != ignore_index
-    if not bool(valid.any()):
-        return logits.sum() * 0
-    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
+    # Sum over valid pixels / their count (at least 1): no device-to-host sync, and 0 rather
+    # than NaN when every pixel is ignored.
+    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+    return total / (target != ignore_index).sum().clamp(min=1)
 
 
 class OhemCrossEntropy:
