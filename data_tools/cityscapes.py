@@ -21,7 +21,7 @@ import numpy as np
 
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.imageio import read_mask
-from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, write_manifest
+from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.classnames import CITYSCAPES_CLASSES
 from allspark_cli.errors import DataError
@@ -200,20 +200,16 @@ def prepare_cityscapes(
         raise_if_errors(report.errors, "masks")
         splits = plan_splits(samples, root, seed=seed, splits_from=splits_from)
         splits.write(out_dir, guard)
-        manifest = DatasetManifest(
+        manifest = splits.write_manifest(
+            out_dir, guard,
             name="cityscapes",
-            root=out_dir,
             classes=list(CITYSCAPES_CLASSES),
-            palette=[tuple(int(v) for v in colour) for colour in cityscapes_palette()],
-            train_splits=splits.train_splits,
-            eval_splits=splits.eval_splits,
+            palette=cityscapes_palette(),
             eval_mode="slide",
             eval_crop=EVAL_CROP,
             eval_stride=EVAL_STRIDE,
             train_crop=TRAIN_CROP,
         )
-        guard.claim(out_dir / MANIFEST_NAME)
-        write_manifest(manifest, out_dir / MANIFEST_NAME)
     return PrepareSummary(
         name="cityscapes",
         manifest_path=out_dir / MANIFEST_NAME,

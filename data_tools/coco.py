@@ -25,7 +25,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from allspark_cli.constants import IGNORE_INDEX
-from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, write_manifest
+from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.errors import DataError
 from allspark_cli.fileio import write_png
@@ -233,18 +233,14 @@ def prepare_coco(
         splits = plan_splits(images, seed=seed, splits_from=splits_from)
         splits.write(out_dir, guard)
         classes = [BACKGROUND, *names]
-        manifest = DatasetManifest(
+        manifest = splits.write_manifest(
+            out_dir, guard,
             name="coco",
-            root=out_dir,
             classes=classes,
-            palette=[tuple(int(v) for v in colour) for colour in voc_palette(len(classes))],
-            train_splits=splits.train_splits,
-            eval_splits=splits.eval_splits,
+            palette=voc_palette(len(classes)),
             eval_mode="whole",
             train_crop=TRAIN_CROP,
         )
-        guard.claim(out_dir / MANIFEST_NAME)
-        write_manifest(manifest, out_dir / MANIFEST_NAME)
     return PrepareSummary(
         name="coco",
         manifest_path=out_dir / MANIFEST_NAME,

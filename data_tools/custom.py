@@ -21,7 +21,7 @@ from pathlib import Path
 
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.imageio import read_mask
-from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, write_manifest
+from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.viz.palette import voc_palette
@@ -199,18 +199,14 @@ def prepare_custom(
             if source is not None:
                 link_dir(source, out_dir / LINKS[key], guard)
         splits.write(out_dir, guard)
-        manifest = DatasetManifest(
+        manifest = splits.write_manifest(
+            out_dir, guard,
             name=name or out_dir.name,
-            root=out_dir,
             classes=classes,
             palette=palette,
-            train_splits=splits.train_splits,
-            eval_splits=splits.eval_splits,
             eval_mode="whole",
             train_crop=train_crop,
         )
-        guard.claim(out_dir / MANIFEST_NAME)
-        write_manifest(manifest, out_dir / MANIFEST_NAME)
     return PrepareSummary(
         name=manifest.name,
         manifest_path=out_dir / MANIFEST_NAME,

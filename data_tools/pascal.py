@@ -24,7 +24,7 @@ import scipy.io
 
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.imageio import read_mask, read_size
-from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, write_manifest
+from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.classnames import VOC_CLASSES
 from allspark_cli.errors import DataError, SettingsError
@@ -263,18 +263,14 @@ def prepare_pascal(
         raise_if_errors(report.errors, "masks")
         splits = plan_splits(sources, seed=seed, splits_from=splits_from)
         splits.write(out_dir, guard)
-        manifest = DatasetManifest(
+        manifest = splits.write_manifest(
+            out_dir, guard,
             name="pascal",
-            root=out_dir,
             classes=list(VOC_CLASSES),
-            palette=[tuple(int(v) for v in colour) for colour in voc_palette(len(VOC_CLASSES))],
-            train_splits=splits.train_splits,
-            eval_splits=splits.eval_splits,
+            palette=voc_palette(len(VOC_CLASSES)),
             eval_mode="whole",
             train_crop=TRAIN_CROP,
         )
-        guard.claim(out_dir / MANIFEST_NAME)
-        write_manifest(manifest, out_dir / MANIFEST_NAME)
     return PrepareSummary(
         name="pascal",
         manifest_path=out_dir / MANIFEST_NAME,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from allspark_cli.data.manifest import TrainSplit
+from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, TrainSplit, write_manifest
 from allspark_cli.data.splits import SplitEntry, format_split, read_split
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_write_bytes
@@ -161,6 +161,22 @@ class SplitOutput:
         for relpath, data in self.files.items():
             guard.claim(root / relpath)
             atomic_write_bytes(root / relpath, data)
+
+    def write_manifest(self, root: Path, guard: OutputGuard, *, palette, **fields) -> DatasetManifest:
+        """Writes `root/dataset.yaml` for these splits, last (its presence marks a complete build).
+
+        `palette`: (K, 3) colours; `fields`: the other DatasetManifest fields (name, classes, crops,
+        evaluation mode)."""
+        manifest = DatasetManifest(
+            root=root,
+            palette=[tuple(int(v) for v in colour) for colour in palette],
+            train_splits=self.train_splits,
+            eval_splits=self.eval_splits,
+            **fields,
+        )
+        guard.claim(root / MANIFEST_NAME)
+        write_manifest(manifest, root / MANIFEST_NAME)
+        return manifest
 
 
 def resolve_reference_folder(source: Path, dataset: str) -> Path:
