@@ -210,15 +210,21 @@ def fill_level_chart(filled: Sequence[int], slots: int, class_names: Sequence[st
     return _render(figure)
 
 
-def assigned_count_chart(counts: Sequence[int], class_names: Sequence[str]) -> np.ndarray:
-    """Figure 6: bars of how many channels the grouping sent to each class since training began."""
+def _class_bar_chart(values: np.ndarray, class_names: Sequence[str], *, ylabel: str, title: str, color) -> np.ndarray:
+    """One bar per class (x axis: class names) -> RGB picture."""
     figure = _figure(_chart_width(len(class_names)), CHART_HEIGHT_IN)
     axes = figure.add_subplot(1, 1, 1)
-    axes.bar(np.arange(len(class_names)), np.asarray(counts, dtype=np.int64), color=COUNT_COLOR)
-    axes.set_ylabel("channels assigned")
-    axes.set_title("Channel-wise Semantic Grouping: channels sent to each class")
+    axes.bar(np.arange(len(class_names)), values, color=color)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     _class_axis(axes, class_names)
     return _render(figure)
+
+
+def assigned_count_chart(counts: Sequence[int], class_names: Sequence[str]) -> np.ndarray:
+    """Figure 6: bars of how many channels the grouping sent to each class since training began."""
+    return _class_bar_chart(np.asarray(counts, dtype=np.int64), class_names, ylabel="channels assigned",
+                            title="Channel-wise Semantic Grouping: channels sent to each class", color=COUNT_COLOR)
 
 
 def attention_class_map(mass: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
@@ -236,10 +242,5 @@ def attention_class_map(mass: np.ndarray, class_names: Sequence[str]) -> np.ndar
 
 def attention_class_bars(mean_mass: Sequence[float], class_names: Sequence[str]) -> np.ndarray:
     """(K,) mean attention mass per class slot (sums to 1 over classes) -> bar chart."""
-    figure = _figure(_chart_width(len(class_names)), CHART_HEIGHT_IN)
-    axes = figure.add_subplot(1, 1, 1)
-    axes.bar(np.arange(len(class_names)), np.asarray(mean_mass, dtype=np.float64), color=FILLED_COLOR)
-    axes.set_ylabel("mean attention mass")
-    axes.set_title("Which class slots the image's channels draw from")
-    _class_axis(axes, class_names)
-    return _render(figure)
+    return _class_bar_chart(np.asarray(mean_mass, dtype=np.float64), class_names, ylabel="mean attention mass",
+                            title="Which class slots the image's channels draw from", color=FILLED_COLOR)
