@@ -66,6 +66,23 @@ def matmul_rate(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
     return 2 * MATMUL_SIZE**3 / statistics.median(times) / 1e9
 
 
+def _addmm_flop(total_shape, left_shape, right_shape, *args, **kwargs) -> int:
+    return 2 * left_shape[0] * left_shape[1] * right_shape[1]
+
+
+def _linear_pointwise_flop(input_shape, weight_shape, *args, **kwargs) -> int:
+    rows = 1
+    for size in input_shape[:-1]:
+        rows *= size
+    return 2 * rows * input_shape[-1] * weight_shape[0]
+
+
+# Products torch's FlopCounterMode does not know: in-place addmm_ and oneDNN's linear operator.
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten.addmm_: _addmm_flop}
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    _EXTRA_FLOP_FORMULAS[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flop
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -152,7 +169,7 @@ def run_one(setting: str, memory_multiple: int, precision: str, device: str, rep
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     with counter:
         step()
     return {

@@ -21,6 +21,7 @@ def test_values_and_gradients_match_plain_autograd(saved_maps_budget, rows_per_c
     """Budgets: recompute every map, keep one image's map (float64 8 x 16), keep all."""
     if rows_per_chunk is not None:  # several row chunks per map (the large-map path)
         monkeypatch.setattr(attention, "CHUNK_BYTES", 4 * 16 * rows_per_chunk)
+        monkeypatch.setattr(attention, "MIN_CHUNK_ROWS", 1)
     torch.manual_seed(0)
     q = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
     k = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
@@ -35,21 +36,44 @@ def test_values_and_gradients_match_plain_autograd(saved_maps_budget, rows_per_c
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("saved_masks_budget", [0, 2**30])
-def test_dropout_mask_is_the_same_in_forward_and_backward(saved_masks_budget, monkeypatch):
+@pytest.mark.parametrize("saved_maps_budget", [0, 2**30])
+@pytest.mark.parametrize("rows_per_chunk", [3, None])
+def test_dropout_mask_is_the_same_in_forward_and_backward(saved_maps_budget, rows_per_chunk, monkeypatch):
     """With dropout the gradient must be that of the forward's own mask: check against finite differences
     of a function whose mask is fixed by re-seeding torch before every evaluation. Masks either kept
-    for backward or regenerated from their seed."""
-    monkeypatch.setattr(attention, "SAVED_MASKS_BUDGET_BYTES", saved_masks_budget)
-    q = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(3, 8, dtype=torch.float64)
-    v = torch.randn(3, 8, dtype=torch.float64)
+    (in the saved maps) or redrawn from their seed in backward, in one or several chunks."""
+    if rows_per_chunk is not None:
+        monkeypatch.setattr(attention, "CHUNK_BYTES", 4 * 8 * rows_per_chunk)
+        monkeypatch.setattr(attention, "MIN_CHUNK_ROWS", 1)
+    torch.manual_seed(0)
+    q = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 7, 3, dtype=torch.float64)
 
-    def run(queries):
+    def run(queries, keys, values):
         torch.manual_seed(123)  # the same seeds, so the same masks, in every evaluation
-        return normalized_attention(queries, k, v, dropout_p=0.5).sum()
+        out = normalized_attention(queries, keys, values, dropout_p=0.5, saved_maps_budget=saved_maps_budget)
+        return (out * weights).sum()
 
-    assert torch.autograd.gradcheck(run, (q,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(run, (q, k, v), eps=1e-6, atol=1e-5)
+
+
+def test_dropout_drops_the_quantised_fraction_and_keeps_the_mean():
+    """About p of the entries are dropped (p quantised to 1/32768), kept ones scaled by 1/(1-p):
+    the output's expectation over masks is the dropout-free output."""
+    threshold, effective = attention.quantized_dropout(0.1)
+    assert threshold == 3277 and abs(effective - 0.1) < 1e-5
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 64, 4), torch.randn(4, 512)
+    ones = torch.ones(4, 512)
+    # With values of ones, each output entry is the kept probability mass of its row / (1 - p).
+    outs = torch.stack([normalized_attention(q, k, ones, dropout_p=0.1) for _ in range(40)])
+    assert abs(outs.mean().item() - 1.0) < 2e-3
+    # An all-equal map (zero queries): every row is 1/512 per entry, so the kept fraction is exact.
+    flat = normalized_attention(torch.zeros(1, 64, 4), k, ones, dropout_p=0.1)
+    kept_fraction = (flat * (1 - effective)).mean().item()
+    assert abs(kept_fraction - 0.9) < 5e-3
 
 
 def test_bf16_autocast_runs_and_returns_the_autocast_dtype():
@@ -61,3 +85,22 @@ def test_bf16_autocast_runs_and_returns_the_autocast_dtype():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all() and k.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_float32_path_matches_float64(dropout_p):
+    """The float32 path (oneDNN/MKL products, in-place softmax, buffers reused across chunks) agrees
+    with the float64 computation of the same masks."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 300, 17, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(17, 640, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(17, 640, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 300, 17, dtype=torch.float64)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(7)  # the same dropout masks for both dtypes
+        out = normalized_attention(*inputs, dropout_p=dropout_p)
+        results.append([out, *torch.autograd.grad(out, inputs, grad.to(dtype))])
+    for exact, single in zip(*results):
+        torch.testing.assert_close(single.double(), exact, rtol=1e-4, atol=1e-5)

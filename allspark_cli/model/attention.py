@@ -6,16 +6,23 @@ whole map of each (image, head): biased variance, eps 1e-5, no affine.
 
 The labeled branch's map is large: `hC x (|src| * hC)` per image, 1024 x 21504 at the pascal
 setting with the memory and 1024 x 82944 at coco. Plain autograd keeps four such maps per image
-alive (the product, its normalisation, the softmax and the dropout output). `normalized_attention`
-is one autograd function that:
-- runs image by image, and within an image in row chunks (the softmax is row-wise), so its
-  temporaries are chunk-sized; only the product of the image being processed is full-size;
-- keeps the dropout masks as bools while they are small, and otherwise regenerates them in
-  backward from a per-image seed;
-- in backward, never materialises the full gradient map: the instance-norm correction terms
-  `n k^T` and `q^T n` are rebuilt from the small N x N Gram matrices `k k^T` and `q^T q`;
-- keeps the normalised maps of as many images as fit in `SAVED_MAPS_BUDGET_BYTES` for backward,
-  and recomputes the others' products chunk by chunk in backward (one more matrix multiply each).
+alive (the product, its normalisation, the softmax and the dropout output) and walks each of them
+several times. `normalized_attention` is one autograd function built on three facts:
+- the softmax is row-wise, so the mean of the instance norm cancels in it:
+  `softmax(IN(s)) = softmax(s / std)`. The mean and std of `q k` come from small N x N Gram
+  matrices (`k k^T`, `q^T q`) without forming the map, and `1/std` is folded into the queries, so
+  each map is produced in row chunks straight into its final buffer by one product and an
+  in-place softmax;
+- the dropout decision of each entry is kept in the sign bit of the saved probabilities (negative:
+  dropped), so one float map per image serves backward: `dropped = max(p, 0)`, `probs = |p|`;
+- in backward the instance-norm terms need only `sum(grad * z)`, which is `<grad k^T, q>` (the
+  mean-gradient term is zero because every softmax row sums to 1), and the `z k^T` and `q^T z`
+  products come from the Gram matrices. No full gradient map ever exists.
+Maps of as many images as fit in `SAVED_MAPS_BUDGET_BYTES` are kept; the others are recomputed in
+backward (one more product each, with the dropout bits redrawn from a per-image seed).
+Dropout bits are 15-bit words cut from 64-bit draws (four entries per draw, several times cheaper
+than `uniform_` on CPU), so the drop probability is quantised to 1/32768 (0.1 -> 0.100006); the
+kept entries are scaled by the exact 1 / (1 - quantised p).
 The keys and values are shared by all images (broadcast, never copied per image).
 """
 from __future__ import annotations
@@ -23,15 +30,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from allspark_cli.model.products import matmul_nt
+
 INSTANCE_NORM_EPS = 1e-5
-# Normalised maps kept for backward, at most this many bytes (whole images' maps); the maps of the
-# other images are recomputed in backward (about 1/6 more matrix work for them, far less memory).
-SAVED_MAPS_BUDGET_BYTES = 128 * 2**20
-# Dropout masks kept for backward (as bools) while all of them fit in this many bytes; above it
-# they are regenerated in backward from the per-image seed (one more random draw per map).
-SAVED_MASKS_BUDGET_BYTES = 64 * 2**20
-# Rows of a map processed at once: bounds the softmax/dropout/gradient temporaries.
-CHUNK_BYTES = 32 * 2**20
+# Probability maps kept for backward, at most this many bytes (whole images' maps); the maps of
+# the other images are recomputed in backward (one more product each, about 1/6 more matrix work
+# for that image). 660 MiB keeps both float32 maps of a batch of 2 up to coco's width (81 x hC =
+# 648 MiB) and one at pascal with a 4x C memory (84 x hC = 672 MiB), so that setting stays under
+# the reference's 1x C peak.
+SAVED_MAPS_BUDGET_BYTES = 660 * 2**20
+# Rows of a map processed at once: bounds each chunk-sized work buffer (a few are alive at once).
+CHUNK_BYTES = 48 * 2**20
+# Fewer rows than this make the products with the wide keys/values inefficient (each product
+# streams the whole N x L operand for few rows): measured 42-119 GFLOP/s at 147 rows x L = 82944
+# against 130-150 at 256-512.
+MIN_CHUNK_ROWS = 256
+DROPOUT_BITS = 15  # bits of a random word per dropout decision (the top bit of a draw is not random)
+_WORDS_PER_DRAW = 4  # 16-bit words in one 64-bit draw
 _SEED_HIGH = 2**62
 
 
@@ -41,8 +56,17 @@ def _map_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _row_chunks(rows: int, width: int) -> list[slice]:
-    step = max(1, CHUNK_BYTES // (4 * width))
+    """Equal row chunks of about CHUNK_BYTES (float32) each but at least MIN_CHUNK_ROWS rows: a
+    short chunk runs its products at a poorer rate (each product streams all of the keys)."""
+    count = max(1, min(-(-rows * width * 4 // CHUNK_BYTES), rows // MIN_CHUNK_ROWS))
+    step = -(-rows // count)
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def quantized_dropout(p: float) -> tuple[int, float]:
+    """(threshold on a DROPOUT_BITS-bit word, effective drop probability) for drop probability p."""
+    threshold = round(p * 2**DROPOUT_BITS)
+    return threshold, threshold / 2**DROPOUT_BITS
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -51,23 +75,101 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return generator
 
 
-def _keep_mask(like: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor | None:
-    """Boolean keep mask (True with probability 1 - p) drawn from `generator`, or None without
-    dropout. uniform_ + compare is about twice as fast as bernoulli_ on CPU."""
-    if generator is None:
-        return None
-    return torch.empty_like(like).uniform_(generator=generator) < (1.0 - p)
+def _drop_signs(generator: torch.Generator, threshold: int, draws: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Fills the flat float `out` with >= 0 (keep) or < 0 (drop, probability threshold / 2**bits),
+    using the int64 buffer `draws` (at least numel / 4 long) for the random bits."""
+    count = out.numel()
+    draws = draws[: -(-count // _WORDS_PER_DRAW)]
+    words = draws.random_(generator=generator).view(torch.int16)[:count]
+    words.bitwise_and_(2**DROPOUT_BITS - 1).sub_(threshold)
+    return out.copy_(words)
 
 
-def _normalize_(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In place: scores -> (scores - mean) / std over the whole map; returns (map, mean, std).
+def _softmax_rows_(scores: torch.Tensor) -> torch.Tensor:
+    if scores.device.type == "cpu":  # the CPU kernel reads every row before writing it
+        return torch.softmax(scores, dim=-1, out=scores)
+    return scores.copy_(torch.softmax(scores, dim=-1))
 
-    Two passes (mean, then the dot product of the centred map with itself): ten times faster than
-    var_mean on CPU and as exact as centring allows."""
-    mean = scores.mean()
-    centred = scores.sub_(mean).flatten()
-    std = torch.sqrt(torch.dot(centred, centred) / centred.numel() + INSTANCE_NORM_EPS)
-    return scores.div_(std), mean, std
+
+class _Workspace:
+    """Chunk-sized buffers allocated once per call and reused by every chunk and image: a fresh large
+    allocation is served by mmap and page-faults on first touch, which costs as much as the
+    elementwise work itself. Buffers never touched (a map path not taken) never become resident.
+
+    Maps, softmax and gradients are in `map_dtype`; products run in `dtype` (bf16 under autocast),
+    through `low` (a chunk) and `part` (an N x L product) when the two differ."""
+
+    def __init__(self, rows: int, width: int, tokens: int, dtype: torch.dtype, map_dtype: torch.dtype, device):
+        size = rows * width
+        self.width = width
+        self.signed, self.dropped, self.grad = (torch.empty(size, dtype=map_dtype, device=device) for _ in range(3))
+        self.draws = torch.empty(-(-size // _WORDS_PER_DRAW), dtype=torch.int64, device=device)
+        half = dtype != map_dtype
+        self.low = torch.empty(size, dtype=dtype, device=device) if half else None
+        self.part = torch.empty(tokens * width, dtype=dtype, device=device) if half else None
+
+    def view(self, buffer: torch.Tensor, rows: int) -> torch.Tensor:
+        return buffer[: rows * self.width].view(rows, self.width)
+
+    def cast(self, chunk: torch.Tensor) -> torch.Tensor:
+        """A map-dtype chunk (R_c, L) in the product dtype."""
+        return chunk if self.low is None else self.view(self.low, chunk.shape[0]).copy_(chunk)
+
+    def product(self, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (map dtype, (R_c, L)) = left @ right, the product in the product dtype."""
+        if self.low is None:
+            return torch.mm(left, right, out=out)
+        return out.copy_(torch.mm(left, right, out=self.view(self.low, out.shape[0])))
+
+    def accumulate(self, total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float = 1.0) -> None:
+        """total (map dtype, (N, L)) += alpha * left @ right, in place (no N x L temporary in float32)."""
+        if self.part is None:
+            total.addmm_(left, right, alpha=alpha)
+        else:
+            part = self.part[: total.numel()].view(total.shape)
+            total.add_(torch.mm(left, right, out=part), alpha=alpha)
+
+    def signed_probs(
+        self, scaled_queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, generator, threshold: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """softmax rows of (q / std) k into `out` (R_c, L), negated where dropout drops the entry;
+        returns (signed probs, dropped probs); the dropped ones live in the `dropped` buffer."""
+        _softmax_rows_(self.product(scaled_queries, keys, out))
+        if generator is None:
+            return out, out
+        dropped = self.view(self.dropped, out.shape[0])
+        out.copysign_(_drop_signs(generator, threshold, self.draws, dropped.view(-1)).view_as(out))
+        return out, torch.clamp(out, min=0, out=dropped)
+
+    def dropped_probs(self, signed: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(signed, min=0, out=self.view(self.dropped, signed.shape[0]))
+
+
+def map_statistics(queries: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and std of every map `queries[b] @ keys` without forming it, plus the Gram pieces that
+    backward reuses. queries (B, R, N), keys (N, L), both in the map dtype.
+
+    With keys centred per row (k = k_c + m 1^T), each map row is `(q k_c)_r + u_r`, u = q m, and
+    `(q k_c)_r` sums to zero, so the centred sum of squares is `sum(q^T q * k_c k_c^T)` plus
+    `L * |u - mean(u)|^2`: two non-negative terms, no cancellation."""
+    B, R, N = queries.shape
+    L = keys.shape[1]
+    key_means = keys.mean(1)  # (N,)
+    centred = keys - key_means[:, None]
+    centred_gram = centred @ centred.transpose(0, 1)  # (N, N)
+    row_offsets = queries @ key_means  # (B, R): the mean of each map row
+    mean = row_offsets.mean(1)  # (B,)
+    query_grams = queries.transpose(1, 2) @ queries  # (B, N, N)
+    within_rows = (query_grams * centred_gram).sum((1, 2))
+    between_rows = L * (row_offsets - mean[:, None]).square().sum(1)
+    std = torch.sqrt((within_rows + between_rows) / (R * L) + INSTANCE_NORM_EPS)
+    return {
+        "mean": mean,
+        "std": std,
+        "key_gram": centred_gram + L * torch.outer(key_means, key_means),  # k k^T
+        "key_sums": L * key_means,  # k 1
+        "query_grams": query_grams,  # q^T q per image
+    }
 
 
 class _NormalizedAttention(torch.autograd.Function):
@@ -75,88 +177,88 @@ class _NormalizedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, values, dropout_p: float, saved_maps_budget: int):
-        # queries (B, R, N); keys, values (N, L); returns (B, R, N). Matmuls in the inputs' dtype
-        # (bf16 under autocast), normalisation and softmax in float32 (float64 for float64 inputs).
+        # queries (B, R, N); keys, values (N, L); returns (B, R, N). Products in the inputs' dtype
+        # (bf16 under autocast), statistics and softmax in float32 (float64 for float64 inputs).
         B, R, N = queries.shape
-        map_dtype = _map_dtype(queries.dtype)
-        seeds = [int(torch.randint(_SEED_HIGH, (1,)).item()) for _ in range(B)]
-        out = queries.new_empty(B, R, N)
-        saved, stats = [], []
         L = keys.shape[1]
+        dtype, map_dtype, device = queries.dtype, _map_dtype(queries.dtype), queries.device
+        stats = map_statistics(queries.to(map_dtype), keys.to(map_dtype))
+        # softmax(IN(q k)) = softmax(q k / std): the mean shifts every row equally.
+        scaled = (queries.to(map_dtype) / stats["std"][:, None, None]).to(dtype)
+        threshold, drop_p = quantized_dropout(dropout_p)
+        seeds = [int(torch.randint(_SEED_HIGH, (1,)).item()) for _ in range(B)] if drop_p > 0 else []
         map_bytes = R * L * torch.finfo(map_dtype).bits // 8
-        keep_masks = queries.new_empty((0,), dtype=torch.bool)  # empty: regenerate in backward
-        if dropout_p > 0 and B * R * L <= SAVED_MASKS_BUDGET_BYTES:
-            keep_masks = torch.empty(B, R, L, dtype=torch.bool, device=queries.device)
+        kept = min(B, saved_maps_budget // map_bytes) if any(ctx.needs_input_grad[:3]) else 0
+        maps = torch.empty(kept, R, L, dtype=map_dtype, device=device)
+        chunks = _row_chunks(R, L)
+        work = _Workspace(chunks[0].stop, L, N, dtype, map_dtype, device)
+        out = queries.new_empty(B, R, N)
         for b in range(B):
-            # (R, L): the one full-size temporary
-            normed, mean, std = _normalize_((queries[b] @ keys).to(map_dtype))
-            generator = _generator(queries.device, seeds[b]) if dropout_p > 0 else None
-            for rows in _row_chunks(R, normed.shape[1]):
-                probs = torch.softmax(normed[rows], dim=-1)
-                keep = _keep_mask(probs, dropout_p, generator)
-                if keep is not None:
-                    probs.mul_(keep).div_(1.0 - dropout_p)
-                    if keep_masks.numel():
-                        keep_masks[b, rows] = keep
-                out[b, rows] = probs.to(values.dtype) @ values.transpose(0, 1)
-            stats.append(torch.stack([mean, std]))
-            if (len(saved) + 1) * map_bytes <= saved_maps_budget:
-                saved.append(normed)  # the first images' maps; the rest are recomputed in backward
-        ctx.dropout_p, ctx.seeds = dropout_p, seeds
-        ctx.save_for_backward(queries, keys, values, torch.stack(stats), keep_masks, *saved)
+            generator = _generator(device, seeds[b]) if seeds else None
+            for rows in chunks:
+                count = rows.stop - rows.start
+                target = maps[b, rows] if b < kept else work.view(work.signed, count)
+                _, dropped = work.signed_probs(scaled[b, rows], keys, target, generator, threshold)
+                out[b, rows] = matmul_nt(work.cast(dropped), values)
+        if seeds:
+            out.div_(1.0 - drop_p)
+        ctx.drop = (threshold, drop_p, seeds)
+        ctx.save_for_backward(queries, scaled, keys, values, maps, *stats.values())
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        queries, keys, values, stats, keep_masks, *saved = ctx.saved_tensors
+        queries, scaled, keys, values, maps, mean, std, key_gram, key_sums, query_grams = ctx.saved_tensors
+        threshold, drop_p, seeds = ctx.drop
         B, R, N = queries.shape
-        dtype, map_dtype = queries.dtype, _map_dtype(queries.dtype)
-        grad_out = grad_out.to(dtype)
-        keys_t = keys.transpose(0, 1)
-        grad_q = torch.empty(queries.shape, dtype=map_dtype, device=queries.device)
-        grad_k = torch.zeros(keys.shape, dtype=map_dtype, device=keys.device)
-        grad_v = torch.zeros(values.shape, dtype=map_dtype, device=values.device)
-        keys_m = keys.to(map_dtype)
-        key_gram, key_sums = keys_m @ keys_m.transpose(0, 1), keys_m.sum(1)  # (N, N), (N,)
+        L = keys.shape[1]
+        dtype, map_dtype, device = queries.dtype, _map_dtype(queries.dtype), queries.device
+        grad_out = (grad_out.to(map_dtype) / (1.0 - drop_p)).to(dtype)  # the forward's 1/(1-p)
+        grad_q = torch.empty(queries.shape, dtype=map_dtype, device=device)
+        grad_k = torch.zeros(keys.shape, dtype=map_dtype, device=device)
+        grad_v = torch.zeros(values.shape, dtype=map_dtype, device=device)
+        chunks = _row_chunks(R, L)
+        work = _Workspace(chunks[0].stop, L, N, dtype, map_dtype, device)
+        # The instance-norm terms of grad_k, summed over images and applied once at the end.
+        gram_coef = torch.zeros(N, N, dtype=map_dtype, device=device)
+        sums_coef = torch.zeros(N, dtype=map_dtype, device=device)
         for b in range(B):
-            mean, std = stats[b]
-            query = queries[b]
-            regenerate = ctx.dropout_p > 0 and not keep_masks.numel()
-            generator = _generator(queries.device, ctx.seeds[b]) if regenerate else None
-            sum_g = torch.zeros((), dtype=map_dtype, device=queries.device)
-            sum_gn = torch.zeros((), dtype=map_dtype, device=queries.device)
-            for rows in _row_chunks(R, keys.shape[1]):
-                if b < len(saved):
-                    normed = saved[b][rows]
+            generator = _generator(device, seeds[b]) if seeds else None
+            for rows in chunks:
+                count = rows.stop - rows.start
+                if b < len(maps):
+                    signed = maps[b, rows]
+                    dropped = work.dropped_probs(signed) if seeds else signed
                 else:
-                    normed = (query[rows] @ keys).to(map_dtype).sub_(mean).div_(std)
-                probs = torch.softmax(normed, dim=-1)
-                keep = keep_masks[b, rows] if keep_masks.numel() else _keep_mask(probs, ctx.dropout_p, generator)
-                dropped = probs.clone() if keep is None else (probs * keep).div_(1.0 - ctx.dropout_p)
-                grad_v += (grad_out[b, rows].transpose(0, 1) @ dropped.to(dtype)).to(map_dtype)
-                # d(loss)/d(dropped probs), written over `dropped` (no longer needed): one chunk less.
-                grad = torch.mm(grad_out[b, rows], values, out=dropped) if dtype == map_dtype else (
-                    grad_out[b, rows] @ values).to(map_dtype)
-                if keep is not None:
-                    grad.mul_(keep).div_(1.0 - ctx.dropout_p)
-                del keep
-                # softmax backward: p * (g - <g, p>_row), row dots without a full-size temporary.
-                grad.sub_(torch.bmm(grad.unsqueeze(1), probs.unsqueeze(2)).view(-1, 1)).mul_(probs)
-                sum_g += grad.sum()
-                sum_gn += torch.dot(grad.flatten(), normed.flatten())
-                grad = grad.div_(std).to(dtype)
-                grad_q[b, rows] = (grad @ keys_t).to(map_dtype)
-                grad_k += (query[rows].transpose(0, 1) @ grad).to(map_dtype)
-            # Instance-norm backward: d(z) = (g - mean(g) - n * mean(g * n)) / std. The g terms are
-            # done above; the mean terms use n = (q k - mean) / std through the Gram matrices.
-            numel = R * keys.shape[1]
-            mean_g, mean_gn = sum_g / numel, sum_gn / numel
-            query_m = query.to(map_dtype)
-            query_sums = query_m.sum(0)  # (N,)
-            n_kt = (query_m @ key_gram - mean * key_sums) / std  # n @ keys^T, (R, N)
-            grad_q[b] -= (mean_g * key_sums + mean_gn * n_kt) / std
-            q_t_n = ((query_m.transpose(0, 1) @ query_m) @ keys_m - mean * query_sums[:, None]) / std  # (N, L)
-            grad_k -= (mean_g * query_sums[:, None] + mean_gn * q_t_n) / std
+                    target = work.view(work.signed, count)
+                    signed, dropped = work.signed_probs(scaled[b, rows], keys, target, generator, threshold)
+                upstream = grad_out[b, rows]  # (R_c, N)
+                work.accumulate(grad_v, upstream.transpose(0, 1), work.cast(dropped))
+                # g = d(loss)/d(dropped) = upstream v; softmax backward on the kept entries:
+                # grad_z = dropped * g - c * probs with c = <g, dropped>_row, and with signed probs
+                # |signed| = 2 dropped - signed, so grad_z = dropped * (g - 2c) + c * signed.
+                grad = work.product(upstream, values, work.view(work.grad, count))
+                row_dots = torch.bmm(grad.unsqueeze(1), dropped.unsqueeze(2)).view(count, 1)
+                if seeds:
+                    grad.sub_(2 * row_dots).mul_(dropped).addcmul_(signed, row_dots)
+                else:
+                    grad.sub_(row_dots).mul_(signed)
+                low_grad = work.cast(grad)
+                grad_q[b, rows] = matmul_nt(low_grad, keys)  # grad_z k^T; the norm terms follow below
+                work.accumulate(grad_k, scaled[b, rows].transpose(0, 1), low_grad)  # q^T grad_z / std
+            # Instance norm: d(s) = (grad_z - z * mean(grad_z * z)) / std (mean(grad_z) = 0), with
+            # sum(grad_z * z) = <grad_z k^T, q> / std and z k^T = (q k k^T - mean 1 (k 1)^T) / std.
+            query = queries[b].to(map_dtype)
+            grad_z_kt = grad_q[b]
+            mean_gz = (grad_z_kt * query).sum() / (std[b] * R * L)
+            z_kt = (query @ key_gram - mean[b] * key_sums) / std[b]
+            grad_q[b] = (grad_z_kt - mean_gz * z_kt) / std[b]
+            # q^T z = (q^T q k - mean (q^T 1) 1^T) / std, accumulated for one product at the end.
+            coef = mean_gz / std[b] ** 2
+            gram_coef += coef * query_grams[b]
+            sums_coef += coef * mean[b] * query.sum(0)
+        work.accumulate(grad_k, gram_coef.to(dtype), keys, alpha=-1.0)
+        grad_k += sums_coef[:, None]
         return grad_q.to(dtype), grad_k.to(keys.dtype), grad_v.to(values.dtype), None, None
 
 
@@ -176,9 +278,9 @@ def normalized_attention(
 ) -> torch.Tensor:
     """Channel cross-attention with shared keys: (B, R, N) queries, (N, L) keys/values -> (B, R, N).
 
-    `saved_maps_budget` bytes of normalised maps are kept for backward (default
+    `saved_maps_budget` bytes of probability maps are kept for backward (default
     `SAVED_MAPS_BUDGET_BYTES`; 0 recomputes every map). Under autocast the products run in the
-    autocast dtype (bf16/fp16), the norm and softmax in fp32.
+    autocast dtype (bf16/fp16), the statistics and softmax in fp32.
     """
     dtype = _compute_dtype(queries.device)
     if dtype is not None:
