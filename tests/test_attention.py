@@ -45,6 +45,7 @@ def test_dropout_mask_is_the_same_in_forward_and_backward(saved_maps_budget, row
     if rows_per_chunk is not None:
         monkeypatch.setattr(attention, "CHUNK_BYTES", 4 * 8 * rows_per_chunk)
         monkeypatch.setattr(attention, "MIN_CHUNK_ROWS", 1)
+        monkeypatch.setattr(attention, "DRAWS_PER_PIECE", 3)  # random bits drawn in several pieces
     torch.manual_seed(0)
     q = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
     k = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
@@ -104,3 +105,17 @@ def test_float32_path_matches_float64(dropout_p):
         results.append([out, *torch.autograd.grad(out, inputs, grad.to(dtype))])
     for exact, single in zip(*results):
         torch.testing.assert_close(single.double(), exact, rtol=1e-4, atol=1e-5)
+
+
+def test_second_backward_recomputes_the_freed_maps():
+    """Backward frees the kept maps as it goes; a retained graph's second backward recomputes them
+    (same dropout masks) and gives the same gradients."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    out = normalized_attention(q, k, v, dropout_p=0.3)
+    first = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    second = torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)

@@ -47,6 +47,7 @@ CHUNK_BYTES = 48 * 2**20
 MIN_CHUNK_ROWS = 256
 DROPOUT_BITS = 15  # bits of a random word per dropout decision (the top bit of a draw is not random)
 _WORDS_PER_DRAW = 4  # 16-bit words in one 64-bit draw
+DRAWS_PER_PIECE = 2**20  # random draws buffered at once (8 MiB), not a whole chunk's worth
 _SEED_HIGH = 2**62
 
 
@@ -77,12 +78,15 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 
 def _drop_signs(generator: torch.Generator, threshold: int, draws: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Fills the flat float `out` with >= 0 (keep) or < 0 (drop, probability threshold / 2**bits),
-    using the int64 buffer `draws` (at least numel / 4 long) for the random bits."""
-    count = out.numel()
-    draws = draws[: -(-count // _WORDS_PER_DRAW)]
-    words = draws.random_(generator=generator).view(torch.int16)[:count]
-    words.bitwise_and_(2**DROPOUT_BITS - 1).sub_(threshold)
-    return out.copy_(words)
+    piece by piece through the int64 buffer `draws` (the same pieces in forward and backward)."""
+    piece = draws.numel() * _WORDS_PER_DRAW
+    for start in range(0, out.numel(), piece):
+        target = out[start : start + piece]
+        count = target.numel()
+        words = draws[: -(-count // _WORDS_PER_DRAW)].random_(generator=generator).view(torch.int16)[:count]
+        words.bitwise_and_(2**DROPOUT_BITS - 1).sub_(threshold)
+        target.copy_(words)
+    return out
 
 
 def _softmax_rows_(scores: torch.Tensor) -> torch.Tensor:
@@ -103,7 +107,7 @@ class _Workspace:
         size = rows * width
         self.width = width
         self.signed, self.dropped, self.grad = (torch.empty(size, dtype=map_dtype, device=device) for _ in range(3))
-        self.draws = torch.empty(-(-size // _WORDS_PER_DRAW), dtype=torch.int64, device=device)
+        self.draws = torch.empty(min(DRAWS_PER_PIECE, -(-size // _WORDS_PER_DRAW)), dtype=torch.int64, device=device)
         half = dtype != map_dtype
         self.low = torch.empty(size, dtype=dtype, device=device) if half else None
         self.part = torch.empty(tokens * width, dtype=dtype, device=device) if half else None
@@ -189,7 +193,7 @@ class _NormalizedAttention(torch.autograd.Function):
         seeds = [int(torch.randint(_SEED_HIGH, (1,)).item()) for _ in range(B)] if drop_p > 0 else []
         map_bytes = R * L * torch.finfo(map_dtype).bits // 8
         kept = min(B, saved_maps_budget // map_bytes) if any(ctx.needs_input_grad[:3]) else 0
-        maps = torch.empty(kept, R, L, dtype=map_dtype, device=device)
+        maps = [torch.empty(R, L, dtype=map_dtype, device=device) for _ in range(kept)]
         chunks = _row_chunks(R, L)
         work = _Workspace(chunks[0].stop, L, N, dtype, map_dtype, device)
         out = queries.new_empty(B, R, N)
@@ -197,18 +201,23 @@ class _NormalizedAttention(torch.autograd.Function):
             generator = _generator(device, seeds[b]) if seeds else None
             for rows in chunks:
                 count = rows.stop - rows.start
-                target = maps[b, rows] if b < kept else work.view(work.signed, count)
+                target = maps[b][rows] if b < kept else work.view(work.signed, count)
                 _, dropped = work.signed_probs(scaled[b, rows], keys, target, generator, threshold)
                 out[b, rows] = matmul_nt(work.cast(dropped), values)
         if seeds:
             out.div_(1.0 - drop_p)
         ctx.drop = (threshold, drop_p, seeds)
-        ctx.save_for_backward(queries, scaled, keys, values, maps, *stats.values())
+        # The kept maps live on ctx, not in save_for_backward, so that backward can free each one as
+        # soon as its image is done (the recomputed images' buffers then take its place). A second
+        # backward (retain_graph) finds none and recomputes every map.
+        ctx.kept_maps = maps
+        ctx.save_for_backward(queries, scaled, keys, values, *stats.values())
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        queries, scaled, keys, values, maps, mean, std, key_gram, key_sums, query_grams = ctx.saved_tensors
+        queries, scaled, keys, values, mean, std, key_gram, key_sums, query_grams = ctx.saved_tensors
+        maps, ctx.kept_maps = ctx.kept_maps, []
         threshold, drop_p, seeds = ctx.drop
         B, R, N = queries.shape
         L = keys.shape[1]
@@ -227,7 +236,7 @@ class _NormalizedAttention(torch.autograd.Function):
             for rows in chunks:
                 count = rows.stop - rows.start
                 if b < len(maps):
-                    signed = maps[b, rows]
+                    signed = maps[b][rows]
                     dropped = work.dropped_probs(signed) if seeds else signed
                 else:
                     target = work.view(work.signed, count)
@@ -246,6 +255,8 @@ class _NormalizedAttention(torch.autograd.Function):
                 low_grad = work.cast(grad)
                 grad_q[b, rows] = matmul_nt(low_grad, keys)  # grad_z k^T; the norm terms follow below
                 work.accumulate(grad_k, scaled[b, rows].transpose(0, 1), low_grad)  # q^T grad_z / std
+            if b < len(maps):
+                signed = dropped = maps[b] = None  # drop every reference: the map's memory is freed
             # Instance norm: d(s) = (grad_z - z * mean(grad_z * z)) / std (mean(grad_z) = 0), with
             # sum(grad_z * z) = <grad_z k^T, q> / std and z k^T = (q k k^T - mean 1 (k 1)^T) / std.
             query = queries[b].to(map_dtype)
