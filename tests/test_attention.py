@@ -119,3 +119,28 @@ def test_second_backward_recomputes_the_freed_maps():
     second = torch.autograd.grad(out.sum(), (q, k, v))
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
+
+
+def test_no_maps_are_kept_when_no_backward_can_run(monkeypatch):
+    """Under no_grad (or without inputs that need grad) the function keeps no maps: up to
+    SAVED_MAPS_BUDGET_BYTES would otherwise be allocated for nothing."""
+    budgets = []
+    original = attention._NormalizedAttention.apply
+
+    def spy(queries, keys, values, dropout_p, budget):
+        budgets.append(budget)
+        return original(queries, keys, values, dropout_p, budget)
+
+    monkeypatch.setattr(attention._NormalizedAttention, "apply", spy)
+    q = torch.randn(1, 4, 3, requires_grad=True)
+    k, v = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        normalized_attention(q, k, v)
+    normalized_attention(q.detach(), k, v)
+    normalized_attention(q, k, v)
+    assert budgets == [0, 0, attention.SAVED_MAPS_BUDGET_BYTES]
+
+
+def test_dropout_probability_near_one_never_drops_everything():
+    threshold, effective = attention.quantized_dropout(0.99999)
+    assert threshold == 2**attention.DROPOUT_BITS - 1 and effective < 1.0

@@ -18,8 +18,9 @@ several times. `normalized_attention` is one autograd function built on three fa
 - in backward the instance-norm terms need only `sum(grad * z)`, which is `<grad k^T, q>` (the
   mean-gradient term is zero because every softmax row sums to 1), and the `z k^T` and `q^T z`
   products come from the Gram matrices. No full gradient map ever exists.
-Maps of as many images as fit in `SAVED_MAPS_BUDGET_BYTES` are kept; the others are recomputed in
-backward (one more product each, with the dropout bits redrawn from a per-image seed).
+Maps of as many images as fit in `SAVED_MAPS_BUDGET_BYTES` are kept (none when no backward can
+run), each freed once backward is done with its image; the others are recomputed in backward (one
+more product each, with the dropout bits redrawn from a per-image seed).
 Dropout bits are 15-bit words cut from 64-bit draws (four entries per draw, several times cheaper
 than `uniform_` on CPU), so the drop probability is quantised to 1/32768 (0.1 -> 0.100006); the
 kept entries are scaled by the exact 1 / (1 - quantised p).
@@ -66,7 +67,7 @@ def _row_chunks(rows: int, width: int) -> list[slice]:
 
 def quantized_dropout(p: float) -> tuple[int, float]:
     """(threshold on a DROPOUT_BITS-bit word, effective drop probability) for drop probability p."""
-    threshold = round(p * 2**DROPOUT_BITS)
+    threshold = min(round(p * 2**DROPOUT_BITS), 2**DROPOUT_BITS - 1)  # never drop everything
     return threshold, threshold / 2**DROPOUT_BITS
 
 
@@ -192,7 +193,7 @@ class _NormalizedAttention(torch.autograd.Function):
         threshold, drop_p = quantized_dropout(dropout_p)
         seeds = [int(torch.randint(_SEED_HIGH, (1,)).item()) for _ in range(B)] if drop_p > 0 else []
         map_bytes = R * L * torch.finfo(map_dtype).bits // 8
-        kept = min(B, saved_maps_budget // map_bytes) if any(ctx.needs_input_grad[:3]) else 0
+        kept = min(B, saved_maps_budget // map_bytes)
         maps = [torch.empty(R, L, dtype=map_dtype, device=device) for _ in range(kept)]
         chunks = _row_chunks(R, L)
         work = _Workspace(chunks[0].stop, L, N, dtype, map_dtype, device)
@@ -297,6 +298,8 @@ def normalized_attention(
     if dtype is not None:
         queries, keys, values = queries.to(dtype), keys.to(dtype), values.to(dtype)
     budget = SAVED_MAPS_BUDGET_BYTES if saved_maps_budget is None else saved_maps_budget
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys, values))):
+        budget = 0  # no backward will run: keep no maps (ctx.needs_input_grad ignores no_grad)
     with torch.autocast(queries.device.type, enabled=False):
         return _NormalizedAttention.apply(queries, keys, values, float(dropout_p), int(budget))
 
