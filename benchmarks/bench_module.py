@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -71,10 +72,7 @@ def _addmm_flop(total_shape, left_shape, right_shape, *args, **kwargs) -> int:
 
 
 def _linear_pointwise_flop(input_shape, weight_shape, *args, **kwargs) -> int:
-    rows = 1
-    for size in input_shape[:-1]:
-        rows *= size
-    return 2 * rows * input_shape[-1] * weight_shape[0]
+    return 2 * math.prod(input_shape) * weight_shape[0]
 
 
 # Products torch's FlopCounterMode does not know: in-place addmm_ and oneDNN's linear operator.
