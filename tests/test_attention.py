@@ -10,9 +10,10 @@ from allspark_cli.model.attention import normalized_attention
 
 
 def _plain(queries, keys, values):
-    scores = (queries @ keys).unsqueeze(1)  # (B, 1, R, L)
+    """queries (B, R, N), keys and values (L, N)."""
+    scores = (queries @ keys.transpose(0, 1)).unsqueeze(1)  # (B, 1, R, L)
     attention = torch.softmax(F.instance_norm(scores, eps=1e-5).squeeze(1), dim=-1)
-    return attention @ values.transpose(0, 1)
+    return attention @ values
 
 
 @pytest.mark.parametrize("saved_maps_budget", [0, 8 * 16 * 8, 2**30])
@@ -24,8 +25,8 @@ def test_values_and_gradients_match_plain_autograd(saved_maps_budget, rows_per_c
         monkeypatch.setattr(attention, "MIN_CHUNK_ROWS", 1)
     torch.manual_seed(0)
     q = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(3, 8, 5, dtype=torch.float64)
     ours = normalized_attention(q, k, v, saved_maps_budget=saved_maps_budget)
     grads_ours = torch.autograd.grad(ours, (q, k, v), grad)
@@ -48,8 +49,8 @@ def test_dropout_mask_is_the_same_in_forward_and_backward(saved_maps_budget, row
         monkeypatch.setattr(attention, "DRAWS_PER_PIECE", 3)  # random bits drawn in several pieces
     torch.manual_seed(0)
     q = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(2, 7, 3, dtype=torch.float64)
 
     def run(queries, keys, values):
@@ -66,8 +67,8 @@ def test_dropout_drops_the_quantised_fraction_and_keeps_the_mean():
     threshold, effective = attention.quantized_dropout(0.1)
     assert threshold == 3277 and abs(effective - 0.1) < 1e-5
     torch.manual_seed(0)
-    q, k = torch.randn(1, 64, 4), torch.randn(4, 512)
-    ones = torch.ones(4, 512)
+    q, k = torch.randn(1, 64, 4), torch.randn(512, 4)
+    ones = torch.ones(512, 4)
     # With values of ones, each output entry is the kept probability mass of its row / (1 - p).
     outs = torch.stack([normalized_attention(q, k, ones, dropout_p=0.1) for _ in range(40)])
     assert abs(outs.mean().item() - 1.0) < 2e-3
@@ -79,8 +80,8 @@ def test_dropout_drops_the_quantised_fraction_and_keeps_the_mean():
 
 def test_bf16_autocast_runs_and_returns_the_autocast_dtype():
     q = torch.randn(2, 8, 5, requires_grad=True)
-    k = torch.randn(5, 16, requires_grad=True)
-    v = torch.randn(5, 16, requires_grad=True)
+    k = torch.randn(16, 5, requires_grad=True)
+    v = torch.randn(16, 5, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = normalized_attention(q, k, v, dropout_p=0.1)
     assert out.dtype == torch.bfloat16
@@ -94,8 +95,8 @@ def test_float32_path_matches_float64(dropout_p):
     with the float64 computation of the same masks."""
     torch.manual_seed(0)
     q = torch.randn(2, 300, 17, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(17, 640, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(17, 640, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(640, 17, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(640, 17, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, 300, 17, dtype=torch.float64)
     results = []
     for dtype in (torch.float64, torch.float32):
@@ -112,8 +113,8 @@ def test_second_backward_recomputes_the_freed_maps():
     (same dropout masks) and gives the same gradients."""
     torch.manual_seed(0)
     q = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
     out = normalized_attention(q, k, v, dropout_p=0.3)
     first = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
     second = torch.autograd.grad(out.sum(), (q, k, v))
@@ -133,7 +134,7 @@ def test_no_maps_are_kept_when_no_backward_can_run(monkeypatch):
 
     monkeypatch.setattr(attention._NormalizedAttention, "apply", spy)
     q = torch.randn(1, 4, 3, requires_grad=True)
-    k, v = torch.randn(3, 8), torch.randn(3, 8)
+    k, v = torch.randn(8, 3), torch.randn(8, 3)
     with torch.no_grad():
         normalized_attention(q, k, v)
     normalized_attention(q.detach(), k, v)

@@ -22,6 +22,7 @@ from torch import nn
 
 from allspark_cli.model.attention import normalized_attention, normalized_attention_map
 from allspark_cli.model.memory import SemanticMemory, group_channels, resize_logits_to_grid
+from allspark_cli.model.products import transposed_linear
 
 TOKEN_NORM_EPS = 1e-6
 
@@ -65,15 +66,18 @@ class ChannelCrossAttention(nn.Module):
         self.projection_dropout = nn.Dropout(projection_dropout)
 
     def shared_keys_values(self, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, N, C) sources -> keys, values (N, M*hC), flattened source-major."""
-        M, N, _ = sources.shape
-        by_token = sources.transpose(0, 1)  # (N, M, C): the projections then come out (N, M, hC) contiguous
-        return self.k(by_token).reshape(N, -1), self.v(by_token).reshape(N, -1)
+        """(M, N, C) sources -> key and value channels (hC * M, N), channel-major: row c * M + m is
+        projected channel c of source m. The order of the channels does not change the attention
+        (keys and values share it); this one makes each projection a single product whose output
+        is already in the (L, N) row layout that the attention's products read."""
+        M, N, C = sources.shape
+        tokens = sources.reshape(M * N, C)
+        return tuple(transposed_linear(proj.weight, tokens).view(-1, N) for proj in (self.k, self.v))
 
     def forward(self, tokens: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, C) labeled; sources (M, N, C) -> (B, N, C)."""
         queries = self.q(tokens).transpose(1, 2)  # (B, hC, N) query channels
-        keys, values = self.shared_keys_values(sources)
+        keys, values = self.shared_keys_values(sources)  # (hC * M, N)
         dropout_p = self.attention_dropout if self.training else 0.0
         mixed = normalized_attention(queries, keys, values, dropout_p=dropout_p)  # (B, hC, N)
         return self.projection_dropout(self.out(mixed.transpose(1, 2)))
@@ -184,10 +188,11 @@ class AllSparkModule(nn.Module):
             raise ValueError("this module has no Semantic Memory")
         _, e = self._tokens(features)
         queries = self.labeled_attention.q(e).transpose(1, 2)  # (B, hC, N)
-        keys, _ = self.labeled_attention.shared_keys_values(self.memory.as_sources())  # (N, G*hC)
+        sources = self.memory.as_sources()  # (K * G, N, C): G groups of C slots per class, class-major
+        keys, _ = self.labeled_attention.shared_keys_values(sources)  # (hC * K * G, N)
         K = self.memory.num_classes
         per_class = []
         for b in range(queries.shape[0]):  # one image's map at a time: the map can be large
-            attention = normalized_attention_map(queries[b] @ keys)  # (hC, G*hC), G groups per class
-            per_class.append(attention.view(attention.shape[0], K, -1).sum(-1))
+            attention = normalized_attention_map(queries[b] @ keys.transpose(0, 1))  # (hC, hC * K * G)
+            per_class.append(attention.view(attention.shape[0], -1, K, sources.shape[0] // K).sum((1, 3)))
         return torch.stack(per_class)

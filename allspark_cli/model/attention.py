@@ -1,22 +1,23 @@
 """Channel-wise attention maps of AllSpark (DESIGN.md section 1, steps 3-4; paper Eq. 2-3).
 
-Both branches compute `o = dropout(softmax_keys(InstanceNorm(q k))) v^T` where the map is
-channel-to-channel (summed over tokens, no 1/sqrt(d) scale) and the instance norm runs over the
-whole map of each (image, head): biased variance, eps 1e-5, no affine.
+Both branches compute `o = dropout(softmax_keys(InstanceNorm(q k^T))) v` for query channels q
+(R, N) and key/value channels k, v (L, N): the map is channel-to-channel (summed over the N tokens,
+no 1/sqrt(d) scale) and the instance norm runs over the whole map of each (image, head): biased
+variance, eps 1e-5, no affine.
 
 The labeled branch's map is large: `hC x (|src| * hC)` per image, 1024 x 21504 at the pascal
 setting with the memory and 1024 x 82944 at coco. Plain autograd keeps four such maps per image
 alive (the product, its normalisation, the softmax and the dropout output) and walks each of them
 several times. `normalized_attention` is one autograd function built on three facts:
 - the softmax is row-wise, so the mean of the instance norm cancels in it:
-  `softmax(IN(s)) = softmax(s / std)`. The mean and std of `q k` come from small N x N Gram
-  matrices (`k k^T`, `q^T q`) without forming the map, and `1/std` is folded into the queries, so
+  `softmax(IN(s)) = softmax(s / std)`. The mean and std of `q k^T` come from small N x N Gram
+  matrices (`k^T k`, `q^T q`) without forming the map, and `1/std` is folded into the queries, so
   each map is produced in row chunks straight into its final buffer by one product and an
   in-place softmax;
 - the dropout decision of each entry is kept in the sign bit of the saved probabilities (negative:
   dropped), so one float map per image serves backward: `dropped = max(p, 0)`, `probs = |p|`;
-- in backward the instance-norm terms need only `sum(grad * z)`, which is `<grad k^T, q>` (the
-  mean-gradient term is zero because every softmax row sums to 1), and the `z k^T` and `q^T z`
+- in backward the instance-norm terms need only `sum(grad * z)`, which is `<grad k, q>` (the
+  mean-gradient term is zero because every softmax row sums to 1), and the `z k` and `q^T z`
   products come from the Gram matrices. No full gradient map ever exists.
 Maps of as many images as fit in `SAVED_MAPS_BUDGET_BYTES` are kept (none when no backward can
 run), each freed once backward is done with its image; the others are recomputed in backward (one
@@ -31,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from allspark_cli.model.products import matmul_nt
+from allspark_cli.model.products import addmm_nt_, matmul_nt, matmul_nt_into
 
 INSTANCE_NORM_EPS = 1e-5
 # Probability maps kept for backward, at most this many bytes (whole images' maps); the maps of
@@ -121,23 +122,23 @@ class _Workspace:
         return chunk if self.low is None else self.view(self.low, chunk.shape[0]).copy_(chunk)
 
     def product(self, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out (map dtype, (R_c, L)) = left @ right, the product in the product dtype."""
+        """out (map dtype, (R_c, L)) = left @ right^T for right (L, N), in the product dtype."""
         if self.low is None:
-            return torch.mm(left, right, out=out)
-        return out.copy_(torch.mm(left, right, out=self.view(self.low, out.shape[0])))
+            return matmul_nt_into(left, right, out)
+        return out.copy_(matmul_nt_into(left, right, self.view(self.low, out.shape[0])))
 
     def accumulate(self, total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float = 1.0) -> None:
-        """total (map dtype, (N, L)) += alpha * left @ right, in place (no N x L temporary in float32)."""
+        """total (map dtype, (N, L)) += alpha * left @ right^T for right (L, K), in place."""
         if self.part is None:
-            total.addmm_(left, right, alpha=alpha)
+            addmm_nt_(total, left, right, alpha=alpha)
         else:
             part = self.part[: total.numel()].view(total.shape)
-            total.add_(torch.mm(left, right, out=part), alpha=alpha)
+            total.add_(matmul_nt_into(left, right, part), alpha=alpha)
 
     def signed_probs(
         self, scaled_queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, generator, threshold: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """softmax rows of (q / std) k into `out` (R_c, L), negated where dropout drops the entry;
+        """softmax rows of (q / std) k^T into `out` (R_c, L), negated where dropout drops the entry;
         returns (signed probs, dropped probs); the dropped ones live in the `dropped` buffer."""
         _softmax_rows_(self.product(scaled_queries, keys, out))
         if generator is None:
@@ -151,17 +152,17 @@ class _Workspace:
 
 
 def map_statistics(queries: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean and std of every map `queries[b] @ keys` without forming it, plus the Gram pieces that
-    backward reuses. queries (B, R, N), keys (N, L), both in the map dtype.
+    """Mean and std of every map `queries[b] @ keys^T` without forming it, plus the Gram pieces that
+    backward reuses. queries (B, R, N), keys (L, N), both in the map dtype.
 
-    With keys centred per row (k = k_c + m 1^T), each map row is `(q k_c)_r + u_r`, u = q m, and
-    `(q k_c)_r` sums to zero, so the centred sum of squares is `sum(q^T q * k_c k_c^T)` plus
-    `L * |u - mean(u)|^2`: two non-negative terms, no cancellation."""
+    With keys centred over their L channels (k = k_c + 1 m^T), each map row is `(q k_c^T)_r + u_r`,
+    u = q m, and `(q k_c^T)_r` sums to zero, so the centred sum of squares is
+    `sum(q^T q * k_c^T k_c)` plus `L * |u - mean(u)|^2`: two non-negative terms, no cancellation."""
     B, R, N = queries.shape
-    L = keys.shape[1]
-    key_means = keys.mean(1)  # (N,)
-    centred = keys - key_means[:, None]
-    centred_gram = centred @ centred.transpose(0, 1)  # (N, N)
+    L = keys.shape[0]
+    key_means = keys.mean(0)  # (N,)
+    centred = keys - key_means
+    centred_gram = centred.transpose(0, 1) @ centred  # (N, N)
     row_offsets = queries @ key_means  # (B, R): the mean of each map row
     mean = row_offsets.mean(1)  # (B,)
     query_grams = queries.transpose(1, 2) @ queries  # (B, N, N)
@@ -171,24 +172,25 @@ def map_statistics(queries: torch.Tensor, keys: torch.Tensor) -> dict[str, torch
     return {
         "mean": mean,
         "std": std,
-        "key_gram": centred_gram + L * torch.outer(key_means, key_means),  # k k^T
-        "key_sums": L * key_means,  # k 1
+        "key_gram": centred_gram + L * torch.outer(key_means, key_means),  # k^T k
+        "key_sums": L * key_means,  # k^T 1
         "query_grams": query_grams,  # q^T q per image
     }
 
 
 class _NormalizedAttention(torch.autograd.Function):
-    """out[b] = dropout(softmax(IN(q[b] @ keys))) @ values^T for every image b (see module docstring)."""
+    """out[b] = dropout(softmax(IN(q[b] @ keys^T))) @ values for every image b (see module docstring)."""
 
     @staticmethod
     def forward(ctx, queries, keys, values, dropout_p: float, saved_maps_budget: int):
-        # queries (B, R, N); keys, values (N, L); returns (B, R, N). Products in the inputs' dtype
+        # queries (B, R, N); keys, values (L, N); returns (B, R, N). Products in the inputs' dtype
         # (bf16 under autocast), statistics and softmax in float32 (float64 for float64 inputs).
         B, R, N = queries.shape
-        L = keys.shape[1]
+        L = keys.shape[0]
         dtype, map_dtype, device = queries.dtype, _map_dtype(queries.dtype), queries.device
+        keys, values = keys.contiguous(), values.contiguous()  # row blocks of the keys feed the products
         stats = map_statistics(queries.to(map_dtype), keys.to(map_dtype))
-        # softmax(IN(q k)) = softmax(q k / std): the mean shifts every row equally.
+        # softmax(IN(q k^T)) = softmax(q k^T / std): the mean shifts every row equally.
         scaled = (queries.to(map_dtype) / stats["std"][:, None, None]).to(dtype)
         threshold, drop_p = quantized_dropout(dropout_p)
         seeds = [int(torch.randint(_SEED_HIGH, (1,)).item()) for _ in range(B)] if drop_p > 0 else []
@@ -204,7 +206,7 @@ class _NormalizedAttention(torch.autograd.Function):
                 count = rows.stop - rows.start
                 target = maps[b][rows] if b < kept else work.view(work.signed, count)
                 _, dropped = work.signed_probs(scaled[b, rows], keys, target, generator, threshold)
-                out[b, rows] = matmul_nt(work.cast(dropped), values)
+                out[b, rows] = matmul_nt(work.cast(dropped), values.transpose(0, 1))
         if seeds:
             out.div_(1.0 - drop_p)
         ctx.drop = (threshold, drop_p, seeds)
@@ -221,12 +223,13 @@ class _NormalizedAttention(torch.autograd.Function):
         maps, ctx.kept_maps = ctx.kept_maps, []
         threshold, drop_p, seeds = ctx.drop
         B, R, N = queries.shape
-        L = keys.shape[1]
+        L = keys.shape[0]
         dtype, map_dtype, device = queries.dtype, _map_dtype(queries.dtype), queries.device
         grad_out = (grad_out.to(map_dtype) / (1.0 - drop_p)).to(dtype)  # the forward's 1/(1-p)
         grad_q = torch.empty(queries.shape, dtype=map_dtype, device=device)
-        grad_k = torch.zeros(keys.shape, dtype=map_dtype, device=device)
-        grad_v = torch.zeros(values.shape, dtype=map_dtype, device=device)
+        # Key/value gradients are accumulated as (N, L): rows of N x R_c by R_c x L products.
+        grad_k = torch.zeros(N, L, dtype=map_dtype, device=device)
+        grad_v = torch.zeros(N, L, dtype=map_dtype, device=device)
         chunks = _row_chunks(R, L)
         work = _Workspace(chunks[0].stop, L, N, dtype, map_dtype, device)
         # The instance-norm terms of grad_k, summed over images and applied once at the end.
@@ -243,8 +246,8 @@ class _NormalizedAttention(torch.autograd.Function):
                     target = work.view(work.signed, count)
                     signed, dropped = work.signed_probs(scaled[b, rows], keys, target, generator, threshold)
                 upstream = grad_out[b, rows]  # (R_c, N)
-                work.accumulate(grad_v, upstream.transpose(0, 1), work.cast(dropped))
-                # g = d(loss)/d(dropped) = upstream v; softmax backward on the kept entries:
+                work.accumulate(grad_v, upstream.transpose(0, 1), work.cast(dropped).transpose(0, 1))
+                # g = d(loss)/d(dropped) = upstream v^T; softmax backward on the kept entries:
                 # grad_z = dropped * g - c * probs with c = <g, dropped>_row, and with signed probs
                 # |signed| = 2 dropped - signed, so grad_z = dropped * (g - 2c) + c * signed.
                 grad = work.product(upstream, values, work.view(work.grad, count))
@@ -254,24 +257,26 @@ class _NormalizedAttention(torch.autograd.Function):
                 else:
                     grad.sub_(row_dots).mul_(signed)
                 low_grad = work.cast(grad)
-                grad_q[b, rows] = matmul_nt(low_grad, keys)  # grad_z k^T; the norm terms follow below
-                work.accumulate(grad_k, scaled[b, rows].transpose(0, 1), low_grad)  # q^T grad_z / std
+                grad_q[b, rows] = matmul_nt(low_grad, keys.transpose(0, 1))  # grad_z k; norm terms below
+                # q^T grad_z / std
+                work.accumulate(grad_k, scaled[b, rows].transpose(0, 1), low_grad.transpose(0, 1))
             if b < len(maps):
                 signed = dropped = maps[b] = None  # drop every reference: the map's memory is freed
             # Instance norm: d(s) = (grad_z - z * mean(grad_z * z)) / std (mean(grad_z) = 0), with
-            # sum(grad_z * z) = <grad_z k^T, q> / std and z k^T = (q k k^T - mean 1 (k 1)^T) / std.
+            # sum(grad_z * z) = <grad_z k, q> / std and z k = (q k^T k - mean 1 (k^T 1)^T) / std.
             query = queries[b].to(map_dtype)
-            grad_z_kt = grad_q[b]
-            mean_gz = (grad_z_kt * query).sum() / (std[b] * R * L)
-            z_kt = (query @ key_gram - mean[b] * key_sums) / std[b]
-            grad_q[b] = (grad_z_kt - mean_gz * z_kt) / std[b]
-            # q^T z = (q^T q k - mean (q^T 1) 1^T) / std, accumulated for one product at the end.
+            grad_z_k = grad_q[b]
+            mean_gz = (grad_z_k * query).sum() / (std[b] * R * L)
+            z_k = (query @ key_gram - mean[b] * key_sums) / std[b]
+            grad_q[b] = (grad_z_k - mean_gz * z_k) / std[b]
+            # q^T z = (q^T q k^T - mean (q^T 1) 1^T) / std, accumulated for one product at the end.
             coef = mean_gz / std[b] ** 2
             gram_coef += coef * query_grams[b]
             sums_coef += coef * mean[b] * query.sum(0)
         work.accumulate(grad_k, gram_coef.to(dtype), keys, alpha=-1.0)
         grad_k += sums_coef[:, None]
-        return grad_q.to(dtype), grad_k.to(keys.dtype), grad_v.to(values.dtype), None, None
+        grads_kv = (total.transpose(0, 1).to(dtype) for total in (grad_k, grad_v))  # (L, N) views
+        return grad_q.to(dtype), *grads_kv, None, None
 
 
 def _compute_dtype(device: torch.device) -> torch.dtype | None:
@@ -288,7 +293,8 @@ def normalized_attention(
     dropout_p: float = 0.0,
     saved_maps_budget: int | None = None,
 ) -> torch.Tensor:
-    """Channel cross-attention with shared keys: (B, R, N) queries, (N, L) keys/values -> (B, R, N).
+    """Channel cross-attention with shared keys: (B, R, N) query channels, (L, N) key/value channels
+    -> (B, R, N): `dropout(softmax_rows(InstanceNorm(q[b] k^T))) v` for every image b.
 
     `saved_maps_budget` bytes of probability maps are kept for backward (default
     `SAVED_MAPS_BUDGET_BYTES`; 0 recomputes every map). Under autocast the products run in the

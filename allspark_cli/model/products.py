@@ -3,16 +3,20 @@
 `torch.mm` hands float32 CPU products to MKL's BLAS, which on AMD processors runs its generic code
 path. oneDNN (bundled with every x86/aarch64 torch build, and what torch's own compiler emits for
 CPU linear layers) JIT-compiles for the processor it finds. On the 2-core AMD EPYC (AVX-512)
-development machine the attention's products with a long inner dimension (`probs @ values^T`,
-`grad @ keys^T`) run at about 165-200 GFLOP/s through oneDNN against about 130-150 through MKL.
-Products whose output is large (the map chunks, inner dimension N, and the N x L weight-gradient
-accumulations) stay on `torch.mm(out=...)` / `addmm_`: they write into reused buffers, while the
-oneDNN operator allocates its output, and a fresh large allocation page-faults (measured slower
-at coco's width).
+development machine the attention's products run at about 175-200 GFLOP/s through oneDNN against
+about 105-145 through MKL, at every shape the attention uses.
+
+The oneDNN operator allocates its output. An allocation larger than glibc's largest dynamic mmap
+threshold (32 MiB) is a fresh mapping every time and page-faults on every page it writes: a
+512 x 21504 map chunk then ran at 119-137 GFLOP/s instead of 177-196. So large outputs are made
+in blocks that the heap recycles: `matmul_nt_into` writes column blocks of about
+`OUTPUT_BLOCK_BYTES` into the caller's buffer (a copy that stays mostly in cache), and `addmm_nt_`
+adds row parts of at most `ACCUMULATE_PART_BYTES`. Each part of `addmm_nt_` reads the whole right
+operand again, hence the larger parts.
 
 The oneDNN entry point, `torch.ops.mkldnn._linear_pointwise`, is an internal operator: it is used
 only after it has computed a small product equal to `torch.mm` once in this process, and every
-other case (other devices or dtypes, a torch without it) uses `torch.mm`.
+other case (other devices or dtypes, a torch without it) uses `torch.mm` / `addmm_` directly.
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ import torch
 
 # Relative error allowed between the two libraries on the probe product (float32 rounding).
 _PROBE_TOLERANCE = 1e-4
+# Output column blocks of `matmul_nt_into`: measured 183-188 GFLOP/s at 2-16 MiB blocks.
+OUTPUT_BLOCK_BYTES = 8 * 2**20
+# Row parts of `addmm_nt_`, below glibc's 32 MiB mmap threshold cap (with room for alignment).
+ACCUMULATE_PART_BYTES = 30 * 2**20
 
 
 @functools.cache
@@ -44,8 +52,63 @@ def _use_onednn(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _onednn_available()
 
 
+def _onednn_nt(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    # A transposed view as the left operand runs at half speed; it is small wherever it occurs.
+    return torch.ops.mkldnn._linear_pointwise(left.contiguous(), right, None, "none", [], "")
+
+
 def matmul_nt(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left @ right^T for 2-d tensors: (M, K) x (N, K) -> (M, N). Either may be a transposed view."""
+    """left @ right^T for 2-d tensors: (M, K) x (N, K) -> (M, N). `right` may be a transposed view."""
     if _use_onednn(left, right):
-        return torch.ops.mkldnn._linear_pointwise(left, right, None, "none", [], "")
+        return _onednn_nt(left, right)
     return left @ right.transpose(0, 1)
+
+
+def matmul_nt_into(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = left @ right^T: (M, K) x (L, K) -> out (M, L), in place; returns `out`."""
+    if not (_use_onednn(left, right, out) and right.is_contiguous()):
+        return torch.mm(left, right.transpose(0, 1), out=out)
+    # Blocks of a contiguous `right` are contiguous; a strided block would be slow in oneDNN.
+    step = max(1, OUTPUT_BLOCK_BYTES // (out.shape[0] * out.element_size()))
+    for start in range(0, out.shape[1], step):
+        out[:, start : start + step].copy_(_onednn_nt(left, right[start : start + step]))
+    return out
+
+
+def addmm_nt_(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """total += alpha * left @ right^T: total (M, L), left (M, K), right (L, K) (a transposed view
+    of a contiguous (K, L) is fine); in place, returns `total`."""
+    if not _use_onednn(total, left, right):
+        return total.addmm_(left, right.transpose(0, 1), alpha=alpha)
+    rows = total.shape[0]
+    parts = max(1, -(-rows * total.shape[1] * total.element_size() // ACCUMULATE_PART_BYTES))
+    step = -(-rows // parts)  # equal parts
+    for start in range(0, total.shape[0], step):
+        total[start : start + step].add_(_onednn_nt(left[start : start + step], right), alpha=alpha)
+    return total
+
+
+class _TransposedLinear(torch.autograd.Function):
+    """weight @ tokens^T with the forward product through oneDNN (backward products are MKL's,
+    which runs them at about the same rate)."""
+
+    @staticmethod
+    def forward(ctx, weight, tokens):
+        ctx.save_for_backward(weight, tokens)
+        return _onednn_nt(weight, tokens)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, tokens = ctx.saved_tensors
+        grad_weight = grad @ tokens if ctx.needs_input_grad[0] else None
+        grad_tokens = grad.transpose(0, 1) @ weight if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_tokens
+
+
+def transposed_linear(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A bias-free linear layer with its output transposed: weight (O, C), tokens (P, C) -> (O, P).
+
+    torch.mm gives this layout at 100-140 GFLOP/s here (a transposed operand), oneDNN at 165-210."""
+    if torch.is_autocast_enabled(tokens.device.type) or not _use_onednn(weight, tokens):
+        return weight @ tokens.transpose(0, 1)
+    return _TransposedLinear.apply(weight, tokens)
