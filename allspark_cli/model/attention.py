@@ -25,7 +25,12 @@ more product each, with the dropout bits redrawn from a per-image seed).
 Dropout bits are 15-bit words cut from 64-bit draws (four entries per draw, several times cheaper
 than `uniform_` on CPU), so the drop probability is quantised to 1/32768 (0.1 -> 0.100006); the
 kept entries are scaled by the exact 1 / (1 - quantised p).
-The keys and values are shared by all images (broadcast, never copied per image).
+The keys and values are shared by all images (broadcast, never copied per image); they come as
+(L, N) rows, which the map products read in row blocks (`products.py`).
+Under autocast (bf16/fp16) the maps and their gradients are stored in the autocast dtype: plain
+autocast rounds the probabilities to that dtype before the product and returns the map gradient
+of a half-precision product in it as well, so this keeps its precision (tested against float64)
+at half the memory traffic of float32 maps. The softmax itself computes in float32 internally.
 """
 from __future__ import annotations
 
@@ -53,8 +58,8 @@ DRAWS_PER_PIECE = 2**20  # random draws buffered at once (8 MiB), not a whole ch
 _SEED_HIGH = 2**62
 
 
-def _map_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Norm and softmax run in float32 for half types, in the input's dtype otherwise."""
+def _float32_or_wider(dtype: torch.dtype) -> torch.dtype:
+    """Statistics, the instance norm and sums of products run in float32 for half types."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -102,45 +107,40 @@ class _Workspace:
     allocation is served by mmap and page-faults on first touch, which costs as much as the
     elementwise work itself. Buffers never touched (a map path not taken) never become resident.
 
-    Maps, softmax and gradients are in `map_dtype`; products run in `dtype` (bf16 under autocast),
-    through `low` (a chunk) and `part` (an N x L product) when the two differ."""
+    Maps, their softmax and the map gradients are in the product dtype (bf16 under autocast); the key
+    and value gradients are summed in `total_dtype` (float32 for half types), each half-precision
+    product passing through `part` (N x L)."""
 
-    def __init__(self, rows: int, width: int, tokens: int, dtype: torch.dtype, map_dtype: torch.dtype, device):
+    def __init__(self, rows: int, width: int, tokens: int, dtype: torch.dtype, total_dtype: torch.dtype, device):
         size = rows * width
         self.width = width
-        self.signed, self.dropped, self.grad = (torch.empty(size, dtype=map_dtype, device=device) for _ in range(3))
+        self.signed, self.dropped, self.grad = (torch.empty(size, dtype=dtype, device=device) for _ in range(3))
         self.draws = torch.empty(min(DRAWS_PER_PIECE, -(-size // _WORDS_PER_DRAW)), dtype=torch.int64, device=device)
-        half = dtype != map_dtype
-        self.low = torch.empty(size, dtype=dtype, device=device) if half else None
-        self.part = torch.empty(tokens * width, dtype=dtype, device=device) if half else None
+        self.part = torch.empty(tokens * width, dtype=dtype, device=device) if dtype != total_dtype else None
 
     def view(self, buffer: torch.Tensor, rows: int) -> torch.Tensor:
         return buffer[: rows * self.width].view(rows, self.width)
 
-    def cast(self, chunk: torch.Tensor) -> torch.Tensor:
-        """A map-dtype chunk (R_c, L) in the product dtype."""
-        return chunk if self.low is None else self.view(self.low, chunk.shape[0]).copy_(chunk)
-
-    def product(self, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out (map dtype, (R_c, L)) = left @ right^T for right (L, N), in the product dtype."""
-        if self.low is None:
-            return matmul_nt_into(left, right, out)
-        return out.copy_(matmul_nt_into(left, right, self.view(self.low, out.shape[0])))
-
-    def accumulate(self, total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float = 1.0) -> None:
-        """total (map dtype, (N, L)) += alpha * left @ right^T for right (L, K), in place."""
+    def accumulate(
+        self, total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, alpha: float = 1.0, first: bool = False
+    ) -> None:
+        """total ((N, L), total dtype) += alpha * left @ right^T for right (L, K), in place; the
+        `first` product overwrites whatever `total` held (no zero fill, no addition)."""
         if self.part is None:
-            addmm_nt_(total, left, right, alpha=alpha)
+            addmm_nt_(total, left, right, alpha=alpha, overwrite=first)
+            return
+        product = matmul_nt_into(left, right, self.part[: total.numel()].view(total.shape))
+        if first:
+            total.copy_(product).mul_(alpha)
         else:
-            part = self.part[: total.numel()].view(total.shape)
-            total.add_(matmul_nt_into(left, right, part), alpha=alpha)
+            total.add_(product, alpha=alpha)
 
     def signed_probs(
         self, scaled_queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, generator, threshold: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """softmax rows of (q / std) k^T into `out` (R_c, L), negated where dropout drops the entry;
         returns (signed probs, dropped probs); the dropped ones live in the `dropped` buffer."""
-        _softmax_rows_(self.product(scaled_queries, keys, out))
+        _softmax_rows_(matmul_nt_into(scaled_queries, keys, out))
         if generator is None:
             return out, out
         dropped = self.view(self.dropped, out.shape[0])
@@ -183,22 +183,22 @@ class _NormalizedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, values, dropout_p: float, saved_maps_budget: int):
-        # queries (B, R, N); keys, values (L, N); returns (B, R, N). Products in the inputs' dtype
-        # (bf16 under autocast), statistics and softmax in float32 (float64 for float64 inputs).
+        # queries (B, R, N); keys, values (L, N); returns (B, R, N). Products and maps in the inputs'
+        # dtype (bf16 under autocast), statistics and gradient sums in float32 (or float64).
         B, R, N = queries.shape
         L = keys.shape[0]
-        dtype, map_dtype, device = queries.dtype, _map_dtype(queries.dtype), queries.device
+        dtype, wide, device = queries.dtype, _float32_or_wider(queries.dtype), queries.device
         keys, values = keys.contiguous(), values.contiguous()  # row blocks of the keys feed the products
-        stats = map_statistics(queries.to(map_dtype), keys.to(map_dtype))
+        stats = map_statistics(queries.to(wide), keys.to(wide))
         # softmax(IN(q k^T)) = softmax(q k^T / std): the mean shifts every row equally.
-        scaled = (queries.to(map_dtype) / stats["std"][:, None, None]).to(dtype)
+        scaled = (queries.to(wide) / stats["std"][:, None, None]).to(dtype)
         threshold, drop_p = quantized_dropout(dropout_p)
         seeds = [int(torch.randint(_SEED_HIGH, (1,)).item()) for _ in range(B)] if drop_p > 0 else []
-        map_bytes = R * L * torch.finfo(map_dtype).bits // 8
+        map_bytes = R * L * torch.finfo(dtype).bits // 8
         kept = min(B, saved_maps_budget // map_bytes)
-        maps = [torch.empty(R, L, dtype=map_dtype, device=device) for _ in range(kept)]
+        maps = [torch.empty(R, L, dtype=dtype, device=device) for _ in range(kept)]
         chunks = _row_chunks(R, L)
-        work = _Workspace(chunks[0].stop, L, N, dtype, map_dtype, device)
+        work = _Workspace(chunks[0].stop, L, N, dtype, wide, device)
         out = queries.new_empty(B, R, N)
         for b in range(B):
             generator = _generator(device, seeds[b]) if seeds else None
@@ -206,7 +206,7 @@ class _NormalizedAttention(torch.autograd.Function):
                 count = rows.stop - rows.start
                 target = maps[b][rows] if b < kept else work.view(work.signed, count)
                 _, dropped = work.signed_probs(scaled[b, rows], keys, target, generator, threshold)
-                out[b, rows] = matmul_nt(work.cast(dropped), values.transpose(0, 1))
+                out[b, rows] = matmul_nt(dropped, values.transpose(0, 1))
         if seeds:
             out.div_(1.0 - drop_p)
         ctx.drop = (threshold, drop_p, seeds)
@@ -214,27 +214,29 @@ class _NormalizedAttention(torch.autograd.Function):
         # soon as its image is done (the recomputed images' buffers then take its place). A second
         # backward (retain_graph) finds none and recomputes every map.
         ctx.kept_maps = maps
-        ctx.save_for_backward(queries, scaled, keys, values, *stats.values())
+        ctx.save_for_backward(queries, scaled, keys, values, out, *stats.values())
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        queries, scaled, keys, values, mean, std, key_gram, key_sums, query_grams = ctx.saved_tensors
+        queries, scaled, keys, values, out, mean, std, key_gram, key_sums, query_grams = ctx.saved_tensors
         maps, ctx.kept_maps = ctx.kept_maps, []
         threshold, drop_p, seeds = ctx.drop
         B, R, N = queries.shape
         L = keys.shape[0]
-        dtype, map_dtype, device = queries.dtype, _map_dtype(queries.dtype), queries.device
-        grad_out = (grad_out.to(map_dtype) / (1.0 - drop_p)).to(dtype)  # the forward's 1/(1-p)
-        grad_q = torch.empty(queries.shape, dtype=map_dtype, device=device)
+        dtype, wide, device = queries.dtype, _float32_or_wider(queries.dtype), queries.device
+        # c = <upstream, dropped v> per row = <grad_out, out>: the 1/(1-p) of upstream and of out cancel.
+        row_sums = (grad_out.to(wide) * out.to(wide)).sum(-1).to(dtype)  # (B, R)
+        grad_out = (grad_out.to(wide) / (1.0 - drop_p)).to(dtype)  # the forward's 1/(1-p)
+        grad_q = torch.empty(queries.shape, dtype=wide, device=device)
         # Key/value gradients are accumulated as (N, L): rows of N x R_c by R_c x L products.
-        grad_k = torch.zeros(N, L, dtype=map_dtype, device=device)
-        grad_v = torch.zeros(N, L, dtype=map_dtype, device=device)
+        grad_k = torch.empty(N, L, dtype=wide, device=device)
+        grad_v = torch.empty(N, L, dtype=wide, device=device)
         chunks = _row_chunks(R, L)
-        work = _Workspace(chunks[0].stop, L, N, dtype, map_dtype, device)
+        work = _Workspace(chunks[0].stop, L, N, dtype, wide, device)
         # The instance-norm terms of grad_k, summed over images and applied once at the end.
-        gram_coef = torch.zeros(N, N, dtype=map_dtype, device=device)
-        sums_coef = torch.zeros(N, dtype=map_dtype, device=device)
+        gram_coef = torch.zeros(N, N, dtype=wide, device=device)
+        sums_coef = torch.zeros(N, dtype=wide, device=device)
         for b in range(B):
             generator = _generator(device, seeds[b]) if seeds else None
             for rows in chunks:
@@ -246,25 +248,26 @@ class _NormalizedAttention(torch.autograd.Function):
                     target = work.view(work.signed, count)
                     signed, dropped = work.signed_probs(scaled[b, rows], keys, target, generator, threshold)
                 upstream = grad_out[b, rows]  # (R_c, N)
-                work.accumulate(grad_v, upstream.transpose(0, 1), work.cast(dropped).transpose(0, 1))
+                first = b == 0 and rows.start == 0
+                work.accumulate(grad_v, upstream.transpose(0, 1), dropped.transpose(0, 1), first=first)
                 # g = d(loss)/d(dropped) = upstream v^T; softmax backward on the kept entries:
-                # grad_z = dropped * g - c * probs with c = <g, dropped>_row, and with signed probs
+                # grad_z = dropped * g - c * probs with c = <g, dropped>_row = <upstream, dropped v>_row
+                # (precomputed from the forward's output), and with signed probs
                 # |signed| = 2 dropped - signed, so grad_z = dropped * (g - 2c) + c * signed.
-                grad = work.product(upstream, values, work.view(work.grad, count))
-                row_dots = torch.bmm(grad.unsqueeze(1), dropped.unsqueeze(2)).view(count, 1)
+                grad = matmul_nt_into(upstream, values, work.view(work.grad, count))
+                row_dots = row_sums[b, rows, None]
                 if seeds:
                     grad.sub_(2 * row_dots).mul_(dropped).addcmul_(signed, row_dots)
                 else:
                     grad.sub_(row_dots).mul_(signed)
-                low_grad = work.cast(grad)
-                grad_q[b, rows] = matmul_nt(low_grad, keys.transpose(0, 1))  # grad_z k; norm terms below
+                grad_q[b, rows] = matmul_nt(grad, keys.transpose(0, 1))  # grad_z k; norm terms below
                 # q^T grad_z / std
-                work.accumulate(grad_k, scaled[b, rows].transpose(0, 1), low_grad.transpose(0, 1))
+                work.accumulate(grad_k, scaled[b, rows].transpose(0, 1), grad.transpose(0, 1), first=first)
             if b < len(maps):
                 signed = dropped = maps[b] = None  # drop every reference: the map's memory is freed
             # Instance norm: d(s) = (grad_z - z * mean(grad_z * z)) / std (mean(grad_z) = 0), with
             # sum(grad_z * z) = <grad_z k, q> / std and z k = (q k^T k - mean 1 (k^T 1)^T) / std.
-            query = queries[b].to(map_dtype)
+            query = queries[b].to(wide)
             grad_z_k = grad_q[b]
             mean_gz = (grad_z_k * query).sum() / (std[b] * R * L)
             z_k = (query @ key_gram - mean[b] * key_sums) / std[b]
@@ -298,7 +301,8 @@ def normalized_attention(
 
     `saved_maps_budget` bytes of probability maps are kept for backward (default
     `SAVED_MAPS_BUDGET_BYTES`; 0 recomputes every map). Under autocast the products run in the
-    autocast dtype (bf16/fp16), the statistics and softmax in fp32.
+    autocast dtype (bf16/fp16) and the maps are kept in it; the statistics, the softmax's
+    arithmetic and the key/value/query gradient sums run in fp32.
     """
     dtype = _compute_dtype(queries.device)
     if dtype is not None:
@@ -316,6 +320,6 @@ def normalized_attention_map(scores: torch.Tensor) -> torch.Tensor:
     Plain autograd: used for the small maps (unlabeled self-attention C x C per head, inference).
     """
     lead = scores.shape[:-2]
-    flat = scores.to(_map_dtype(scores.dtype)).reshape(-1, 1, *scores.shape[-2:])
+    flat = scores.to(_float32_or_wider(scores.dtype)).reshape(-1, 1, *scores.shape[-2:])
     normed = F.instance_norm(flat, eps=INSTANCE_NORM_EPS).reshape(*lead, *scores.shape[-2:])
     return torch.softmax(normed, dim=-1)

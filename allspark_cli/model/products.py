@@ -75,16 +75,23 @@ def matmul_nt_into(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -
     return out
 
 
-def addmm_nt_(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """total += alpha * left @ right^T: total (M, L), left (M, K), right (L, K) (a transposed view
-    of a contiguous (K, L) is fine); in place, returns `total`."""
+def addmm_nt_(
+    total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, alpha: float = 1.0, overwrite: bool = False
+) -> torch.Tensor:
+    """total += alpha * left @ right^T (total = alpha * left @ right^T with `overwrite`, whatever
+    `total` held): total (M, L), left (M, K), right (L, K) (a transposed view of a contiguous (K, L)
+    is fine); in place, returns `total`."""
     if not _use_onednn(total, left, right):
-        return total.addmm_(left, right.transpose(0, 1), alpha=alpha)
+        return total.addmm_(left, right.transpose(0, 1), beta=0.0 if overwrite else 1.0, alpha=alpha)
     rows = total.shape[0]
     parts = max(1, -(-rows * total.shape[1] * total.element_size() // ACCUMULATE_PART_BYTES))
     step = -(-rows // parts)  # equal parts
-    for start in range(0, total.shape[0], step):
-        total[start : start + step].add_(_onednn_nt(left[start : start + step], right), alpha=alpha)
+    for start in range(0, rows, step):
+        part, product = total[start : start + step], _onednn_nt(left[start : start + step], right)
+        if overwrite:
+            torch.mul(product, alpha, out=part)
+        else:
+            part.add_(product, alpha=alpha)
     return total
 
 
