@@ -21,3 +21,36 @@ def test_falls_back_to_torch_when_onednn_is_missing(monkeypatch):
     monkeypatch.setattr(products, "_onednn_available", lambda: False)
     left, right = torch.randn(5, 7), torch.randn(3, 7)
     assert torch.equal(products.matmul_nt(left, right), left @ right.T)
+
+
+def test_blocked_products_equal_torch_across_blocks_and_parts(monkeypatch):
+    """Map products in several column blocks and weight-gradient sums in several row parts (as at
+    coco's width) give torch's result, overwriting or accumulating."""
+    monkeypatch.setattr(products, "OUTPUT_BLOCK_BYTES", 4 * 37 * 7)  # 7 columns per block
+    monkeypatch.setattr(products, "ACCUMULATE_PART_BYTES", 4 * 50 * 3)  # 3 rows per part
+    torch.manual_seed(0)
+    left, right = torch.randn(37, 20), torch.randn(50, 20)
+    out = torch.full((37, 50), float("nan"))
+    torch.testing.assert_close(products.matmul_nt_into(left, right, out), left @ right.T, rtol=1e-5, atol=1e-5)
+    total, start = torch.randn(11, 50), torch.randn(11, 50)
+    total.copy_(start)
+    weights, rows = torch.randn(11, 30), torch.randn(30, 50).T  # a transposed view, as in backward
+    products.addmm_nt_(total, weights, rows, alpha=-0.5)
+    torch.testing.assert_close(total, start - 0.5 * weights @ rows.T, rtol=1e-5, atol=1e-5)
+    total.fill_(float("nan"))
+    products.addmm_nt_(total, weights, rows, overwrite=True)
+    torch.testing.assert_close(total, weights @ rows.T, rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_linear_matches_linear_in_values_and_gradients():
+    """The key/value projections' oneDNN path: weight @ tokens^T and both gradients, as nn.functional.linear."""
+    torch.manual_seed(0)
+    w32, t32 = torch.randn(24, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    out = products.transposed_linear(w32, t32)
+    plain = torch.nn.functional.linear(t32, w32).T
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (w32, t32), grad)
+    theirs = torch.autograd.grad(torch.nn.functional.linear(t32, w32).T, (w32, t32), grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
