@@ -54,3 +54,21 @@ def test_transposed_linear_matches_linear_in_values_and_gradients():
     theirs = torch.autograd.grad(torch.nn.functional.linear(t32, w32).T, (w32, t32), grad)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_strided_blocks_take_the_torch_path_and_stay_exact(monkeypatch):
+    """A column block of a wider matrix is neither contiguous nor transposed-contiguous: oneDNN would
+    crawl on it, so torch's product is used (same result)."""
+    calls = []
+    monkeypatch.setattr(products, "_onednn_nt", lambda *a: calls.append(a) or torch.mm(a[0], a[1].T))
+    torch.manual_seed(0)
+    wide = torch.randn(30, 64)
+    block = wide[:, 8:24].T  # (16, 30), strides (1, 64)
+    left = torch.randn(5, 30)
+    torch.testing.assert_close(products.matmul_nt(left, block), left @ block.T)
+    total = torch.zeros(5, 16)
+    products.addmm_nt_(total, left, block)
+    torch.testing.assert_close(total, left @ block.T)
+    assert calls == []
+    products.matmul_nt(left, wide.T)  # transposed-contiguous: oneDNN, where this torch has it
+    assert len(calls) == int(products._onednn_available())

@@ -131,7 +131,9 @@ class _Workspace:
             return
         product = matmul_nt_into(left, right, self.part[: total.numel()].view(total.shape))
         if first:
-            total.copy_(product).mul_(alpha)
+            total.copy_(product)
+            if alpha != 1.0:
+                total.mul_(alpha)
         else:
             total.add_(product, alpha=alpha)
 

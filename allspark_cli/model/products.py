@@ -52,6 +52,12 @@ def _use_onednn(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _onednn_available()
 
 
+def _rows_or_columns(matrix: torch.Tensor) -> bool:
+    """Contiguous or a transposed contiguous matrix: any other stride pattern (a column block of a
+    wider matrix, say) made oneDNN fall back to a path about 50x slower."""
+    return matrix.is_contiguous() or matrix.transpose(0, 1).is_contiguous()
+
+
 def _onednn_nt(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     # A transposed view as the left operand runs at half speed; it is small wherever it occurs.
     return torch.ops.mkldnn._linear_pointwise(left.contiguous(), right, None, "none", [], "")
@@ -59,7 +65,7 @@ def _onednn_nt(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 def matmul_nt(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """left @ right^T for 2-d tensors: (M, K) x (N, K) -> (M, N). `right` may be a transposed view."""
-    if _use_onednn(left, right):
+    if _use_onednn(left, right) and _rows_or_columns(right):
         return _onednn_nt(left, right)
     return left @ right.transpose(0, 1)
 
@@ -81,7 +87,7 @@ def addmm_nt_(
     """total += alpha * left @ right^T (total = alpha * left @ right^T with `overwrite`, whatever
     `total` held): total (M, L), left (M, K), right (L, K) (a transposed view of a contiguous (K, L)
     is fine); in place, returns `total`."""
-    if not _use_onednn(total, left, right):
+    if not (_use_onednn(total, left, right) and _rows_or_columns(right)):
         return total.addmm_(left, right.transpose(0, 1), beta=0.0 if overwrite else 1.0, alpha=alpha)
     rows = total.shape[0]
     parts = max(1, -(-rows * total.shape[1] * total.element_size() // ACCUMULATE_PART_BYTES))
@@ -116,6 +122,6 @@ def transposed_linear(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     """A bias-free linear layer with its output transposed: weight (O, C), tokens (P, C) -> (O, P).
 
     torch.mm gives this layout at 100-140 GFLOP/s here (a transposed operand), oneDNN at 165-210."""
-    if torch.is_autocast_enabled(tokens.device.type) or not _use_onednn(weight, tokens):
+    if torch.is_autocast_enabled(tokens.device.type) or not (_use_onednn(weight, tokens) and _rows_or_columns(tokens)):
         return weight @ tokens.transpose(0, 1)
     return _TransposedLinear.apply(weight, tokens)
