@@ -155,7 +155,7 @@ class _Workspace:
 
 def map_statistics(queries: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean and std of every map `queries[b] @ keys^T` without forming it, plus the Gram pieces that
-    backward reuses. queries (B, R, N), keys (L, N), both in the map dtype.
+    backward reuses. queries (B, R, N), keys (L, N), both in float32 (or float64).
 
     With keys centred over their L channels (k = k_c + 1 m^T), each map row is `(q k_c^T)_r + u_r`,
     u = q m, and `(q k_c^T)_r` sums to zero, so the centred sum of squares is
