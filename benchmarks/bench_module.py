@@ -56,11 +56,12 @@ def matmul_rate(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
     """GFLOP/s of square matrix products on this machine: the better of torch.mm and, for float32 on
     CPU, the oneDNN operator the attention uses (faster than torch.mm's MKL on some processors), so
     that the step is compared with the best rate the machine offers."""
+    from allspark_cli.model.products import matmul_nt
+
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
-    products = [lambda: a @ b]
-    if device == "cpu" and dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    # matmul_nt is the attention's own product: oneDNN where it applies, torch.mm otherwise.
+    products = [lambda: a @ b, lambda: matmul_nt(a, b)]
     rates = []
     for product in products:
         for _ in range(2):
@@ -227,7 +228,8 @@ def main() -> None:
                 for precision in args.precision or ["fp32", "bf16"]:
                     child = f"{setting},{memory},{precision},{device},{args.repeats}"
                     timed = _run_child(child, dict(os.environ))
-                    sized = _run_child(child, MEMORY_CHILD_ENV)
+                    # The memory child needs no timed repeats: warm-up, measured step, counted step.
+                    sized = _run_child(f"{setting},{memory},{precision},{device},0", MEMORY_CHILD_ENV)
                     if timed is None or sized is None:
                         continue
                     row = {**timed, "peak_growth_gb": sized["peak_growth_gb"]}

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from allspark_cli.model.products import addmm_nt_, matmul_nt, matmul_nt_into
+from allspark_cli.model.products import add_product_, addmm_nt_, matmul_nt, matmul_nt_into
 
 INSTANCE_NORM_EPS = 1e-5
 # Probability maps kept for backward, at most this many bytes (whole images' maps); the maps of
@@ -130,12 +130,7 @@ class _Workspace:
             addmm_nt_(total, left, right, alpha=alpha, overwrite=first)
             return
         product = matmul_nt_into(left, right, self.part[: total.numel()].view(total.shape))
-        if first:
-            total.copy_(product)
-            if alpha != 1.0:
-                total.mul_(alpha)
-        else:
-            total.add_(product, alpha=alpha)
+        add_product_(total, product, alpha=alpha, overwrite=first)
 
     def signed_probs(
         self, scaled_queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, generator, threshold: int
@@ -228,8 +223,9 @@ class _NormalizedAttention(torch.autograd.Function):
         L = keys.shape[0]
         dtype, wide, device = queries.dtype, _float32_or_wider(queries.dtype), queries.device
         # c = <upstream, dropped v> per row = <grad_out, out>: the 1/(1-p) of upstream and of out cancel.
-        row_sums = (grad_out.to(wide) * out.to(wide)).sum(-1).to(dtype)  # (B, R)
-        grad_out = (grad_out.to(wide) / (1.0 - drop_p)).to(dtype)  # the forward's 1/(1-p)
+        grad_out = grad_out.to(wide)
+        row_sums = (grad_out * out.to(wide)).sum(-1).to(dtype)  # (B, R)
+        grad_out = (grad_out / (1.0 - drop_p)).to(dtype)  # the forward's 1/(1-p)
         grad_q = torch.empty(queries.shape, dtype=wide, device=device)
         # Key/value gradients are accumulated as (N, L): rows of N x R_c by R_c x L products.
         grad_k = torch.empty(N, L, dtype=wide, device=device)

@@ -48,14 +48,24 @@ def _onednn_available() -> bool:
     )
 
 
-def _use_onednn(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _onednn_available()
+def _use_onednn(right: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Float32 CPU operands, oneDNN present, and a right operand that is contiguous or a transposed
+    contiguous matrix: any other stride pattern (a column block of a wider matrix, say) made oneDNN
+    fall back to a path about 50x slower."""
+    float32_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (right, *others))
+    rows_or_columns = right.is_contiguous() or right.transpose(0, 1).is_contiguous()
+    return float32_cpu and rows_or_columns and _onednn_available()
 
 
-def _rows_or_columns(matrix: torch.Tensor) -> bool:
-    """Contiguous or a transposed contiguous matrix: any other stride pattern (a column block of a
-    wider matrix, say) made oneDNN fall back to a path about 50x slower."""
-    return matrix.is_contiguous() or matrix.transpose(0, 1).is_contiguous()
+def add_product_(target: torch.Tensor, product: torch.Tensor, *, alpha: float = 1.0, overwrite: bool = False) -> None:
+    """target = alpha * product (`overwrite`) or target += alpha * product; product may be of a
+    narrower dtype (a bf16 product into a float32 sum)."""
+    if not overwrite:
+        target.add_(product, alpha=alpha)
+        return
+    target.copy_(product)
+    if alpha != 1.0:
+        target.mul_(alpha)
 
 
 def _onednn_nt(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -65,16 +75,16 @@ def _onednn_nt(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 def matmul_nt(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """left @ right^T for 2-d tensors: (M, K) x (N, K) -> (M, N). `right` may be a transposed view."""
-    if _use_onednn(left, right) and _rows_or_columns(right):
+    if _use_onednn(right, left):
         return _onednn_nt(left, right)
     return left @ right.transpose(0, 1)
 
 
 def matmul_nt_into(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = left @ right^T: (M, K) x (L, K) -> out (M, L), in place; returns `out`."""
-    if not (_use_onednn(left, right, out) and right.is_contiguous()):
+    # Row blocks of a contiguous `right` are contiguous; those of a transposed one would be strided.
+    if not (_use_onednn(right, left, out) and right.is_contiguous()):
         return torch.mm(left, right.transpose(0, 1), out=out)
-    # Blocks of a contiguous `right` are contiguous; a strided block would be slow in oneDNN.
     step = max(1, OUTPUT_BLOCK_BYTES // (out.shape[0] * out.element_size()))
     for start in range(0, out.shape[1], step):
         out[:, start : start + step].copy_(_onednn_nt(left, right[start : start + step]))
@@ -87,17 +97,14 @@ def addmm_nt_(
     """total += alpha * left @ right^T (total = alpha * left @ right^T with `overwrite`, whatever
     `total` held): total (M, L), left (M, K), right (L, K) (a transposed view of a contiguous (K, L)
     is fine); in place, returns `total`."""
-    if not (_use_onednn(total, left, right) and _rows_or_columns(right)):
+    if not _use_onednn(right, left, total):
         return total.addmm_(left, right.transpose(0, 1), beta=0.0 if overwrite else 1.0, alpha=alpha)
     rows = total.shape[0]
     parts = max(1, -(-rows * total.shape[1] * total.element_size() // ACCUMULATE_PART_BYTES))
     step = -(-rows // parts)  # equal parts
     for start in range(0, rows, step):
-        part, product = total[start : start + step], _onednn_nt(left[start : start + step], right)
-        if overwrite:
-            torch.mul(product, alpha, out=part)
-        else:
-            part.add_(product, alpha=alpha)
+        product = _onednn_nt(left[start : start + step], right)
+        add_product_(total[start : start + step], product, alpha=alpha, overwrite=overwrite)
     return total
 
 
@@ -122,6 +129,6 @@ def transposed_linear(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     """A bias-free linear layer with its output transposed: weight (O, C), tokens (P, C) -> (O, P).
 
     torch.mm gives this layout at 100-140 GFLOP/s here (a transposed operand), oneDNN at 165-210."""
-    if torch.is_autocast_enabled(tokens.device.type) or not (_use_onednn(weight, tokens) and _rows_or_columns(tokens)):
+    if torch.is_autocast_enabled(tokens.device.type) or not _use_onednn(tokens, weight):
         return weight @ tokens.transpose(0, 1)
     return _TransposedLinear.apply(weight, tokens)
