@@ -130,3 +130,26 @@ def test_longer_memory_is_read_as_groups_and_trains():
 def test_memory_methods_need_the_token_count():
     with pytest.raises(ValueError, match="memory_tokens"):
         ModelConfig(backbone="b0", method="allspark", num_classes=3, memory_tokens=0)
+
+
+def test_memory_attention_by_class_sums_each_classes_slots():
+    """inspect-memory's per-class attention mass: the normalised map of the queries against every
+    memory group's projected keys, summed over each class's groups (two groups per class here)."""
+    from allspark_cli.model.allspark import AllSparkModule
+    from allspark_cli.model.attention import normalized_attention_map
+
+    torch.manual_seed(0)
+    module = AllSparkModule(16, 3, 2, memory_slots=32, memory_tokens=9).eval()
+    module.memory.bank.normal_()
+    features = torch.randn(2, 16, 3, 3)
+    mass = module.memory_attention_by_class(features)  # (B, hC, K)
+
+    _, tokens = module._tokens(features)
+    attention = module.labeled_attention
+    queries = attention.q(tokens)  # (B, N, hC)
+    sources = module.memory.as_sources()  # (K * 2, N, C), class-major
+    keys = torch.cat([attention.k(source) for source in sources], dim=1)  # (N, K * 2 * hC), source-major
+    expected = normalized_attention_map(queries.transpose(1, 2) @ keys)  # (B, hC, K * 2 * hC)
+    expected = expected.view(2, 32, 3, -1).sum(-1)
+    torch.testing.assert_close(mass, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(2, 32))
