@@ -9,8 +9,10 @@ Settings (C = 512, 2 heads, batch 2 labeled + 2 unlabeled): pascal 17x17 tokens 
 K = 81, cityscapes 26x26 K = 19; memory 1x, 2x, 4x C; fp32 and bf16 autocast.
 Each configuration runs in a fresh subprocess. Peak growth is measured on the step after a
 warm-up step: on CPU the resident set sampled every millisecond during the step, minus the level
-before it, in a second child whose glibc mmap threshold is pinned at 1 MiB so that freed tensors
-leave the resident set at once (times come from a child with the default allocator); on CUDA
+before it, plus the scratch buffers that the module keeps from one step to the next (resident
+before the step, and part of what the step needs), in a second child whose glibc mmap threshold is
+pinned at 1 MiB so that freed tensors leave the resident set at once (times come from a child with
+the default allocator); on CUDA
 max_memory_allocated minus memory_allocated before the step. GFLOP are counted by torch's
 FlopCounterMode on one step; the achieved rate is set next to the machine's own matrix-multiply
 rate, measured here on square matrices (the better of torch.mm and, for float32 on CPU, oneDNN).
@@ -168,9 +170,10 @@ def run_one(setting: str, memory_multiple: int, precision: str, device: str, rep
     else:
         _release_freed_memory()
         before = _rss_bytes()
+        held = module.labeled_attention.scratch.nbytes  # kept since the warm-up step, so in `before`
         with RssPeak() as sampler:
             step()
-        peak = sampler.peak - before
+        peak = sampler.peak - before + held
     times = [first] if repeats < 1 else []
     for _ in range(repeats):
         start = time.perf_counter()

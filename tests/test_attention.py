@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from allspark_cli.model import attention
-from allspark_cli.model.attention import normalized_attention
+from allspark_cli.model.attention import normalized_attention, projected_attention
+from allspark_cli.model.scratch import ScratchPool
 
 
 def _plain(queries, keys, values):
@@ -23,6 +24,7 @@ def test_values_and_gradients_match_plain_autograd(saved_maps_budget, rows_per_c
     if rows_per_chunk is not None:  # several row chunks per map (the large-map path)
         monkeypatch.setattr(attention, "CHUNK_BYTES", 4 * 16 * rows_per_chunk)
         monkeypatch.setattr(attention, "MIN_CHUNK_ROWS", 1)
+        monkeypatch.setattr(attention, "CENTRED_BLOCK_BYTES", 8 * 5 * 3)  # centred keys in blocks of 3 rows
     torch.manual_seed(0)
     q = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
     k = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
@@ -128,9 +130,9 @@ def test_no_maps_are_kept_when_no_backward_can_run(monkeypatch):
     budgets = []
     original = attention._NormalizedAttention.apply
 
-    def spy(queries, keys, values, dropout_p, budget):
+    def spy(queries, keys, values, sources, key_weight, value_weight, dropout_p, budget, scratch):
         budgets.append(budget)
-        return original(queries, keys, values, dropout_p, budget)
+        return original(queries, keys, values, sources, key_weight, value_weight, dropout_p, budget, scratch)
 
     monkeypatch.setattr(attention._NormalizedAttention, "apply", spy)
     q = torch.randn(1, 4, 3, requires_grad=True)
@@ -167,3 +169,60 @@ def test_bf16_autocast_is_about_as_accurate_as_plain_autocast():
         plain_error = ((theirs - truth).norm() / truth.norm()).item()
         our_error = ((mine - truth).norm() / truth.norm()).item()
         assert our_error <= 2 * plain_error + 1e-3, (name, our_error, plain_error)
+
+
+def _projected_plain(queries, sources, key_weight, value_weight):
+    """Keys and values projected by plain autograd, channel-major (row c * M + m)."""
+    M, N, C = sources.shape
+    keys, values = (weight @ sources.reshape(M * N, C).T for weight in (key_weight, value_weight))  # (hC, M*N)
+    return _plain(queries, keys.reshape(-1, N), values.reshape(-1, N))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_projected_attention_matches_plain_projection_and_attention(dtype):
+    """Keys/values projected inside: output and the gradients of queries, sources and both weights
+    equal plain autograd through the projections (float32: oneDNN/MKL products and blocks)."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(2, 12, 6), torch.randn(3, 6, 5), torch.randn(12, 5) / 3, torch.randn(12, 5) / 3]
+    grad = torch.randn(2, 12, 6, dtype=dtype)
+    results = []
+    for function in (projected_attention, _projected_plain):
+        inputs = [t.to(dtype).requires_grad_() for t in tensors]
+        out = function(*inputs)
+        results.append([out, *torch.autograd.grad(out, inputs, grad)])
+    tolerance = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    for ours, plain in zip(*results):
+        torch.testing.assert_close(ours, plain, **tolerance)
+
+
+def test_projected_attention_second_backward_recomputes_the_projections():
+    """The projected keys/values go back to the pool after the first backward; a retained graph's
+    second backward, after another forward has taken the pool's buffers, recomputes them."""
+    torch.manual_seed(0)
+    pool = ScratchPool()
+    inputs = [t.double().requires_grad_() for t in (torch.randn(2, 8, 4), torch.randn(2, 4, 3), torch.randn(8, 3),
+                                                     torch.randn(8, 3))]
+    out = projected_attention(*inputs, dropout_p=0.3, scratch=pool)
+    first = torch.autograd.grad(out.sum(), inputs, retain_graph=True)
+    other = projected_attention(*(t.detach() * 2 for t in inputs[:2]), *inputs[2:], scratch=pool)
+    second = torch.autograd.grad(out.sum(), inputs)
+    other.sum().backward()
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_shared_pool_never_hands_out_buffers_still_in_use():
+    """Two forwards before their backwards (gradient accumulation over two calls) with one pool: the
+    second must not write into the first's kept maps or projections; both gradients stay exact."""
+    torch.manual_seed(0)
+    pool = ScratchPool()
+    first_inputs = [t.double().requires_grad_() for t in (torch.randn(2, 8, 4), torch.randn(2, 4, 3),
+                                                           torch.randn(8, 3), torch.randn(8, 3))]
+    second_inputs = [t.detach().flip(0).clone().requires_grad_() for t in first_inputs]
+    expected = [torch.autograd.grad(projected_attention(*x).sum(), x) for x in (first_inputs, second_inputs)]
+    outs = [projected_attention(*x, scratch=pool) for x in (first_inputs, second_inputs)]
+    got = [torch.autograd.grad(out.sum(), x) for out, x in zip(outs, (first_inputs, second_inputs))]
+    for ours, plain in zip(got, expected):
+        for a, b in zip(ours, plain):
+            torch.testing.assert_close(a, b)
+    assert pool.nbytes > 0  # the buffers came back for the next step

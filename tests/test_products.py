@@ -42,20 +42,6 @@ def test_blocked_products_equal_torch_across_blocks_and_parts(monkeypatch):
     torch.testing.assert_close(total, weights @ rows.T, rtol=1e-5, atol=1e-5)
 
 
-def test_transposed_linear_matches_linear_in_values_and_gradients():
-    """The key/value projections' oneDNN path: weight @ tokens^T and both gradients, as nn.functional.linear."""
-    torch.manual_seed(0)
-    w32, t32 = torch.randn(24, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
-    out = products.transposed_linear(w32, t32)
-    plain = torch.nn.functional.linear(t32, w32).T
-    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(out)
-    ours = torch.autograd.grad(out, (w32, t32), grad)
-    theirs = torch.autograd.grad(torch.nn.functional.linear(t32, w32).T, (w32, t32), grad)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-
-
 def test_strided_blocks_take_the_torch_path_and_stay_exact(monkeypatch):
     """A column block of a wider matrix is neither contiguous nor transposed-contiguous: oneDNN would
     crawl on it, so torch's product is used (same result)."""

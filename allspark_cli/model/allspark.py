@@ -20,9 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from allspark_cli.model.attention import normalized_attention, normalized_attention_map
+from allspark_cli.model.attention import normalized_attention_map, projected_attention
 from allspark_cli.model.memory import SemanticMemory, group_channels, resize_logits_to_grid
-from allspark_cli.model.products import transposed_linear
+from allspark_cli.model.products import matmul_nt
+from allspark_cli.model.scratch import ScratchPool
 
 TOKEN_NORM_EPS = 1e-6
 
@@ -64,22 +65,30 @@ class ChannelCrossAttention(nn.Module):
         self.v = nn.Linear(dim, heads * dim, bias=False)
         self.out = nn.Linear(heads * dim, dim, bias=False)
         self.projection_dropout = nn.Dropout(projection_dropout)
+        # The attention's large CPU buffers, kept from one training step to the next (scratch.py);
+        # not state: never saved, handed back to the system when the module leaves training mode.
+        self.scratch = ScratchPool()
 
-    def shared_keys_values(self, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, N, C) sources -> key and value channels (hC * M, N), channel-major: row c * M + m is
-        projected channel c of source m. The order of the channels does not change the attention
-        (keys and values share it); this one makes each projection a single product whose output
-        is already in the (L, N) row layout that the attention's products read."""
+    def train(self, mode: bool = True) -> ChannelCrossAttention:
+        if not mode:
+            self.scratch.clear()
+        return super().train(mode)
+
+    def shared_keys(self, sources: torch.Tensor) -> torch.Tensor:
+        """(M, N, C) sources -> key channels (hC * M, N) in the order that `forward` uses (row
+        c * M + m is projected channel c of source m); for inspection, no autograd."""
         M, N, C = sources.shape
-        tokens = sources.reshape(M * N, C)
-        return tuple(transposed_linear(proj.weight, tokens).view(-1, N) for proj in (self.k, self.v))
+        return matmul_nt(self.k.weight, sources.reshape(M * N, C)).view(-1, N)
 
     def forward(self, tokens: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, C) labeled; sources (M, N, C) -> (B, N, C)."""
         queries = self.q(tokens).transpose(1, 2)  # (B, hC, N) query channels
-        keys, values = self.shared_keys_values(sources)  # (hC * M, N)
         dropout_p = self.attention_dropout if self.training else 0.0
-        mixed = normalized_attention(queries, keys, values, dropout_p=dropout_p)  # (B, hC, N)
+        scratch = self.scratch if queries.device.type == "cpu" else None  # CUDA's allocator caches
+        # Keys and values (hC * M, N) are projected inside, where their buffers can be reused.
+        mixed = projected_attention(
+            queries, sources, self.k.weight, self.v.weight, dropout_p=dropout_p, scratch=scratch
+        )  # (B, hC, N)
         return self.projection_dropout(self.out(mixed.transpose(1, 2)))
 
     def forward_self(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -189,7 +198,7 @@ class AllSparkModule(nn.Module):
         _, e = self._tokens(features)
         queries = self.labeled_attention.q(e).transpose(1, 2)  # (B, hC, N)
         sources = self.memory.as_sources()  # (K * G, N, C): G groups of C slots per class, class-major
-        keys, _ = self.labeled_attention.shared_keys_values(sources)  # (hC * K * G, N)
+        keys = self.labeled_attention.shared_keys(sources)  # (hC * K * G, N)
         K = self.memory.num_classes
         per_class = []
         for b in range(queries.shape[0]):  # one image's map at a time: the map can be large

@@ -106,29 +106,3 @@ def addmm_nt_(
         product = _onednn_nt(left[start : start + step], right)
         add_product_(total[start : start + step], product, alpha=alpha, overwrite=overwrite)
     return total
-
-
-class _TransposedLinear(torch.autograd.Function):
-    """weight @ tokens^T with the forward product through oneDNN (backward products are MKL's,
-    which runs them at about the same rate)."""
-
-    @staticmethod
-    def forward(ctx, weight, tokens):
-        ctx.save_for_backward(weight, tokens)
-        return _onednn_nt(weight, tokens)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, tokens = ctx.saved_tensors
-        grad_weight = grad @ tokens if ctx.needs_input_grad[0] else None
-        grad_tokens = grad.transpose(0, 1) @ weight if ctx.needs_input_grad[1] else None
-        return grad_weight, grad_tokens
-
-
-def transposed_linear(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """A bias-free linear layer with its output transposed: weight (O, C), tokens (P, C) -> (O, P).
-
-    torch.mm gives this layout at 100-140 GFLOP/s here (a transposed operand), oneDNN at 165-210."""
-    if torch.is_autocast_enabled(tokens.device.type) or not _use_onednn(tokens, weight):
-        return weight @ tokens.transpose(0, 1)
-    return _TransposedLinear.apply(weight, tokens)
