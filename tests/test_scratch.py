@@ -47,13 +47,33 @@ def test_only_flat_pool_buffers_can_be_given_back():
         ScratchPool().give(torch.empty(3, 4))
 
 
-def test_the_cross_attention_module_frees_its_pool_when_it_leaves_training():
+def test_the_pool_survives_the_training_steps_eval_switch_and_its_buffers_are_reused():
+    """The training step runs its pseudo-label pass in eval mode every iteration: the cross-attention
+    keeps its pool across eval()/train(), and the next step takes its buffers instead of new ones."""
     from allspark_cli.model.allspark import ChannelCrossAttention
 
     layer = ChannelCrossAttention(8, 2).train()
     tokens, sources = torch.randn(2, 6, 8, requires_grad=True), torch.randn(3, 6, 8)
     layer(tokens, sources).sum().backward()
-    assert layer.scratch.nbytes > 0
+    pooled = {buffer.data_ptr() for buffer in layer.scratch._free}
+    held = layer.scratch.nbytes
+    assert pooled and held > 0
     layer.eval()
-    assert layer.scratch.nbytes == 0
+    with torch.no_grad():
+        layer.forward_self(tokens)  # the pseudo-label pass
+    layer.train()
+    assert layer.scratch.nbytes == held
+    taken = []
+    original_take = layer.scratch.take
+
+    def spy(*args):
+        buffer = original_take(*args)
+        taken.append(buffer.data_ptr())
+        return buffer
+
+    layer.scratch.take = spy
+    layer(tokens, sources).sum().backward()
+    assert taken and set(taken) <= pooled  # every buffer of the second step came from the first
     assert "scratch" not in "".join(layer.state_dict())  # never saved
+    layer.scratch.clear()
+    assert layer.scratch.nbytes == 0

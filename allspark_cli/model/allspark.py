@@ -66,13 +66,9 @@ class ChannelCrossAttention(nn.Module):
         self.out = nn.Linear(heads * dim, dim, bias=False)
         self.projection_dropout = nn.Dropout(projection_dropout)
         # The attention's large CPU buffers, kept from one training step to the next (scratch.py);
-        # not state: never saved, handed back to the system when the module leaves training mode.
+        # not state, never saved. Kept across eval(): the training step switches to eval mode for
+        # its pseudo-label pass every iteration. `scratch.clear()` hands them back to the system.
         self.scratch = ScratchPool()
-
-    def train(self, mode: bool = True) -> ChannelCrossAttention:
-        if not mode:
-            self.scratch.clear()
-        return super().train(mode)
 
     def shared_keys(self, sources: torch.Tensor) -> torch.Tensor:
         """(M, N, C) sources -> key channels (hC * M, N) in the order that `forward` uses (row

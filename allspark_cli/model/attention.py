@@ -169,13 +169,11 @@ class _Workspace:
         return torch.clamp(signed, min=0, out=self.view("dropped", signed.shape[0]))
 
 
-def map_statistics(
-    queries: torch.Tensor, keys: torch.Tensor, centred: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
+def map_statistics(queries: torch.Tensor, keys: torch.Tensor, centred: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean and std of every map `queries[b] @ keys^T` without forming it, plus the Gram pieces that
     backward reuses. queries (B, R, N) in float32 (or float64), keys (L, N) in any float dtype;
-    `centred` is a flat buffer of the queries' dtype for blocks of centred keys (at least N
-    elements; a block of about CENTRED_BLOCK_BYTES when None).
+    `centred` is a flat buffer of the queries' dtype, at least N elements, for row blocks of the
+    centred keys (about CENTRED_BLOCK_BYTES in the attention function).
 
     With keys centred over their L channels (k = k_c + 1 m^T), each map row is `(q k_c^T)_r + u_r`,
     u = q m, and `(q k_c^T)_r` sums to zero, so the centred sum of squares is
@@ -183,8 +181,6 @@ def map_statistics(
     B, R, N = queries.shape
     L = keys.shape[0]
     key_means = keys.mean(0, dtype=queries.dtype)  # (N,)
-    if centred is None:
-        centred = queries.new_empty(max(N, CENTRED_BLOCK_BYTES // queries.element_size()))
     step = centred.numel() // N
     centred_gram = queries.new_zeros(N, N)
     for start in range(0, L, step):  # k_c^T k_c over row blocks of the centred keys
@@ -262,11 +258,12 @@ class _NormalizedAttention(torch.autograd.Function):
         else:
             keys, values = keys.contiguous(), values.contiguous()  # row blocks of the keys feed the products
         L = keys.shape[0]
+        wide_queries = queries.to(wide)
         centred = pool.take(max(N, CENTRED_BLOCK_BYTES * 8 // torch.finfo(wide).bits), wide, device)
-        stats = map_statistics(queries.to(wide), keys, centred)
+        stats = map_statistics(wide_queries, keys, centred)
         pool.give(centred)
         # softmax(IN(q k^T)) = softmax(q k^T / std): the mean shifts every row equally.
-        scaled = (queries.to(wide) / stats["std"][:, None, None]).to(dtype)
+        scaled = (wide_queries / stats["std"][:, None, None]).to(dtype)
         threshold, drop_p = quantized_dropout(dropout_p)
         seeds = [int(torch.randint(_SEED_HIGH, (1,)).item()) for _ in range(B)] if drop_p > 0 else []
         map_bytes = R * L * torch.finfo(dtype).bits // 8
@@ -349,7 +346,7 @@ class _NormalizedAttention(torch.autograd.Function):
                 # q^T grad_z / std
                 work.accumulate(grad_k, scaled[b, rows].transpose(0, 1), grad.transpose(0, 1), first=first)
             if b < len(maps):
-                pool.give(maps[b])  # back to the pool (or freed with a throwaway pool)
+                pool.give(maps[b])  # reusable for the weight-gradient re-layout below and next step
                 signed = dropped = maps[b] = None
             # Instance norm: d(s) = (grad_z - z * mean(grad_z * z)) / std (mean(grad_z) = 0), with
             # sum(grad_z * z) = <grad_z k, q> / std and z k = (q k^T k - mean 1 (k^T 1)^T) / std.
@@ -373,8 +370,6 @@ class _NormalizedAttention(torch.autograd.Function):
         grads = _projection_gradients(pool, grad_k, grad_v, sources, key_weight, value_weight, needs)
         pool.give(grad_k, grad_v)
         return grad_q.to(dtype), None, None, *grads, None, None, None
-
-
 
 
 def _compute_dtype(device: torch.device) -> torch.dtype | None:
