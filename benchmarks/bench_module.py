@@ -12,8 +12,8 @@ warm-up step: on CPU the resident set sampled every millisecond during the step,
 before it, plus the scratch buffers that the module keeps from one step to the next (resident
 before the step, and part of what the step needs), in a second child whose glibc mmap threshold is
 pinned at 1 MiB so that freed tensors leave the resident set at once (times come from a child with
-the default allocator); on CUDA
-max_memory_allocated minus memory_allocated before the step. GFLOP are counted by torch's
+the default allocator); on CUDA max_memory_allocated minus memory_allocated before the step.
+GFLOP are counted by torch's
 FlopCounterMode on one step; the achieved rate is set next to the machine's own matrix-multiply
 rate, measured here on square matrices (the better of torch.mm and, for float32 on CPU, oneDNN).
 """
