@@ -173,12 +173,12 @@ def test_rich_reporter_shows_the_banner_bar_and_miou() -> None:
     reporter = RichReporter(Console(file=stream, force_terminal=True, width=160))
     reporter.start(events.StartInfo(
         run_dir=Path("runs/pascal-1_8/exp"), preset="pascal-1/8", method="allspark", backbone="b5", device="cuda:0",
-        world_size=4, global_batch=8, per_process_batch=2, lr=0.001, head_lr=0.01, amp="off", epochs=80,
+        world_size=4, global_batch=8, per_process_batch=2, group_size=2, lr=0.001, head_lr=0.01, amp="off", epochs=80,
         iterations_per_epoch=100, labeled_images=183, unlabeled_images=10399, start_iteration=0, paper_batch=8,
         paper_lr=0.001, paper_gpus=4, notes=["hello"]))
     reporter.step(events.StepInfo(0, 80, 10, 8000, 0.5, 0.6, 0.4, 0.001, 1.0))
     reporter.evaluated(events.EvalInfo(0, 42.5, 90.0, 42.5, 0, 3.0))
     reporter.close()
     text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", stream.getvalue())  # drop terminal escapes
-    assert "[allspark, MiT-B5]" in text and "global batch 8+8" in text and "paper: 8+8 on 4 GPUs, lr 0.001" in text and "hello" in text
+    assert "[allspark, MiT-B5]" in text and "global batch 8+8 in groups of 2" in text and "paper: 8+8 on 4 GPUs, lr 0.001" in text and "hello" in text
     assert "mIoU 42.50" in text

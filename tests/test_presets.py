@@ -60,16 +60,18 @@ def test_unknown_preset_lists_close_names() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "crop", "epochs", "batch", "lr", "head", "warmup", "loss", "split", "miou"),
+    ("name", "crop", "epochs", "batch", "lr", "head", "warmup", "loss", "split", "miou", "source", "group"),
     [
-        ("pascal-1/8", 513, 80, 8, 0.001, 10, 5, "ce", "183", 78.41),
-        ("pascal-aug-1/2", 513, 80, 8, 0.001, 10, 5, "ce", "aug-1/2", 81.14),
-        ("pascal-u2pl-1/4", 513, 80, 8, 0.001, 10, 5, "ce", "u2pl-1/4", None),
-        ("cityscapes-1/16", 801, 240, 8, 0.005, 1, 15, "ohem", "1/16", 78.33),
-        ("coco-1/512", 513, 10, 16, 0.001, 10, 1, "ce", "1/512", 34.10),
+        ("pascal-1/8", 513, 80, 8, 0.001, 10, 5, "ce", "183", 78.41, "Table 1", 2),
+        ("pascal-aug-1/2", 513, 80, 8, 0.001, 10, 5, "ce", "aug-1/2", 81.14, "Table 3", 2),
+        ("pascal-u2pl-1/16", 513, 80, 8, 0.001, 10, 5, "ce", "u2pl-1/16", 81.56, "Table 3 †", 2),
+        ("pascal-u2pl-1/8", 513, 80, 8, 0.001, 10, 5, "ce", "u2pl-1/8", 82.04, "Table 3 †", 2),
+        ("pascal-u2pl-1/4", 513, 80, 8, 0.001, 10, 5, "ce", "u2pl-1/4", 80.92, "Table 3 †", 2),
+        ("cityscapes-1/16", 801, 240, 8, 0.005, 1, 15, "ohem", "1/16", 78.33, "Table 2", 2),
+        ("coco-1/512", 513, 10, 16, 0.001, 10, 1, "ce", "1/512", 34.10, "Table 4", 4),
     ],
 )
-def test_paper_recipe_values(name, crop, epochs, batch, lr, head, warmup, loss, split, miou) -> None:
+def test_paper_recipe_values(name, crop, epochs, batch, lr, head, warmup, loss, split, miou, source, group) -> None:
     preset = find_preset(name)
     s = preset.info.settings
     assert (s.data.crop, s.train.epochs, s.train.batch_size, s.optim.lr) == (crop, epochs, batch, lr)
@@ -77,7 +79,11 @@ def test_paper_recipe_values(name, crop, epochs, batch, lr, head, warmup, loss, 
     assert (s.model.backbone, s.model.head_dim, s.model.attention_heads) == ("b5", 768, 2)
     assert s.model.pretrained == Path("weights/mit_b5.pth")
     assert (s.optim.name, s.optim.momentum, s.optim.weight_decay, s.optim.poly_power) == ("sgd", 0.9, 1e-4, 0.9)
-    assert preset.info.paper_miou == miou
+    assert (preset.info.paper_miou, preset.info.paper_source) == (miou, source)
+    # The reference's per-GPU coupling (issue #11): group = images per GPU, coupled pseudo-label
+    # pass, padded border pseudo-labeled, epochs over the unlabeled list.
+    assert (s.train.group_size, s.train.pseudo_label_pass, s.train.unlabeled_padding) == (group, "group", "pseudo-label")
+    assert (s.train.epoch_length, s.train.baseline_recipe) == ("unlabeled", "reference")
 
 
 def test_cityscapes_presets_use_sliding_window_and_ohem() -> None:

@@ -21,7 +21,7 @@ from allspark_cli.engine.losses import OhemCrossEntropy, cross_entropy
 from allspark_cli.engine.rundir import run_dir_for
 from allspark_cli.engine.sampling import EpochBatchSampler
 from allspark_cli.engine.settings import TrainSettings, build_settings
-from allspark_cli.engine.step import pseudo_labels
+from allspark_cli.engine.step import StepRecipe, pseudo_labels
 from allspark_cli.engine.train import poly_lr, train
 from allspark_cli.errors import ResourceError, SettingsError
 from allspark_cli.model.checkpoint import load_model, read_checkpoint
@@ -71,6 +71,27 @@ def test_sup_on_a_fully_labeled_split_makes_one_pass_over_the_labeled_list(manif
     assert result.iterations == 4  # 8 labeled images / global batch 2
     metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(m["loss_u"] is None for m in metrics)
+
+
+@pytest.mark.parametrize("method", ["cca", "allspark"])
+def test_a_run_in_groups_trains_and_records_its_recipe(manifest: Path, tmp_path: Path, monkeypatch, method) -> None:
+    """4 + 4 images in groups of 2 (two reference GPUs in one process): the step receives the
+    groups and the recipe, and config.yaml records them."""
+    seen = []
+    real_step = epoch_module.train_step
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["recipe"])
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(epoch_module, "train_step", spy)
+    layer = tiny_layer(manifest, tmp_path / "runs", model={"method": method},
+                       train={"batch_size": 4, "group_size": 2, "unlabeled_padding": "ignore"})
+    result = train(build_settings(base=layer))
+    assert result.iterations == 1 and np.isfinite(result.best_miou)
+    assert [(r.groups, r.pseudo_label_pass, r.ignore_padding) for r in seen] == [(2, "group", True)]
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())["train"]
+    assert (saved["group_size"], saved["pseudo_label_pass"], saved["unlabeled_padding"]) == (2, "group", "ignore")
 
 
 def test_non_finite_loss_stops_after_saving_the_last_good_state(manifest: Path, tmp_path: Path, monkeypatch) -> None:
@@ -123,7 +144,7 @@ def test_pseudo_labels_use_eval_mode_and_ignore_padding() -> None:
     images = torch.randn(2, 3, 64, 64)
     pad = torch.zeros(2, 64, 64, dtype=torch.int64)
     pad[:, :, 48:] = 255
-    logits, pseudo = pseudo_labels(model, images, pad, torch.no_grad)
+    logits, pseudo = pseudo_labels(model, images, pad, torch.no_grad, StepRecipe(1, "image", ignore_padding=True))
     assert model.training  # restored
     with torch.no_grad():
         expected = model.eval()(images)

@@ -31,7 +31,7 @@ from allspark_cli.errors import SettingsError
 
 
 
-PRESETS_TABLE_WIDTH = 100
+PRESETS_TABLE_WIDTH = 180
 
 
 class RichReporter:
@@ -73,16 +73,38 @@ class RichReporter:
 def presets_table() -> Table:
     table = Table(title="allspark presets (recipes: DESIGN.md section 3; mIoU: the paper's tables)")
     table.add_column("preset (alias)", no_wrap=True)
-    for column in ("labeled", "crop", "epochs", "batch", "lr", "head", "mIoU"):
+    for column in ("labeled", "crop", "epochs", "batch", "lr", "head", "mIoU", "source"):
         table.add_column(column, justify="right", no_wrap=True)
-    table.caption = "batch: global labeled+unlabeled per step; head: head/module lr multiplier; mIoU: published"
+    table.add_column("baselines (--method sup / semi)", no_wrap=True)
+    table.caption = ("batch: global labeled+unlabeled per step (/ group: images of each kind per reference GPU); "
+                     "head: head/module lr multiplier; mIoU: published, from the paper's table in 'source' "
+                     "(†: U2PL splits); baselines: what the reference's baseline scripts change")
     for preset in list_presets():
         s, info = preset.info.settings, preset.info
         name = info.name + (f" ({', '.join(info.aliases)})" if info.aliases else "")
+        group = f" /{s.train.group_size}" if s.train.group_size else ""
         table.add_row(name, str(info.labeled_count or "-"), str(s.data.crop), str(s.train.epochs),
-                      f"{s.train.batch_size}+{s.train.batch_size}", f"{s.optim.lr:g}", f"x{s.optim.head_lr_multiplier:g}",
-                      "-" if info.paper_miou is None else f"{info.paper_miou:.2f}")
+                      f"{s.train.batch_size}+{s.train.batch_size}{group}", f"{s.optim.lr:g}",
+                      f"x{s.optim.head_lr_multiplier:g}", "-" if info.paper_miou is None else f"{info.paper_miou:.2f}",
+                      info.paper_source or "-", _baselines_text(preset))
     return table
+
+
+def _baselines_text(preset) -> str:
+    """'sup: batch 16 /4, epoch = labeled list; semi: lr 0.001' (what differs from the preset), or '-'."""
+    parts = []
+    own = preset.info.settings
+    for method in sorted(preset.info.baselines):
+        recipe = preset.baseline_settings(method)
+        changes = []
+        if recipe.train.batch_size != own.train.batch_size or recipe.train.group_size != own.train.group_size:
+            changes.append(f"batch {recipe.train.batch_size}" + (f" /{recipe.train.group_size}" if recipe.train.group_size else ""))
+        if recipe.train.epoch_length != own.train.epoch_length:
+            changes.append(f"epochs over the {recipe.train.epoch_length} list")
+        if recipe.optim.lr != own.optim.lr:
+            changes.append(f"lr {recipe.optim.lr:g}")
+        parts.append(f"{method}: {', '.join(changes) or 'as the preset'}")
+    return "; ".join(parts) or "-"
 
 
 def train_command(
@@ -128,10 +150,11 @@ def train_command(
         "data.workers": workers, "run.name": name, "data.manifest": str(data) if data else None,
         "run.exist_ok": exist_ok or None, "train.save_every": save_every,
     }
-    base = _base_layer(preset, resume, config)
+    base, method_recipes = _base_layer(preset, resume, config)
     if no_pretrained:
         base = {**base, "model": {**base.get("model", {}), "pretrained": None}}
-    settings = build_settings(base=base, config=config, options=options, sets=set_values or [])
+    settings = build_settings(base=base, config=config, options=options, sets=set_values or [],
+                              method_recipes=method_recipes)
     reporter = RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
     checkpoint = resume_base(resume)[0] if resume else None
     result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter)
@@ -139,17 +162,19 @@ def train_command(
                     f"last {result.last_miou:.2f}; run folder {result.run_dir}")
 
 
-def _base_layer(preset: str | None, resume: Path | None, config: Path | None) -> dict[str, Any]:
-    """The lowest settings layer: the preset's, or the resumed run's saved settings."""
+def _base_layer(preset: str | None, resume: Path | None, config: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The lowest settings layer (the preset's, or the resumed run's saved settings) and the
+    preset's baseline recipes (none for a resumed run: its saved settings already hold them)."""
     if preset and resume:
         raise SettingsError("--resume continues a run with its saved settings; do not combine it with --preset")
     if resume:
-        return resume_base(resume)[1]
+        return resume_base(resume)[1], {}
     if preset:
-        return find_preset(preset).layer
+        found = find_preset(preset)
+        return found.layer, dict(found.info.baselines)
     if config is None:
         raise SettingsError("nothing to train: give --preset NAME (see --list-presets), --config FILE or --resume RUN_DIR")
-    return {}
+    return {}, {}
 
 
 def register(app: typer.Typer) -> None:

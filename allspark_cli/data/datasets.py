@@ -164,12 +164,14 @@ class TrainDatasets(NamedTuple):
 
 
 def build_train_datasets(
-    manifest: DatasetManifest, split_name: str, *, crop: int | None = None, seed: int
+    manifest: DatasetManifest, split_name: str, *, crop: int | None = None, seed: int, repeat_labeled: bool = True
 ) -> TrainDatasets:
     """Datasets of training split `split_name`; `crop` defaults to the manifest's `train_crop`.
 
     The labeled list is repeated to the unlabeled list's length (never shortened), as the
-    reference does, so zipping the two loaders gives one pass over the unlabeled images.
+    reference does, so zipping the two loaders gives one pass over the unlabeled images. With
+    `repeat_labeled=False` it is not (an epoch is then one pass over the labeled list, as the
+    reference's supervised baseline trains).
     """
     split = manifest.train_split(split_name)
     crop = manifest.train_crop if crop is None else crop
@@ -179,7 +181,7 @@ def build_train_datasets(
     if split.unlabeled is not None:
         unlabeled_entries = read_split(manifest.split_file(split.unlabeled))
         unlabeled = UnlabeledDataset(manifest.root, unlabeled_entries, crop=crop, seed=seed)
-        length = max(length, len(unlabeled_entries))
+        length = max(length, len(unlabeled_entries)) if repeat_labeled else length
     labeled = LabeledDataset(
         manifest.root, labeled_entries, crop=crop, seed=seed, length=length, ignore_index=manifest.ignore_index
     )

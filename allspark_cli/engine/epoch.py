@@ -20,7 +20,7 @@ from allspark_cli.engine.events import StepInfo, TrainReporter, format_step
 from allspark_cli.engine.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.signals import StopRequest
-from allspark_cli.engine.step import train_step
+from allspark_cli.engine.step import StepRecipe, train_step
 from allspark_cli.errors import Interrupted, SettingsError
 
 
@@ -94,6 +94,8 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
     use_memory = epoch >= settings.train.warmup_epochs
     lr = poly_lr(settings.optim.lr, epoch * per_epoch + start_batch, loop.total_iterations, settings.optim.poly_power)
     batches_u = iter(loaders.unlabeled) if loaders.unlabeled is not None else None
+    recipe = StepRecipe(groups=loaders.groups, pseudo_label_pass=settings.train.pseudo_label_pass,
+                        ignore_padding=settings.train.unlabeled_padding == "ignore")
     window, epoch_window = _LossWindow(dist.device), _LossWindow(dist.device)
     loop.segmentor.train()
     for batch_index, batch_l in enumerate(loaders.labeled, start=start_batch):
@@ -104,7 +106,8 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
         batch_l = [t.to(dist.device, non_blocking=True) for t in batch_l]
         batch_u = None if batches_u is None else [t.to(dist.device, non_blocking=True) for t in next(batches_u)]
         losses = train_step(loop.runner, loop.segmentor, batch_l, batch_u, criterion_l=loop.criterion_l,
-                            use_memory=use_memory, iteration=iteration, gather=loop.gather, autocast=loop.autocast)
+                            use_memory=use_memory, iteration=iteration, gather=loop.gather, autocast=loop.autocast,
+                            recipe=recipe)
         flags = D.all_reduce_(torch.stack([(~torch.isfinite(losses.total.detach())).float(),
                                            torch.tensor(float(loop.stop.requested), device=dist.device)]))
         if flags[0] > 0:

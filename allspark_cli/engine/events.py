@@ -26,6 +26,7 @@ class StartInfo:
     world_size: int
     global_batch: int
     per_process_batch: int
+    group_size: int  # images of each kind per group (see engine/step.py)
     lr: float
     head_lr: float
     amp: str
@@ -100,7 +101,8 @@ def format_start(info: StartInfo) -> str:
         paper = f" (paper: {info.paper_batch}+{info.paper_batch} on {info.paper_gpus} GPUs, lr {info.paper_lr:g})"
     return (
         f"training {info.preset or 'custom'} [{info.method}, MiT-{info.backbone.upper()}] on {info.device} x{info.world_size}: "
-        f"global batch {info.global_batch}+{info.global_batch}, lr {info.lr:g} (head {info.head_lr:g}){paper}; "
+        f"global batch {info.global_batch}+{info.global_batch} in groups of {info.group_size}, lr {info.lr:g} "
+        f"(head {info.head_lr:g}){paper}; "
         f"{info.epochs} epochs x {info.iterations_per_epoch} iterations; run folder {info.run_dir}"
     )
 

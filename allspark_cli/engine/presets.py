@@ -1,9 +1,12 @@
 """Presets: one YAML file per paper split in `presets/`, validated by the TrainSettings model.
 
 A preset file holds its `name` (as users type it, e.g. `pascal-1/8`; the file is `pascal-1_8.yaml`),
-`aliases` (e.g. `pascal-183`), the labeled count and the paper's mIoU (DESIGN.md section 3; null
-where the paper has none) for `--list-presets`, and a complete `settings` tree. Loading a preset
-validates that tree; the CLI then layers --config, environment, options and --set on top.
+`aliases` (e.g. `pascal-183`), the labeled count, the paper's mIoU and the table it comes from
+(DESIGN.md section 3; null where the paper has none) for `--list-presets`, a complete `settings`
+tree, and `baselines`: per baseline method (`sup`, `semi`) the settings that the reference's
+baseline scripts change (applied by `build_settings(method_recipes=...)` when that method is
+trained). Loading a preset validates the tree, and the tree with each baseline layer on top; the
+CLI then layers --config, environment, options and --set on top.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from allspark_cli.engine.settings import TrainSettings, check_keys
+from allspark_cli.engine.settings import MethodName, TrainSettings, check_keys, merge
 from allspark_cli.errors import SettingsError
 
 # presets/ sits at the repository (or installed source) root, beside the package.
@@ -40,6 +43,8 @@ class PresetFile(BaseModel):
     description: str = ""
     labeled_count: int | None = Field(default=None, ge=1)
     paper_miou: float | None = Field(default=None, ge=0.0, le=100.0)
+    paper_source: str | None = Field(default=None, description="the paper's table of paper_miou, e.g. 'Table 3 †'")
+    baselines: dict[MethodName, dict[str, Any]] = {}
     settings: TrainSettings
 
 
@@ -55,6 +60,14 @@ class Preset(BaseModel):
     @property
     def name(self) -> str:
         return self.info.name
+
+    def baseline_settings(self, method: str) -> TrainSettings | None:
+        """The preset's settings as the reference's baseline script of `method` trains them (None:
+        the preset has no baseline recipe for `method`)."""
+        recipe = self.info.baselines.get(method)
+        if recipe is None:
+            return None
+        return TrainSettings.model_validate(merge(self.layer, merge(recipe, {"model": {"method": method}})))
 
     @property
     def folder_name(self) -> str:
@@ -88,6 +101,14 @@ def read_preset_file(path: Path) -> Preset:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise SettingsError(f"{path}: {where}: {first['msg']}") from None
+    for method, recipe in info.baselines.items():
+        check_keys(recipe, f"preset {path.name} baselines.{method}")
+        try:
+            TrainSettings.model_validate(merge(raw["settings"], recipe))
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise SettingsError(f"{path}: baselines.{method}: {where}: {first['msg']}") from None
     layer = dict(raw["settings"])
     layer["preset"] = info.name
     return Preset(info=info, path=path, layer=layer)

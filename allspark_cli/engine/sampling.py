@@ -1,8 +1,11 @@
 """The training data order: a batch sampler that is a pure function of (seed, epoch, stream).
 
 Each epoch draws one permutation of the dataset from `np.random.default_rng((seed, epoch,
-stream))`, trims it to whole global batches (drop-last), and gives rank r the positions
-r, r + W, r + 2W, ... of each global batch (the DistributedSampler split). Because the order
+stream))` and trims it to whole global batches (drop-last). A global batch holds G groups (the
+reference's GPUs: G = 4 for the paper presets); group j is the positions j, j + G, j + 2G, ... of
+the global batch (the DistributedSampler split over G processes), and rank r of W takes the groups
+r * G/W ... (r + 1) * G/W - 1, one after the other. So every world size that divides G sees the
+same groups, and with G = W this is exactly the DistributedSampler split. Because the order
 depends on nothing else, a resumed run can skip the batches it already did (`start_batch`) and see
 exactly the batches it would have seen. Streams keep the labeled and unlabeled orders independent.
 """
@@ -21,8 +24,12 @@ class EpochBatchSampler(Sampler[list[int]]):
     """Yields this rank's index lists (`batch_size` per rank) for the current epoch."""
 
     def __init__(self, length: int, *, batch_size: int, seed: int, stream: int, rank: int = 0, world_size: int = 1,
-                 max_batches: int | None = None) -> None:
+                 max_batches: int | None = None, groups: int | None = None) -> None:
         super().__init__()
+        groups = world_size if groups is None else groups
+        if groups % world_size or (batch_size * world_size) % groups:
+            raise ValueError(f"{groups} groups cannot be spread over {world_size} processes of {batch_size} images")
+        self.groups = groups
         self.length = length
         self.batch_size = batch_size
         self.seed = seed
@@ -56,4 +63,5 @@ class EpochBatchSampler(Sampler[list[int]]):
         order = self.order()
         for batch in range(self.start_batch, self.batches_per_epoch):
             chunk = order[batch * global_batch:(batch + 1) * global_batch]
-            yield chunk[self.rank::self.world_size].tolist()
+            mine = range(self.rank * self.groups // self.world_size, (self.rank + 1) * self.groups // self.world_size)
+            yield [int(index) for group in mine for index in chunk[group::self.groups]]

@@ -32,6 +32,10 @@ MethodName = Literal["sup", "semi", "cca", "cca+smem", "allspark"]
 AmpMode = Literal["off", "bf16", "fp16"]
 LossName = Literal["ce", "ohem"]
 OptimizerName = Literal["sgd", "adamw"]
+PseudoLabelPass = Literal["group", "image"]
+UnlabeledPadding = Literal["pseudo-label", "ignore"]
+EpochLength = Literal["unlabeled", "labeled"]
+BaselineRecipe = Literal["reference", "method"]
 EvalModeName = Literal["whole", "slide", "center-crop"]
 
 
@@ -89,6 +93,30 @@ class LoopSettings(_Section):
         default=None, ge=1, description="cap on iterations per epoch (null: one full pass, the paper's epoch)"
     )
     batch_size: int = Field(default=8, ge=1, description="GLOBAL images of each kind (labeled, unlabeled) per step")
+    group_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="images of each kind per group, as one reference GPU held them: keys/values, the pseudo-label "
+        "pass and the losses (OHEM's min_kept too) work within each group; null: the process's whole batch",
+    )
+    pseudo_label_pass: PseudoLabelPass = Field(
+        default="group",
+        description="group: the reference's eval-mode pass, keys pooled over the group's unlabeled images; "
+        "image: each image on its own, as inference",
+    )
+    unlabeled_padding: UnlabeledPadding = Field(
+        default="pseudo-label",
+        description="padded border of unlabeled crops: pseudo-labeled and trained on (the reference) or ignored",
+    )
+    epoch_length: EpochLength = Field(
+        default="unlabeled",
+        description="one epoch is a pass over the unlabeled list (labeled list repeated) or over the labeled list",
+    )
+    baseline_recipe: BaselineRecipe = Field(
+        default="reference",
+        description="sup/semi on a preset with baseline recipes: the reference's baseline scripts (reference) "
+        "or the preset's AllSpark recipe unchanged (method)",
+    )
     warmup_epochs: int = Field(default=5, ge=0, description="epochs before the memory replaces the keys/values")
     loss: LossName = "ce"
     ohem_thresh: float = Field(default=0.7, gt=0.0, le=1.0)
@@ -320,18 +348,42 @@ def build_settings(
     environ: Mapping[str, str] | None = None,
     options: Mapping[str, Any] | None = None,
     sets: list[str] | None = None,
+    method_recipes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> TrainSettings:
-    """Merges base (a preset or a resumed run's settings) < config file < environment < options < --set."""
+    """Merges base (a preset or a resumed run's settings) < config file < environment < options < --set.
+
+    `method_recipes` ({method: settings layer}, a preset's `baselines`): when the merged method has
+    one and `train.baseline_recipe` is 'reference', that layer goes right above the base, so every
+    explicit override still wins over it.
+    """
     layers = [dict(base or {})]
     if config is not None:
         layers.append(read_settings_file(config, f"--config {config}"))
     layers.append(env_layer(environ))
     layers.append(options_layer(options or {}))
     layers.append(set_layer(list(sets or [])))
+    merged = _merge_all(layers)
+    recipe = (method_recipes or {}).get(_leaf(merged, "model.method", "allspark"))
+    if recipe and _leaf(merged, "train.baseline_recipe", "reference") == "reference":
+        merged = _merge_all([layers[0], dict(recipe), *layers[1:]])
+    return validate_settings(merged)
+
+
+def _merge_all(layers: list[Mapping[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = merge(merged, layer)
-    return validate_settings(merged)
+    return merged
+
+
+def _leaf(tree: Mapping[str, Any], path: str, default: Any) -> Any:
+    """The value at dotted `path` of a nested mapping, or `default` when a part is missing."""
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
 
 
 def dump_settings_yaml(settings: TrainSettings) -> str:

@@ -1,15 +1,25 @@
 """One semi-supervised training step (DESIGN.md section 1, "plain pseudo-labeling" + AllSpark).
 
 Per step: the model in EVAL mode predicts the unlabeled batch without gradient; the argmax is the
-pseudo label (no confidence threshold), with the unlabeled crop's padded area set to ignore; the
-SAME raw logits go to `forward_train(pseudo_logits_u=...)` for the memory grouping. Then the
-train-mode forward of cat(labeled, unlabeled) gives the two losses; the step's loss is their
-mean (`sup`: the labeled loss alone). Backward and the optimizer step are the caller's.
+pseudo label (no confidence threshold); the SAME raw logits go to
+`forward_train(pseudo_logits_u=...)` for the memory grouping. Then the train-mode forward of
+cat(labeled, unlabeled) gives the two losses; the step's loss is their mean (`sup`: the labeled
+loss alone). Backward and the optimizer step are the caller's.
+
+Groups (`StepRecipe.groups`): the process's batch is split into equal groups, each what one of the
+reference's GPUs held (2 + 2 images for Pascal and Cityscapes, 4 + 4 for COCO). Within a group the
+AllSpark keys/values come from the group's unlabeled images, the pseudo-label pass pools the
+group's keys (`pseudo_label_pass="group"`, the reference; "image" runs each image on its own, as
+inference does), and each loss is the group's mean; the step's losses are the means over groups,
+which is what DDP's gradient averaging makes of the reference's per-GPU losses.
+
+Padding of unlabeled crops: the reference pseudo-labels it and trains on it (`ignore_padding`
+False); with `ignore_padding` the padded area is left out of the unlabeled loss.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ContextManager, NamedTuple
+from typing import ContextManager, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -17,10 +27,19 @@ from torch import nn
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.transforms import UNLABELED_PADDING
 from allspark_cli.engine.losses import Criterion, cross_entropy
+from allspark_cli.model.allspark import split_groups
 
 # The semi-supervised loss is the plain mean of the two views' losses (the reference's weighting).
 LABELED_WEIGHT = 0.5
 UNLABELED_WEIGHT = 0.5
+
+
+class StepRecipe(NamedTuple):
+    """How a step couples the images of the process's batch (see the module docstring)."""
+
+    groups: int = 1
+    pseudo_label_pass: Literal["group", "image"] = "group"
+    ignore_padding: bool = False
 
 
 class StepLosses(NamedTuple):
@@ -45,16 +64,37 @@ class TrainForward(nn.Module):
 
 @torch.no_grad()
 def pseudo_labels(
-    segmentor: nn.Module, images_u: torch.Tensor, pad_mask: torch.Tensor, autocast: Callable[[], ContextManager]
+    segmentor: nn.Module,
+    images_u: torch.Tensor,
+    pad_mask: torch.Tensor,
+    autocast: Callable[[], ContextManager],
+    recipe: StepRecipe = StepRecipe(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode logits (B, K, H, W) float32 and their argmax (B, H, W) int64, padding = ignore."""
+    """Eval-mode logits (B, K, H, W) float32 and their argmax (B, H, W) int64 (padding = ignore
+    when the recipe says so)."""
     segmentor.eval()
     with autocast():
-        logits = segmentor(images_u).float()
+        if recipe.pseudo_label_pass == "group":
+            logits = segmentor.forward_pooled(images_u, recipe.groups).float()
+        else:
+            logits = segmentor(images_u).float()
     segmentor.train()
     pseudo = logits.argmax(dim=1)
-    pseudo[pad_mask == UNLABELED_PADDING] = IGNORE_INDEX
+    if recipe.ignore_padding:
+        pseudo[pad_mask == UNLABELED_PADDING] = IGNORE_INDEX
     return logits, pseudo
+
+
+def grouped_loss(criterion: Criterion, logits: torch.Tensor, target: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean over the equal groups of the batch of each group's loss (one group: the plain loss)."""
+    if groups == 1:
+        return criterion(logits, target)
+    pairs = zip(split_groups(logits, groups), split_groups(target, groups))
+    return torch.stack([criterion(group_logits, group_target) for group_logits, group_target in pairs]).mean()
+
+
+def _unlabeled_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
 
 
 def train_step(
@@ -68,6 +108,7 @@ def train_step(
     iteration: int,
     gather: Callable[[torch.Tensor], torch.Tensor] | None,
     autocast: Callable[[], ContextManager],
+    recipe: StepRecipe = StepRecipe(),
 ) -> StepLosses:
     """Losses of one step. batch_l = (images (B,3,S,S), masks (B,S,S)); batch_u = (images,
     pad_mask (B,S,S) with 255 on padding, sample ids (B,)) or None (`sup`). `runner` is the
@@ -76,10 +117,10 @@ def train_step(
     if batch_u is None:
         with autocast():
             output = runner(images_l, None, pseudo_logits_u=None, use_memory=use_memory, iteration=iteration)
-        loss_x = criterion_l(output.logits_l, masks_l)
+        loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
         return StepLosses(loss_x, loss_x.detach(), None)
     images_u, pad_mask, sample_ids = batch_u
-    logits_u_eval, pseudo = pseudo_labels(segmentor, images_u, pad_mask, autocast)
+    logits_u_eval, pseudo = pseudo_labels(segmentor, images_u, pad_mask, autocast, recipe)
     with autocast():
         output = runner(
             images_l,
@@ -89,8 +130,9 @@ def train_step(
             sample_ids_u=sample_ids,
             iteration=iteration,
             gather=gather,
+            groups=recipe.groups,
         )
-    loss_x = criterion_l(output.logits_l, masks_l)
-    loss_u = cross_entropy(output.logits_u, pseudo, ignore_index=IGNORE_INDEX)
+    loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
+    loss_u = grouped_loss(_unlabeled_loss, output.logits_u, pseudo, recipe.groups)
     total = LABELED_WEIGHT * loss_x + UNLABELED_WEIGHT * loss_u
     return StepLosses(total, loss_x.detach(), loss_u.detach())

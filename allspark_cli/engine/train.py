@@ -103,7 +103,8 @@ def _start_info(settings, run_dir, dist, loaders, start_iteration, notes) -> Sta
     return StartInfo(
         run_dir=run_dir, preset=settings.preset, method=settings.model.method, backbone=settings.model.backbone,
         device=str(dist.device), world_size=dist.world_size, global_batch=settings.train.batch_size,
-        per_process_batch=settings.train.batch_size // dist.world_size, lr=settings.optim.lr,
+        per_process_batch=settings.train.batch_size // dist.world_size,
+        group_size=settings.train.batch_size // dist.world_size // loaders.groups, lr=settings.optim.lr,
         head_lr=settings.optim.lr * settings.optim.head_lr_multiplier, amp=settings.train.amp,
         epochs=settings.train.epochs, iterations_per_epoch=loaders.iterations_per_epoch,
         labeled_images=len(loaders.datasets.labeled.entries),

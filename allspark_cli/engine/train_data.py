@@ -35,6 +35,7 @@ class Loaders(NamedTuple):
     samplers: tuple[EpochBatchSampler, ...]
     datasets: TrainDatasets
     iterations_per_epoch: int
+    groups: int  # equal groups of each process's batch (see engine/step.py)
 
 
 def manifest_path(settings: TrainSettings) -> Path:
@@ -92,8 +93,16 @@ def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: Dist
             f"train.batch_size: the global batch {global_batch} must be a multiple of the {dist.world_size} processes"
         )
     per_rank = global_batch // dist.world_size
+    group_size = settings.train.group_size or per_rank
+    if per_rank % group_size:
+        raise SettingsError(
+            f"train.group_size: each of the {dist.world_size} processes holds {per_rank} images of each kind "
+            f"(global batch {global_batch}), not a multiple of the group size {group_size}"
+        )
+    groups = per_rank // group_size
     seed = settings.train.seed
-    datasets = build_train_datasets(manifest, settings.data.split, crop=settings.data.crop, seed=seed)
+    datasets = build_train_datasets(manifest, settings.data.split, crop=settings.data.crop, seed=seed,
+                                    repeat_labeled=settings.train.epoch_length == "unlabeled")
     use_unlabeled = settings.model.method != "sup" and datasets.unlabeled is not None
     if settings.model.method != "sup" and datasets.unlabeled is None:
         raise SettingsError(
@@ -106,7 +115,7 @@ def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: Dist
     def loader(dataset, stream: int) -> tuple[DataLoader, EpochBatchSampler]:
         sampler = EpochBatchSampler(len(dataset), batch_size=per_rank, seed=seed, stream=stream,
                                     rank=dist.rank, world_size=dist.world_size,
-                                    max_batches=settings.train.epoch_iterations)
+                                    max_batches=settings.train.epoch_iterations, groups=groups * dist.world_size)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=settings.data.workers, pin_memory=pin,
                           generator=generator), sampler
 
@@ -120,7 +129,7 @@ def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: Dist
         size = len(datasets.unlabeled) if use_unlabeled else len(datasets.labeled)
         raise SettingsError(f"train.batch_size: split '{settings.data.split}' has {size} images, fewer than "
                             f"one global batch of {global_batch}")
-    return Loaders(labeled, unlabeled, samplers, datasets, iterations)
+    return Loaders(labeled, unlabeled, samplers, datasets, iterations, groups)
 
 
 def eval_dataset(settings: TrainSettings, manifest: DatasetManifest) -> EvalDataset:

@@ -12,6 +12,14 @@ Where we differ from the reference, on purpose:
   discarded unlabeled half at inference;
 - labeled and unlabeled batches may differ in size (the keys are the pooled unlabeled channels);
 - the memory update can gather the unlabeled channels of all DDP ranks (see `forward_train`).
+
+The reference's batch coupling is still available where training needs it: `forward_train(groups=G)`
+splits the batch into the G groups that the reference's G GPUs held (keys/values from the group's
+unlabeled images), and `forward_pooled` is the reference's eval-mode forward that produces its
+pseudo labels (each image's keys/values from every image of its group).
+
+Initialisation follows the reference: every Linear of the module `xavier_uniform_` (none has a
+bias); the 1x1 convolutions and LayerNorms keep PyTorch's defaults.
 """
 from __future__ import annotations
 
@@ -26,6 +34,13 @@ from allspark_cli.model.products import matmul_nt
 from allspark_cli.model.scratch import ScratchPool
 
 TOKEN_NORM_EPS = 1e-6
+
+
+def split_groups(batch: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
+    """(B, ...) -> `groups` consecutive (B / groups, ...) views; B must be a multiple of `groups`."""
+    if groups < 1 or batch.shape[0] % groups:
+        raise ValueError(f"a batch of {batch.shape[0]} cannot be split into {groups} equal groups")
+    return batch.split(batch.shape[0] // groups)
 
 
 class ChannelSelfAttention(nn.Module):
@@ -129,6 +144,13 @@ class AllSparkModule(nn.Module):
         self.map_out = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU())
         self.group_by_class = group_by_class
         self.memory = SemanticMemory(num_classes, memory_slots, memory_tokens, dim) if memory_slots else None
+        self.reset_attention_parameters()
+
+    def reset_attention_parameters(self) -> None:
+        """The reference's initialisation of the projections: xavier_uniform_ on every Linear."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
 
     def _tokens(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, h, w) -> pre-norm tokens t and normed tokens e, both (B, N, C)."""
@@ -145,6 +167,14 @@ class AllSparkModule(nn.Module):
         t, e = self._tokens(features)
         return self._output(self.labeled_attention.forward_self(e), t, features.shape[-2:])
 
+    def forward_pooled(self, features: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """The reference's eval-mode forward (its pseudo-label pass): within each of `groups` equal
+        groups of the batch, every image's keys/values are the channels of all the group's images,
+        through the labeled-branch weights. (B, C, h, w) -> (B, C, h, w); groups = B is `forward`."""
+        t, e = self._tokens(features)
+        mixed = torch.cat([self.labeled_attention(group, group) for group in split_groups(e, groups)])
+        return self._output(mixed, t, features.shape[-2:])
+
     def forward_train(
         self,
         features_l: torch.Tensor,
@@ -155,12 +185,15 @@ class AllSparkModule(nn.Module):
         sample_ids_u: torch.Tensor | None = None,
         iteration: int = -1,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        groups: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward of (B_l, C, h, w) labeled and (B_u, C, h, w) unlabeled maps.
 
         With a memory and `pseudo_logits_u` ((B_u, K, H, W) raw eval-mode logits), the memory is
         updated first (no grad); `use_memory` (the warm-up switch) then reads it as keys/values.
         `gather` concatenates a tensor over DDP ranks so every rank writes the same global memory.
+        `groups`: both halves split into this many equal groups (the reference's GPUs); without the
+        memory, the labeled images of group g draw keys/values from the unlabeled images of group g.
         """
         B_l, grid = features_l.shape[0], features_l.shape[-2:]
         t, e = self._tokens(torch.cat([features_l, features_u]))
@@ -168,8 +201,11 @@ class AllSparkModule(nn.Module):
         mixed_u = self.unlabeled_attention(e_u)
         if self.memory is not None and pseudo_logits_u is not None:
             self._update_memory(e_u, pseudo_logits_u, grid, sample_ids_u, iteration, gather)
-        sources = self.memory.as_sources() if (use_memory and self.memory is not None) else e_u
-        mixed_l = self.labeled_attention(e_l, sources)
+        if use_memory and self.memory is not None:  # one source for every group
+            mixed_l = self.labeled_attention(e_l, self.memory.as_sources())
+        else:
+            pairs = zip(split_groups(e_l, groups), split_groups(e_u, groups))
+            mixed_l = torch.cat([self.labeled_attention(queries, sources) for queries, sources in pairs])
         out = self._output(torch.cat([mixed_l, mixed_u]), t, grid)
         return out[:B_l], out[B_l:]
 

@@ -1,7 +1,7 @@
 """SegFormer's all-MLP decoder head (DESIGN.md section 2; SegFormer, Xie et al. 2021, section 3.2).
 
 Per stage a Linear(C_i -> E) on the tokens, everything resized to stride 4, concatenated in the
-order c4, c3, c2, c1, fused by Conv1x1(4E -> E, no bias) + BatchNorm + ReLU, Dropout2d, and a
+order c4, c3, c2, c1, fused by Conv1x1(4E -> E, no bias; kaiming-normal fan-out init as the reference) + BatchNorm + ReLU, Dropout2d, and a
 Conv1x1(E -> K) classifier. Submodule names follow the SegFormer release so that reference
 checkpoints map by prefix alone.
 """
@@ -31,6 +31,10 @@ class ConvBNReLU(nn.Module):
         self.conv = nn.Conv2d(in_dim, out_dim, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_dim)
         self.act = nn.ReLU(inplace=True)
+        # The reference builds this as an mmcv ConvModule: kaiming normal (fan_out, ReLU gain), BN 1/0.
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.ones_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))

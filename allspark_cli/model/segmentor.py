@@ -95,6 +95,15 @@ class AllSparkSegmentor(nn.Module):
             features[3] = self.allspark(features[3])
         return self._decode(features, images.shape[-2:])
 
+    def forward_pooled(self, images: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """The reference's eval-mode pass over a training batch (its pseudo labels): as `forward`,
+        but within each of `groups` equal groups the AllSpark keys/values pool the group's images.
+        (N, 3, H, W) -> (N, K, H, W); without the module it is `forward`."""
+        features = self.extract_features(images)
+        if self.allspark is not None:
+            features[3] = self.allspark.forward_pooled(features[3], groups)
+        return self._decode(features, images.shape[-2:])
+
     def forward_train(
         self,
         images_l: torch.Tensor,
@@ -105,6 +114,7 @@ class AllSparkSegmentor(nn.Module):
         sample_ids_u: torch.Tensor | None = None,
         iteration: int = -1,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        groups: int = 1,
     ) -> TrainOutput:
         """Training forward of cat(labeled (B_l, 3, H, W), unlabeled (B_u, 3, H, W)).
 
@@ -124,6 +134,7 @@ class AllSparkSegmentor(nn.Module):
                 sample_ids_u=sample_ids_u,
                 iteration=iteration,
                 gather=gather,
+                groups=groups,
             )
             features[3] = torch.cat([stage4_l, stage4_u])
         logits = self._decode(features, images_l.shape[-2:])
