@@ -46,6 +46,7 @@ def root(
 COMMAND_PANELS = {
     "prepare": "Data",
     "train": "Training and evaluation",
+    "ablate": "Training and evaluation",
     "eval": "Training and evaluation",
     "predict": "Using a model",
     "inspect-memory": "Using a model",
@@ -53,10 +54,11 @@ COMMAND_PANELS = {
 
 
 def _register_commands() -> None:
+    from allspark_cli.cli import ablate
     from allspark_cli.cli import eval as eval_cmd
     from allspark_cli.cli import inspect_memory, predict, prepare, train
 
-    for module in (prepare, train, eval_cmd, predict, inspect_memory):
+    for module in (prepare, train, ablate, eval_cmd, predict, inspect_memory):
         module.register(app)
     for info in (*app.registered_commands, *app.registered_groups):
         info.rich_help_panel = COMMAND_PANELS.get(info.name, info.rich_help_panel)

@@ -1,0 +1,94 @@
+"""`allspark ablate`: the paper's Table 5 (sup, semi, cca, cca+smem, allspark) x seeds on a preset,
+one recipe for all, then a table of mean ± std (engine/ablate.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from allspark_cli.cli.options import AmpOption, BatchSizeOption, CropOption, DataOption, DeviceOption, NameOption, SetOption, WorkersOption
+from allspark_cli.cli.train import RichReporter
+from allspark_cli.engine import events
+from allspark_cli.engine.ablate import DEFAULT_NAME, RUNS_DIR, Ablation, ablate, run_name
+from allspark_cli.engine.presets import find_preset
+from allspark_cli.engine.settings import build_settings
+from allspark_cli.errors import SettingsError
+from allspark_cli.model.segmentor import METHODS
+
+DEFAULT_SEEDS = 3
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SettingsError(f"--methods: expected a comma-separated list of {', '.join(METHODS)}, got {text!r}")
+    if len(set(methods)) != len(methods):
+        raise SettingsError(f"--methods: a method is listed twice in {text!r}")
+    return methods
+
+
+def _table(ablation: Ablation) -> Table:
+    table = Table(title=f"ablation {ablation.folder}")
+    table.add_column("method")
+    table.add_column("mIoU mean ± std", justify="right")
+    table.add_column("runs (by seed)")
+    for s in ablation.methods:
+        table.add_row(s.method, f"{s.mean:.2f} ± {s.std:.2f}", ", ".join(f"{m:.2f}" for m in s.mious))
+    return table
+
+
+def ablate_command(
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose recipe every method trains with.", show_default=False)],
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods (paper Table 5).")] = ",".join(METHODS),
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per method: 0 .. N-1.")] = DEFAULT_SEEDS,
+    name: NameOption = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file layered over the preset.", show_default=False)] = None,
+    data: DataOption = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs.", show_default=False)] = None,
+    batch_size: BatchSizeOption = None,
+    crop: CropOption = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Backbone learning rate.", show_default=False)] = None,
+    amp: AmpOption = None,
+    device: DeviceOption = None,
+    workers: WorkersOption = None,
+    set_values: SetOption = None,
+) -> None:
+    """Train and evaluate every method x seed with one recipe; writes a table, chart, results.csv.
+
+    Re-running the same command resumes: finished runs are not trained again. The output folder is
+    runs/<preset>/<name> (default name: ablation).
+    """
+    console = Console(stderr=True)
+    method_list = _methods(methods)
+    found = find_preset(preset)
+    options: dict[str, Any] = {
+        "train.epochs": epochs, "train.batch_size": batch_size, "data.crop": crop, "optim.lr": lr, "train.amp": amp,
+        "train.device": device, "data.workers": workers, "data.manifest": str(data) if data else None,
+    }
+    user_sets = list(set_values or [])
+    probe = build_settings(base=found.layer, config=config, options=options, sets=user_sets)
+    folder = Path(probe.run.root).expanduser() / found.folder_name / (name or DEFAULT_NAME)
+
+    def settings_for(method: str, seed: int):
+        forced = [f"model.method={method}", f"train.seed={seed}", f"run.root={folder / RUNS_DIR}",
+                  f"run.name={run_name(method, seed)}", "run.exist_ok=true"]
+        return build_settings(base=found.layer, config=config, options=options, sets=user_sets + forced,
+                              method_recipes=found.info.baselines)
+
+    def reporter_for(method: str, seed: int, index: int, total: int):
+        console.print(f"[bold]run {index}/{total}[/]: {method}, seed {seed}", highlight=False)
+        return RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
+
+    result = ablate(settings_for, method_list, list(range(seeds)), folder, reporter_for=reporter_for)
+    Console().print(_table(result))
+    Console().print(f"[green]done[/]: {len(result.runs)} runs; table, chart and results.csv in {folder}")
+
+
+def register(app: typer.Typer) -> None:
+    """Adds `allspark ablate` to the app."""
+    app.command("ablate")(ablate_command)

@@ -1,0 +1,206 @@
+"""`ablate`: the paper's Table 5 on any prepared dataset — every method x seed trained with one
+recipe, each evaluated, and one table of mean ± std.
+
+Layout of the ablation folder (`<run.root>/<preset>/<name>`, default name `ablation`):
+`runs/<preset>/<method>-seed<k>/` (an ordinary run folder each, with `eval/val/` of its best.pt),
+`results.csv` (one row per run, per-class IoU included), `summary.json`, `table.md` and
+`ablation.png` (bar chart, error bars = sample std over seeds). Resumable: a run with a result is
+not trained again, an interrupted one resumes from its `last.pt`, a finished one whose result was
+not yet written is only evaluated. Settings of each run are the caller's (`settings_for`), so a
+recipe override reaches every method alike.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from allspark_cli.engine.evaluate import evaluate_checkpoint
+from allspark_cli.engine.rundir import RunFolder
+from allspark_cli.engine.settings import TrainSettings
+from allspark_cli.engine.train import train
+from allspark_cli.fileio import atomic_path, atomic_write_text
+from allspark_cli.model.checkpoint import read_checkpoint
+
+RESULT_FILE = "ablation_result.json"  # in each run folder: written once its evaluation is done
+RESULTS_CSV = "results.csv"
+SUMMARY_JSON = "summary.json"
+TABLE_MD = "table.md"
+CHART_PNG = "ablation.png"
+RUNS_DIR = "runs"
+DEFAULT_NAME = "ablation"
+CHART_DPI = 100
+CHART_SIZE = (7.0, 4.0)
+
+
+@dataclass
+class RunResult:
+    """One trained and evaluated (method, seed)."""
+
+    method: str
+    seed: int
+    run_dir: str
+    best_miou: float
+    best_epoch: int
+    iou: list[float | None]
+    class_names: list[str]
+    train_seconds: float
+
+
+@dataclass
+class MethodSummary:
+    method: str
+    seeds: list[int]
+    mious: list[float]
+    mean: float
+    std: float  # sample standard deviation over seeds (0 for one seed)
+    class_iou: list[float | None]  # per class, mean over seeds (None: undefined in every run)
+
+
+@dataclass
+class Ablation:
+    folder: Path
+    class_names: list[str]
+    runs: list[RunResult]
+    methods: list[MethodSummary] = field(default_factory=list)
+
+
+def run_name(method: str, seed: int) -> str:
+    """Folder name of one run: `cca+smem` -> `cca+smem-seed0`."""
+    return f"{method}-seed{seed}"
+
+
+def _json_number(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def summarise(runs: Sequence[RunResult], methods: Sequence[str]) -> list[MethodSummary]:
+    """Mean ± sample std of the best mIoU per method, and the mean per-class IoU."""
+    summaries = []
+    for method in methods:
+        mine = sorted((r for r in runs if r.method == method), key=lambda r: r.seed)
+        if not mine:
+            continue
+        mious = [r.best_miou for r in mine]
+        per_class = []
+        for k in range(len(mine[0].iou)):
+            defined = [r.iou[k] for r in mine if r.iou[k] is not None]
+            per_class.append(statistics.fmean(defined) if defined else None)
+        summaries.append(MethodSummary(method, [r.seed for r in mine], mious, statistics.fmean(mious),
+                                       statistics.stdev(mious) if len(mious) > 1 else 0.0, per_class))
+    return summaries
+
+
+def markdown_table(ablation: Ablation) -> str:
+    """The table as Markdown: one row per method, mean ± std, the single runs, per-class IoU."""
+    header = ["method", "mIoU (mean ± std)", "runs", *ablation.class_names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in ablation.methods:
+        runs = ", ".join(f"{m:.2f}" for m in s.mious)
+        classes = ["n/a" if v is None else f"{v:.1f}" for v in s.class_iou]
+        lines.append(f"| {s.method} | {s.mean:.2f} ± {s.std:.2f} | {runs} | " + " | ".join(classes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_chart(ablation: Ablation, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=CHART_SIZE, dpi=CHART_DPI)
+    names = [s.method for s in ablation.methods]
+    axes.bar(names, [s.mean for s in ablation.methods], yerr=[s.std for s in ablation.methods], capsize=6,
+             color="#4c72b0")
+    for index, s in enumerate(ablation.methods):
+        axes.scatter([index] * len(s.mious), s.mious, color="black", s=10, zorder=3)
+    axes.set_ylabel("best val mIoU (%)")
+    seeds = max((len(s.seeds) for s in ablation.methods), default=0)
+    axes.set_title(f"ablation: mean ± std over {seeds} seed(s); dots: single runs")
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
+    plt.close(figure)
+
+
+def write_outputs(ablation: Ablation) -> None:
+    """results.csv, summary.json, table.md and ablation.png of the ablation folder (atomic)."""
+    folder = ablation.folder
+    columns = ["method", "seed", "best_miou", "best_epoch", "train_seconds", "run_dir",
+               *[f"iou_{name}" for name in ablation.class_names]]
+    rows = [",".join(columns)]
+    for r in sorted(ablation.runs, key=lambda r: (r.method, r.seed)):
+        iou = ["" if v is None else f"{v:.4f}" for v in r.iou]
+        rows.append(",".join([r.method, str(r.seed), f"{r.best_miou:.4f}", str(r.best_epoch), f"{r.train_seconds:.1f}",
+                              r.run_dir, *iou]))
+    atomic_write_text(folder / RESULTS_CSV, "\n".join(rows) + "\n")
+    summary = {"class_names": ablation.class_names, "methods": [asdict(s) for s in ablation.methods],
+               "runs": [asdict(r) for r in ablation.runs]}
+    atomic_write_text(folder / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(folder / TABLE_MD, markdown_table(ablation))
+    if ablation.methods:
+        _write_chart(ablation, folder / CHART_PNG)
+
+
+def _evaluate_run(settings: TrainSettings, run_dir: Path, seconds: float) -> RunResult:
+    """Evaluates the run's best.pt on its validation split (into `<run>/eval/<split>`)."""
+    folder = RunFolder(run_dir)
+    out = run_dir / "eval" / settings.eval.split
+    if out.exists():  # a previous attempt stopped between evaluating and recording: ours to redo
+        shutil.rmtree(out)
+    report = evaluate_checkpoint(folder.best, split=settings.eval.split, mode=settings.eval.mode,
+                                 crop=settings.eval.crop, stride=settings.eval.stride, device=settings.train.device,
+                                 out=out)
+    state = read_checkpoint(folder.last).train_state or {}
+    metrics = report.result.metrics
+    return RunResult(method=settings.model.method, seed=settings.train.seed, run_dir=str(run_dir),
+                     best_miou=float(metrics.miou), best_epoch=int(state.get("best_epoch", -1)) + 1,
+                     iou=[_json_number(v) for v in metrics.iou], class_names=list(report.class_names),
+                     train_seconds=seconds)
+
+
+def run_one(settings: TrainSettings, run_dir: Path, reporter=None) -> RunResult:
+    """Trains (or resumes, or skips) one run of the ablation, then evaluates it; cached in RESULT_FILE."""
+    result_file = run_dir / RESULT_FILE
+    if result_file.is_file():
+        return RunResult(**json.loads(result_file.read_text(encoding="utf-8")))
+    last = RunFolder(run_dir).last
+    start = time.perf_counter()
+    if last.is_file():
+        state = read_checkpoint(last).train_state or {}
+        if not state.get("finished"):
+            train(settings, resume=last, reporter=reporter)
+    else:
+        train(settings, reporter=reporter)
+    result = _evaluate_run(settings, run_dir, time.perf_counter() - start)
+    atomic_write_text(result_file, json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def ablate(
+    settings_for: Callable[[str, int], TrainSettings],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    folder: Path,
+    *,
+    reporter_for: Callable[[str, int, int, int], Any] | None = None,
+) -> Ablation:
+    """Every (method, seed) of `methods` x `seeds`, in that order; `settings_for(method, seed)` gives a
+    run's settings (its run.root / run.name must place it under `folder/runs`). `reporter_for(method,
+    seed, index, total)` gives the training reporter of each run (progress across runs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    total, runs = len(methods) * len(seeds), []
+    for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
+        settings = settings_for(method, seed)
+        run_dir = Path(settings.run.root) / (settings.preset or "custom").replace("/", "_") / str(settings.run.name)
+        reporter = reporter_for(method, seed, index, total) if reporter_for is not None else None
+        runs.append(run_one(settings, run_dir, reporter))
+        write_outputs(Ablation(folder, runs[0].class_names, runs, summarise(runs, methods)))  # grows run by run
+    return Ablation(folder, runs[0].class_names, runs, summarise(runs, methods))
