@@ -50,15 +50,16 @@ COMMAND_PANELS = {
     "eval": "Training and evaluation",
     "predict": "Using a model",
     "inspect-memory": "Using a model",
+    "export": "Using a model",
 }
 
 
 def _register_commands() -> None:
     from allspark_cli.cli import ablate
     from allspark_cli.cli import eval as eval_cmd
-    from allspark_cli.cli import inspect_memory, predict, prepare, train
+    from allspark_cli.cli import export, inspect_memory, predict, prepare, train
 
-    for module in (prepare, train, ablate, eval_cmd, predict, inspect_memory):
+    for module in (prepare, train, ablate, eval_cmd, predict, inspect_memory, export):
         module.register(app)
     for info in (*app.registered_commands, *app.registered_groups):
         info.rich_help_panel = COMMAND_PANELS.get(info.name, info.rich_help_panel)

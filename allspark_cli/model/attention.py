@@ -444,7 +444,18 @@ def normalized_attention_map(scores: torch.Tensor) -> torch.Tensor:
 
     Plain autograd: used for the small maps (unlabeled self-attention C x C per head, inference).
     """
+    scores = scores.to(_float32_or_wider(scores.dtype))
+    if torch.onnx.is_in_onnx_export():  # ONNX has no instance norm of an unknown channel count
+        return torch.softmax(_instance_norm_plain(scores), dim=-1)
     lead = scores.shape[:-2]
-    flat = scores.to(_float32_or_wider(scores.dtype)).reshape(-1, 1, *scores.shape[-2:])
+    flat = scores.reshape(-1, 1, *scores.shape[-2:])
     normed = F.instance_norm(flat, eps=INSTANCE_NORM_EPS).reshape(*lead, *scores.shape[-2:])
     return torch.softmax(normed, dim=-1)
+
+
+def _instance_norm_plain(scores: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the last two dims (biased variance): F.instance_norm's math."""
+    mean = scores.mean(dim=(-2, -1), keepdim=True)
+    centred = scores - mean
+    variance = (centred * centred).mean(dim=(-2, -1), keepdim=True)
+    return centred * torch.rsqrt(variance + INSTANCE_NORM_EPS)
