@@ -49,6 +49,7 @@ class EpochLoop:
     stop: StopRequest
     save: Any
     total_iterations: int
+    tensorboard: Any = None  # engine/tensorboard.py TensorBoardLog, rank 0 only
 
 
 class _LossWindow:
@@ -79,6 +80,8 @@ def _log_step(loop: EpochLoop, window: _LossWindow, epoch: int, iteration: int, 
                                         "seconds_per_iteration": info.seconds_per_iteration})
     if loop.reporter is not None:
         loop.reporter.step(info)
+    if loop.tensorboard is not None:
+        loop.tensorboard.step(iteration, loss=info.loss, loss_x=info.loss_x, loss_u=info.loss_u, lr=lr)
 
 
 def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str, float | None] | None, float]:

@@ -142,6 +142,13 @@ class RunFolder:
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The metrics.jsonl records so far (one per logged iteration)."""
+        path = self.path / METRICS_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
     def truncate_metrics(self, after_iteration: int) -> None:
         """Drops metrics.jsonl lines logged after `after_iteration` (steps a resumed run redoes)."""
         path = self.path / METRICS_FILE

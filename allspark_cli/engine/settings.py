@@ -155,6 +155,9 @@ class RunSettings(_Section):
     root: Path = Path("runs")
     name: str | None = None
     exist_ok: bool = False
+    tensorboard: Literal["auto", "on", "off"] = Field(
+        default="auto", description="TensorBoard events in RUN_DIR/tensorboard: auto = when the package is installed"
+    )
 
     @field_validator("name")
     @classmethod

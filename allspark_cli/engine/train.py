@@ -29,6 +29,7 @@ from allspark_cli.engine.rundir import RunFolder, environment_info, run_dir_for,
 from allspark_cli.engine.settings import TrainSettings, dump_settings_yaml, model_config_for
 from allspark_cli.engine.signals import StopRequest
 from allspark_cli.engine.step import TrainForward
+from allspark_cli.engine.tensorboard import open_log, wanted
 from allspark_cli.engine.train_data import build_loaders, eval_dataset, eval_protocol, manifest_path, open_dataset
 from allspark_cli.engine.train_eval import evaluate_epoch
 from allspark_cli.errors import Interrupted, ResourceError, SettingsError
@@ -145,6 +146,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     main = dist.rank == 0
     reporter = reporter if main else None
     check_amp(settings.train.amp, dist.device)
+    wanted(settings.run.tensorboard)  # `on` without the package is refused before any work
     # Data: checked before any compute; the loaders' order is a function of (seed, epoch).
     manifest = open_dataset(settings, dist, notify=reporter.message if reporter is not None else None)
     protocol = eval_protocol(settings, manifest)
@@ -228,8 +230,9 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                         settings=settings.to_dict(), train_state=train_state)
 
     stop = StopRequest()
+    tensorboard = open_log(settings.run.tensorboard, run_folder.path, main)
     loop = EpochLoop(settings, dist, runner, segmentor, optimizer, scaler, autocast, criterion_l, gather, loaders,
-                 run_folder, reporter, state, stop, save, total_iterations)
+                     run_folder, reporter, state, stop, save, total_iterations, tensorboard)
     try:
         with stop.installed():
             for epoch in range(state["epoch"], settings.train.epochs):
@@ -239,7 +242,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                 last_epoch = epoch + 1 == settings.train.epochs
                 if (epoch + 1) % settings.eval.every == 0 or last_epoch:
                     result = evaluate_epoch(segmentor, val_set, settings, protocol, dist, manifest, run_folder, state,
-                                            lr=lr, main=main, losses=epoch_losses)
+                                            lr=lr, main=main, losses=epoch_losses, tensorboard=tensorboard)
                     if main and result.improved:
                         save(run_folder.best, with_state=False)
                     if reporter is not None:
@@ -259,6 +262,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     finally:
         if reporter is not None:
             reporter.close()
+        if tensorboard is not None:
+            tensorboard.close()
     return RunResult(run_dir=run_folder.path, best_miou=state["best_miou"], best_epoch=state["best_epoch"],
                      last_miou=state["last_miou"], epochs_done=state["epoch"], iterations=state["iteration"],
                      finished=state["epoch"] >= settings.train.epochs, history=list(state["history"]), model=segmentor)

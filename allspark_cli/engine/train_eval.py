@@ -17,7 +17,8 @@ from allspark_cli.engine.evaluate import evaluate_dataset
 from allspark_cli.engine.inference import segment
 from allspark_cli.engine.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
-from allspark_cli.viz.plots import plot_results, write_validation_mosaic
+from allspark_cli.fileio import write_png
+from allspark_cli.viz.plots import plot_results, validation_mosaic
 
 RESULTS_PLOT = "results.png"
 MOSAIC_PLOT = "val_mosaic.png"
@@ -64,6 +65,7 @@ def evaluate_epoch(
     lr: float,
     main: bool,
     losses: dict[str, float] | None = None,
+    tensorboard=None,
 ) -> EpochEval:
     """Evaluates after epoch `state['epoch']` (already advanced), updates `state` (best, history)."""
     result = evaluate_dataset(model, dataset, mode=protocol.mode, crop=protocol.crop, stride=protocol.stride,
@@ -81,8 +83,12 @@ def evaluate_epoch(
     if main:
         run_folder.write_results(state["history"])
         run_folder.log(f"epoch {epoch + 1}: mIoU {miou:.2f} pixel accuracy {pixel_accuracy:.2f}")
-        plot_results(state["history"], run_folder.plots / RESULTS_PLOT)
+        plot_results(state["history"], run_folder.plots / RESULTS_PLOT, steps=run_folder.read_metrics())
         samples = _mosaic(model, dataset, settings, protocol, dist.device)
-        if samples:
-            write_validation_mosaic(samples, manifest.palette, run_folder.plots / MOSAIC_PLOT)
+        mosaic = validation_mosaic(samples, manifest.palette, manifest.classes) if samples else None
+        if mosaic is not None:
+            write_png(run_folder.plots / MOSAIC_PLOT, mosaic)
+        if tensorboard is not None:
+            tensorboard.evaluation(state["iteration"], miou=miou, pixel_accuracy=pixel_accuracy,
+                                   iou=list(result.metrics.iou), class_names=list(manifest.classes), mosaic=mosaic)
     return EpochEval(miou, pixel_accuracy, improved, result.seconds)

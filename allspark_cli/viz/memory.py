@@ -28,6 +28,7 @@ LABEL_HEIGHT = 14
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 FONT_SCALE = 0.33
 TEXT_COLOR = (20, 20, 20)
+LABEL_PAD = 2  # pixels kept free left and right of a caption
 BACKGROUND = 255
 # Gap between tiles, in pixels.
 GAP = 2
@@ -75,10 +76,17 @@ def limit_long_side(image: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
 
 
+def label_scale(text: str, width: int) -> float:
+    """FONT_SCALE, shrunk so that `text` fits `width` with LABEL_PAD pixels free on both sides."""
+    text_width = cv2.getTextSize(text, FONT, FONT_SCALE, 1)[0][0]
+    return min(FONT_SCALE, FONT_SCALE * (width - 2 * LABEL_PAD) / max(text_width, 1))
+
+
 def label_strip(text: str, width: int) -> np.ndarray:
-    """A white (LABEL_HEIGHT, width, 3) strip with `text` written on it (clipped to the width)."""
+    """A white (LABEL_HEIGHT, width, 3) strip with `text` written on it, scaled down to fit inside
+    the strip with a margin on both sides (so captions never touch the neighbouring tile)."""
     strip = np.full((LABEL_HEIGHT, width, 3), BACKGROUND, dtype=np.uint8)
-    cv2.putText(strip, text, (2, LABEL_HEIGHT - 4), FONT, FONT_SCALE, TEXT_COLOR, 1, cv2.LINE_AA)
+    cv2.putText(strip, text, (LABEL_PAD, LABEL_HEIGHT - 4), FONT, label_scale(text, width), TEXT_COLOR, 1, cv2.LINE_AA)
     return strip
 
 

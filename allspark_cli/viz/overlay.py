@@ -51,6 +51,12 @@ def _legend_geometry(height: int, width: int) -> tuple[float, int, int]:
     return scale, text_px, margin
 
 
+def legend_height(rows: int, width: int) -> int:
+    """Pixels that `draw_legend` needs for `rows` classes on a canvas `width` wide (and at least as tall)."""
+    _, text_px, margin = _legend_geometry(width, width)
+    return 2 * margin + rows * (text_px + margin)
+
+
 def draw_legend(
     image: np.ndarray, class_ids: Sequence[int], class_names: Sequence[str], palette: np.ndarray | Sequence
 ) -> np.ndarray:

@@ -1,8 +1,10 @@
-"""Training pictures: `results.png` (curves per evaluation) and the validation mosaic.
+"""Training pictures: `results.png` (curves) and the validation mosaic.
 
-Curves use matplotlib's Agg backend (no display needed); the mosaic is plain numpy: one row per
-validation image, columns image | ground truth | prediction, masks coloured with the dataset
-palette (ignore pixels in the palette's ignore colour). Both are written atomically.
+Curves use matplotlib's Agg backend (no display needed): losses and lr per logged iteration (thin:
+as logged; bold: exponentially smoothed), mIoU per evaluation, all against the iteration. The
+mosaic is plain numpy: one row per validation image, columns image | ground truth | prediction,
+masks coloured with the dataset palette (ignore pixels in the palette's ignore colour), and a
+legend panel of the classes shown. Both are written atomically.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from allspark_cli.constants import IMAGENET_MEAN, IMAGENET_STD
+from allspark_cli.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from allspark_cli.fileio import atomic_path, write_png
+from allspark_cli.viz.overlay import draw_legend, legend_height
 from allspark_cli.viz.palette import colorize, full_palette
 
 CURVES = (("loss_x", "labeled loss"), ("loss_u", "unlabeled loss"), ("miou", "val mIoU (%)"), ("lr", "backbone lr"))
@@ -23,22 +26,48 @@ MOSAIC_GAP = 4  # pixels of white between tiles
 WHITE = 255
 UINT8_MAX = 255
 GRID_ALPHA = 0.3
+SMOOTHING = 0.8  # EMA weight of the previous smoothed value (TensorBoard's default 0.6 is too jumpy at log_every 10-20)
+RAW_ALPHA = 0.35
+LEGEND_PANEL_WIDTH = 200  # pixels right of the mosaic
 
 
-def plot_results(rows: list[dict[str, Any]], path: Path) -> None:
-    """Four panels (labeled loss, unlabeled loss, mIoU, lr) against the epoch of each evaluation row."""
+def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average (NaNs skipped, the first value starts it)."""
+    out, current = [], math.nan
+    for value in values:
+        if not math.isnan(value):
+            current = value if math.isnan(current) else weight * current + (1 - weight) * value
+        out.append(current)
+    return out
+
+
+def plot_results(rows: list[dict[str, Any]], path: Path, steps: list[dict[str, Any]] | None = None) -> None:
+    """Four panels (labeled loss, unlabeled loss, mIoU, lr). With `steps` (metrics.jsonl records),
+    losses and lr are drawn per logged iteration and mIoU per evaluation, against the iteration;
+    without, everything per evaluation row against the epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 2, figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
-    epochs = [row["epoch"] for row in rows]
+    per_step = bool(steps)
     for axis, (key, title) in zip(axes.flat, CURVES):
-        values = [math.nan if row.get(key) is None else float(row[key]) for row in rows]
-        axis.plot(epochs, values, marker="o")
+        source = rows if (key == "miou" or not per_step) else steps
+        x = [row["iteration" if per_step else "epoch"] for row in source]
+        values = [math.nan if row.get(key) is None else float(row[key]) for row in source]
+        if all(math.isnan(v) for v in values):  # e.g. the unlabeled loss of `sup`
+            axis.text(0.5, 0.5, "not part of this run", ha="center", va="center", transform=axis.transAxes)
+        elif key == "miou" or not per_step:
+            axis.plot(x, values, marker="o")
+        elif key == "lr":
+            axis.plot(x, values)
+        else:
+            axis.plot(x, values, alpha=RAW_ALPHA, linewidth=1, label="logged")
+            axis.plot(x, smoothed(values), linewidth=2, label="smoothed")
+            axis.legend(loc="upper right")
         axis.set_title(title)
-        axis.set_xlabel("epoch")
+        axis.set_xlabel("iteration" if per_step else "epoch")
         axis.grid(True, alpha=GRID_ALPHA)
     figure.tight_layout()
     with atomic_path(path) as tmp:
@@ -55,12 +84,29 @@ def denormalize(image: np.ndarray) -> np.ndarray:
 
 
 def validation_mosaic(
-    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: list | np.ndarray
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    palette: list | np.ndarray,
+    class_names: list[str] | None = None,
 ) -> np.ndarray:
     """(H, W, 3) uint8 grid; each sample is (image (3,h,w) normalised float, target (h,w), prediction (h,w)).
 
-    Rows have the height of their image; narrower rows are padded with white on the right.
+    Rows have the height of their image; narrower rows are padded with white on the right. With
+    `class_names`, a legend panel (swatch + name of every class in a target or prediction) is
+    added on the right.
     """
+    grid = _mosaic_grid(samples, palette)
+    if class_names is None:
+        return grid
+    shown = sorted({int(k) for _, target, prediction in samples for k in (*np.unique(target), *np.unique(prediction))
+                    if k != IGNORE_INDEX})
+    height = max(grid.shape[0], legend_height(len(shown), LEGEND_PANEL_WIDTH))
+    grid = np.concatenate([grid, np.full((height - grid.shape[0], grid.shape[1], 3), WHITE, np.uint8)], axis=0)
+    panel = draw_legend(np.full((height, LEGEND_PANEL_WIDTH, 3), WHITE, dtype=np.uint8), shown, class_names,
+                        full_palette(palette))
+    return np.concatenate([grid, np.full((height, MOSAIC_GAP, 3), WHITE, np.uint8), panel], axis=1)
+
+
+def _mosaic_grid(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: list | np.ndarray) -> np.ndarray:
     colours = full_palette(palette)
     rows = []
     for image, target, prediction in samples:
@@ -76,5 +122,6 @@ def validation_mosaic(
     return np.concatenate(padded[:-1], axis=0)
 
 
-def write_validation_mosaic(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: list, path: Path) -> None:
-    write_png(path, validation_mosaic(samples, palette))
+def write_validation_mosaic(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: list, path: Path,
+                            class_names: list[str] | None = None) -> None:
+    write_png(path, validation_mosaic(samples, palette, class_names))
