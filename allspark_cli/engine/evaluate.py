@@ -35,6 +35,7 @@ from allspark_cli.engine.inference import EVAL_MODES, EvalMode, center_crop_box,
 from allspark_cli.engine.metrics import ConfusionMatrix, SegmentationMetrics
 from allspark_cli.engine.precision import autocast_factory, check_amp
 from allspark_cli.engine.predict import check_out_dir, checkpoint_setting, load_inference_checkpoint
+from allspark_cli.engine.signals import ignore_stop_signals
 from allspark_cli.errors import SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
 from allspark_cli.viz.confusion import confusion_figure
@@ -127,7 +128,8 @@ def evaluate_dataset(
     check_amp(amp, device)
     autocast = autocast_factory(amp, device)
     shard = _shard(dataset, dist)
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_keep_samples)
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_keep_samples,
+                        worker_init_fn=ignore_stop_signals)
     num_classes = num_classes or _model_num_classes(model)
     confusion = ConfusionMatrix(num_classes, ignore_index) if num_classes else None
     was_training = model.training

@@ -27,6 +27,7 @@ from allspark_cli.data.imageio import read_image
 from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.distributed import resolve_device
 from allspark_cli.engine.inference import default_stride, segment
+from allspark_cli.engine.signals import ignore_stop_signals
 from allspark_cli.errors import AllsparkError, DataError, SettingsError
 from allspark_cli.viz.palette import voc_palette
 
@@ -337,7 +338,8 @@ def predict_folder(
     start = time.perf_counter()
     reader = _ImageReader([path for path, _ in pending])
     chunk = predictor.batch_size * READ_AHEAD_BATCHES
-    loader = torch.utils.data.DataLoader(reader, batch_size=chunk, num_workers=workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(reader, batch_size=chunk, num_workers=workers, collate_fn=list,
+                                         worker_init_fn=ignore_stop_signals)
     done = 0
     for results in loader:
         readable = [result for result in results if result.image is not None]

@@ -18,6 +18,7 @@ from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, load_mani
 from allspark_cli.engine.distributed import DistInfo, barrier
 from allspark_cli.engine.sampling import LABELED_STREAM, UNLABELED_STREAM, EpochBatchSampler
 from allspark_cli.engine.settings import TrainSettings
+from allspark_cli.engine.signals import ignore_stop_signals
 from allspark_cli.errors import SettingsError
 
 DEMO_DATASET = "demo"
@@ -117,7 +118,7 @@ def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: Dist
                                     rank=dist.rank, world_size=dist.world_size,
                                     max_batches=settings.train.epoch_iterations, groups=groups * dist.world_size)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=settings.data.workers, pin_memory=pin,
-                          generator=generator), sampler
+                          generator=generator, worker_init_fn=ignore_stop_signals), sampler
 
     labeled, labeled_sampler = loader(datasets.labeled, LABELED_STREAM)
     unlabeled, samplers = None, (labeled_sampler,)
