@@ -6,6 +6,10 @@ median over the timed iterations after warm-up. Peak memory: CUDA allocator peak
 peak resident set size on CPU. Prints a table.
 
     python benchmarks/bench_train.py [--iterations 10] [--threads 2] [--method allspark]
+        [--groups 2] [--pseudo-label-pass group|image]
+
+`--groups` splits each batch into the reference's per-GPU groups (demo presets: 4 + 4 in groups of
+2; CUDA row: 2 + 2 in one group), `--pseudo-label-pass` is `train.pseudo_label_pass`.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 
 from allspark_cli.engine.losses import build_criterion
 from allspark_cli.engine.precision import autocast_factory
-from allspark_cli.engine.step import TrainForward, train_step
+from allspark_cli.engine.step import StepRecipe, TrainForward, train_step
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
 
 DEMO_CLASSES = 7  # the demo dataset's K (CPU row)
@@ -28,7 +32,7 @@ KIB = 1024
 
 
 def bench(backbone: str, crop: int, batch: int, head_dim: int, device: torch.device, method: str, iterations: int,
-          amp: str, num_classes: int) -> dict:
+          amp: str, num_classes: int, recipe: StepRecipe = StepRecipe()) -> dict:
     config = ModelConfig(backbone=backbone, method=method, num_classes=num_classes, head_dim=head_dim,
                          memory_tokens=tokens_for_crop(crop))
     model = build_model(config).to(device).train()
@@ -50,7 +54,7 @@ def bench(backbone: str, crop: int, batch: int, head_dim: int, device: torch.dev
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         losses = train_step(runner, model, (images_l, masks_l), (images_u, pad, ids), criterion_l=criterion,
-                            use_memory=True, iteration=index, gather=None, autocast=autocast)
+                            use_memory=True, iteration=index, gather=None, autocast=autocast, recipe=recipe)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         optimizer.step()
@@ -66,7 +70,7 @@ def bench(backbone: str, crop: int, batch: int, head_dim: int, device: torch.dev
         where = "RSS"
     seconds = statistics.median(times)
     return {"model": f"MiT-{backbone.upper()} E={head_dim} K={num_classes}", "device": str(device), "crop": crop,
-            "batch": f"{batch}+{batch}", "amp": amp, "s/it": seconds, "img/s": 2 * batch / seconds,
+            "batch": f"{batch}+{batch} /{batch // recipe.groups}", "pass": recipe.pseudo_label_pass, "amp": amp, "s/it": seconds, "img/s": 2 * batch / seconds,
             "peak": f"{peak:.2f} GiB ({where})"}
 
 
@@ -77,15 +81,18 @@ def main() -> None:
     parser.add_argument("--method", default="allspark")
     parser.add_argument("--cpu-head-dim", type=int, default=128, help="E of the demo presets")
     parser.add_argument("--cpu-batch", type=int, default=4, help="images of each kind (demo presets: 4+4)")
+    parser.add_argument("--groups", type=int, default=2, help="groups of the CPU batch (demo presets: 2)")
+    parser.add_argument("--pseudo-label-pass", choices=("group", "image"), default="group")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [bench("b0", 128, args.cpu_batch, args.cpu_head_dim, torch.device("cpu"), args.method, args.iterations, "off",
-                  DEMO_CLASSES)]
+                  DEMO_CLASSES, StepRecipe(args.groups, args.pseudo_label_pass))]
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
-        for amp in ("off", "bf16"):
-            rows.append(bench("b5", 513, 2, 768, cuda, args.method, args.iterations, amp, PASCAL_CLASSES))
+        for amp in ("off", "bf16"):  # one reference GPU: 2 + 2, one group
+            rows.append(bench("b5", 513, 2, 768, cuda, args.method, args.iterations, amp, PASCAL_CLASSES,
+                              StepRecipe(1, args.pseudo_label_pass)))
     from rich.console import Console
     from rich.table import Table
 
