@@ -1,6 +1,7 @@
 """Resume: an interrupted + resumed run equals an uninterrupted one; what --resume refuses."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from allspark_cli.engine import epoch as epoch_module
 from allspark_cli.engine.resume import capture_rng, restore_rng, resume_base
@@ -93,3 +95,22 @@ def test_rng_states_round_trip() -> None:
     restore_rng(state)
     second = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
+
+
+def test_a_run_killed_before_its_first_save_starts_again_in_its_folder(manifest: Path, tmp_path: Path) -> None:
+    """kill -9 before the first checkpoint leaves config.yaml without last.pt: `--resume RUN` starts
+    the run again from the settings in its folder, in that folder (issue #14, point 6)."""
+    from typer.testing import CliRunner
+
+    from allspark_cli.cli.app import app
+
+    layer = tiny_layer(manifest, tmp_path / "runs", run={"name": "killed"})
+    run = tmp_path / "runs" / "tiny" / "killed"
+    (run / "weights").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(layer))
+    (run / "metrics.jsonl").write_text('{"iteration": 1, "loss": 9.0}\n')  # the killed run's partial log
+    result = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(run / "weights" / "last.pt").train_state["finished"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir()) == ["killed"]  # no exp2
+    assert all(json.loads(line)["loss"] != 9.0 for line in (run / "metrics.jsonl").read_text().splitlines())

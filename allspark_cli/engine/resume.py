@@ -74,15 +74,29 @@ def check_resumable(train_state: dict[str, Any] | None, *, checkpoint: str, worl
         )
 
 
-def resume_base(path: str | Path) -> tuple[Path, dict[str, Any]]:
+def resume_base(path: str | Path) -> tuple[Path | None, dict[str, Any]]:
     """(last.pt to resume, the run's saved settings) for `--resume RUN_DIR|last.pt`.
 
+    A run folder whose run was killed before its first save (config.yaml, no last.pt) gives
+    (None, its config.yaml settings placed in that same folder): the run starts again there.
     SettingsError when the path is not a run folder (or a checkpoint inside one), or the checkpoint
     carries no settings; the saved settings become the lowest layer of the resumed run's settings.
     """
-    from allspark_cli.engine.rundir import checkpoint_to_resume, run_dir_of_checkpoint
+    from allspark_cli.engine.rundir import (
+        CONFIG_FILE,
+        LAST_CHECKPOINT,
+        WEIGHTS_DIR,
+        checkpoint_to_resume,
+        run_dir_of_checkpoint,
+    )
+    from allspark_cli.engine.settings import read_settings_file
     from allspark_cli.model.checkpoint import read_checkpoint
 
+    folder = Path(path)
+    if folder.is_dir() and (folder / CONFIG_FILE).is_file() and not (folder / WEIGHTS_DIR / LAST_CHECKPOINT).exists():
+        settings = read_settings_file(folder / CONFIG_FILE)
+        where = {"root": str(folder.resolve().parent.parent), "name": folder.name, "exist_ok": True}
+        return None, {**settings, "run": {**settings.get("run", {}), **where}}
     checkpoint_path = checkpoint_to_resume(path)
     run_dir_of_checkpoint(checkpoint_path)
     checkpoint = read_checkpoint(checkpoint_path)

@@ -206,8 +206,10 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     if main:
         run_folder.create(config_text=dump_settings_yaml(settings),
                           env=environment_info(device=dist.device, world_size=dist.world_size, seed=settings.train.seed))
+        # A resumed run drops the steps it redoes; a run started again in its folder (killed before
+        # its first save, or --exist-ok) drops all the old ones.
+        run_folder.truncate_metrics(state["iteration"])
         if checkpoint is not None:
-            run_folder.truncate_metrics(state["iteration"])
             run_folder.log(f"resumed from {resume} at iteration {state['iteration']}")
     D.barrier()
     start_info = _start_info(settings, run_folder.path, dist, loaders, state["iteration"], notes)
