@@ -113,6 +113,9 @@ def test_non_finite_loss_stops_after_saving_the_last_good_state(manifest: Path, 
         ({"model": {"pretrained": "missing/mit_b0.pth"}}, SettingsError, "--no-pretrained"),
         ({"model": {"method": "semi"}, "data": {"split": "full"}}, SettingsError, "needs unlabeled images"),
         ({"train": {"amp": "fp16"}}, Exception, "fp16 needs a CUDA device"),
+        ({"train": {"group_size": 3}}, SettingsError, "not a multiple of the group size 3"),
+        ({"data": {"manifest": "missing/dataset.yaml"}, "train": {"group_size": 3}}, SettingsError,
+         "train.group_size"),  # refused before the dataset is even opened
     ],
 )
 def test_bad_inputs_leave_no_run_folder(manifest: Path, tmp_path: Path, sections, error, fragment) -> None:

@@ -10,7 +10,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from allspark_cli.cli.options import AmpOption, BatchSizeOption, CropOption, DataOption, DeviceOption, NameOption, SetOption, WorkersOption
+from allspark_cli.cli.options import (
+    AmpOption,
+    BatchSizeOption,
+    ConfigOption,
+    CropOption,
+    DataOption,
+    DeviceOption,
+    EpochsOption,
+    LrOption,
+    NameOption,
+    SetOption,
+    WorkersOption,
+)
 from allspark_cli.cli.train import RichReporter
 from allspark_cli.engine import events
 from allspark_cli.engine.ablate import DEFAULT_NAME, RUNS_DIR, Ablation, ablate, run_name
@@ -47,12 +59,12 @@ def ablate_command(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods (paper Table 5).")] = ",".join(METHODS),
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per method: 0 .. N-1.")] = DEFAULT_SEEDS,
     name: NameOption = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file layered over the preset.", show_default=False)] = None,
+    config: ConfigOption = None,
     data: DataOption = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs.", show_default=False)] = None,
+    epochs: EpochsOption = None,
     batch_size: BatchSizeOption = None,
     crop: CropOption = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Backbone learning rate.", show_default=False)] = None,
+    lr: LrOption = None,
     amp: AmpOption = None,
     device: DeviceOption = None,
     workers: WorkersOption = None,

@@ -31,3 +31,6 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override any setting, e.g. --set train.epochs=3 (repeatable; YAML values).", show_default=False),
 ]
+EpochsOption = Annotated[int | None, typer.Option("--epochs", help="Training epochs (passes over the unlabeled list).", show_default=False)]
+LrOption = Annotated[float | None, typer.Option("--lr", help="Backbone learning rate (head: x multiplier).", show_default=False)]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file layered over the preset.", show_default=False)]

@@ -2,18 +2,18 @@
 recipe, each evaluated, and one table of mean ± std.
 
 Layout of the ablation folder (`<run.root>/<preset>/<name>`, default name `ablation`):
-`runs/<preset>/<method>-seed<k>/` (an ordinary run folder each, with `eval/val/` of its best.pt),
+`runs/<preset>/<method>-seed<k>/` (an ordinary run folder each; its best mIoU and per-class IoU
+come from the training's own evaluation history, so nothing is evaluated twice),
 `results.csv` (one row per run, per-class IoU included), `summary.json`, `table.md` and
 `ablation.png` (bar chart, error bars = sample std over seeds). Resumable: a run with a result is
 not trained again, an interrupted one resumes from its `last.pt`, a finished one whose result was
-not yet written is only evaluated. Settings of each run are the caller's (`settings_for`), so a
+not yet written is only tabulated. Settings of each run are the caller's (`settings_for`), so a
 recipe override reaches every method alike.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from allspark_cli.engine.evaluate import evaluate_checkpoint
+from allspark_cli.data.manifest import load_manifest
 from allspark_cli.engine.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.train import train
+from allspark_cli.engine.train_data import manifest_path
+from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_path, atomic_write_text
 from allspark_cli.model.checkpoint import read_checkpoint
 
@@ -149,37 +151,40 @@ def write_outputs(ablation: Ablation) -> None:
         _write_chart(ablation, folder / CHART_PNG)
 
 
-def _evaluate_run(settings: TrainSettings, run_dir: Path, seconds: float) -> RunResult:
-    """Evaluates the run's best.pt on its validation split (into `<run>/eval/<split>`)."""
-    folder = RunFolder(run_dir)
-    out = run_dir / "eval" / settings.eval.split
-    if out.exists():  # a previous attempt stopped between evaluating and recording: ours to redo
-        shutil.rmtree(out)
-    report = evaluate_checkpoint(folder.best, split=settings.eval.split, mode=settings.eval.mode,
-                                 crop=settings.eval.crop, stride=settings.eval.stride, device=settings.train.device,
-                                 out=out)
-    state = read_checkpoint(folder.last).train_state or {}
-    metrics = report.result.metrics
-    return RunResult(method=settings.model.method, seed=settings.train.seed, run_dir=str(run_dir),
-                     best_miou=float(metrics.miou), best_epoch=int(state.get("best_epoch", -1)) + 1,
-                     iou=[_json_number(v) for v in metrics.iou], class_names=list(report.class_names),
-                     train_seconds=seconds)
+def _best_row(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The evaluation row of the best mIoU (the first of equal ones, as training keeps best.pt)."""
+    rows = [row for row in history if row.get("miou") is not None and not math.isnan(row["miou"])]
+    return max(rows, key=lambda row: row["miou"]) if rows else None
 
 
 def run_one(settings: TrainSettings, run_dir: Path, reporter=None) -> RunResult:
-    """Trains (or resumes, or skips) one run of the ablation, then evaluates it; cached in RESULT_FILE."""
+    """Trains (or resumes, or skips) one run of the ablation; its result (best mIoU and the per-class
+    IoU of that evaluation, from the training's own evaluation history) is cached in RESULT_FILE."""
     result_file = run_dir / RESULT_FILE
     if result_file.is_file():
         return RunResult(**json.loads(result_file.read_text(encoding="utf-8")))
     last = RunFolder(run_dir).last
     start = time.perf_counter()
+    history = None
     if last.is_file():
         state = read_checkpoint(last).train_state or {}
-        if not state.get("finished"):
-            train(settings, resume=last, reporter=reporter)
+        history = state.get("history") if state.get("finished") else None
+        if history is None:
+            history = train(settings, resume=last, reporter=reporter).history
     else:
-        train(settings, reporter=reporter)
-    result = _evaluate_run(settings, run_dir, time.perf_counter() - start)
+        history = train(settings, reporter=reporter).history
+    seconds = time.perf_counter() - start
+    best = _best_row(history)
+    if best is None:
+        raise DataError(f"{run_dir}: the run finished without a valid evaluation; nothing to tabulate")
+    if best.get("iou") is None:  # evaluation rows carry per-class IoU since this command exists
+        raise DataError(f"{run_dir}: its evaluation history has no per-class IoU (a run of an older allspark); "
+                        "move the run folder away to train it again")
+    class_names = list(load_manifest(manifest_path(settings)).classes)
+    iou = best["iou"]
+    result = RunResult(method=settings.model.method, seed=settings.train.seed, run_dir=str(run_dir),
+                       best_miou=float(best["miou"]), best_epoch=int(best["epoch"]),
+                       iou=[_json_number(v) for v in iou], class_names=class_names, train_seconds=seconds)
     atomic_write_text(result_file, json.dumps(asdict(result), indent=2) + "\n")
     return result
 
@@ -195,7 +200,6 @@ def ablate(
     """Every (method, seed) of `methods` x `seeds`, in that order; `settings_for(method, seed)` gives a
     run's settings (its run.root / run.name must place it under `folder/runs`). `reporter_for(method,
     seed, index, total)` gives the training reporter of each run (progress across runs)."""
-    folder.mkdir(parents=True, exist_ok=True)
     total, runs = len(methods) * len(seeds), []
     for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
         settings = settings_for(method, seed)

@@ -95,23 +95,22 @@ def read_preset_file(path: Path) -> Preset:
     if not isinstance(raw, dict) or not isinstance(raw.get("settings"), dict):
         raise SettingsError(f"{path}: a preset file needs 'name' and a 'settings' mapping")
     check_keys(raw["settings"], f"preset {path.name}")
-    try:
-        info = PresetFile.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise SettingsError(f"{path}: {where}: {first['msg']}") from None
+    info = _validated(PresetFile, raw, f"{path}: ")
     for method, recipe in info.baselines.items():
         check_keys(recipe, f"preset {path.name} baselines.{method}")
-        try:
-            TrainSettings.model_validate(merge(raw["settings"], recipe))
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise SettingsError(f"{path}: baselines.{method}: {where}: {first['msg']}") from None
+        _validated(TrainSettings, merge(raw["settings"], recipe), f"{path}: baselines.{method}: ")
     layer = dict(raw["settings"])
     layer["preset"] = info.name
     return Preset(info=info, path=path, layer=layer)
+
+
+def _validated(model: type[BaseModel], data: dict[str, Any], where: str):
+    """`model.model_validate(data)`; SettingsError '<where><key.path>: <reason>' on the first problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise SettingsError(f"{where}{'.'.join(str(part) for part in first['loc'])}: {first['msg']}") from None
 
 
 @lru_cache(maxsize=8)

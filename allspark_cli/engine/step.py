@@ -19,7 +19,8 @@ False); with `ignore_padding` the padded area is left out of the unlabeled loss.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ContextManager, Literal, NamedTuple
+from functools import partial
+from typing import ContextManager, NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from torch import nn
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.transforms import UNLABELED_PADDING
 from allspark_cli.engine.losses import Criterion, cross_entropy
+from allspark_cli.engine.settings import PseudoLabelPass
 from allspark_cli.model.allspark import split_groups
 
 # The semi-supervised loss is the plain mean of the two views' losses (the reference's weighting).
@@ -38,7 +40,7 @@ class StepRecipe(NamedTuple):
     """How a step couples the images of the process's batch (see the module docstring)."""
 
     groups: int = 1
-    pseudo_label_pass: Literal["group", "image"] = "group"
+    pseudo_label_pass: PseudoLabelPass = "group"
     ignore_padding: bool = False
 
 
@@ -93,8 +95,8 @@ def grouped_loss(criterion: Criterion, logits: torch.Tensor, target: torch.Tenso
     return torch.stack([criterion(group_logits, group_target) for group_logits, group_target in pairs]).mean()
 
 
-def _unlabeled_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+# CE against the pseudo labels: every pixel counts except the ignored padding (when ignored).
+_unlabeled_loss = partial(cross_entropy, ignore_index=IGNORE_INDEX)
 
 
 def train_step(

@@ -30,7 +30,14 @@ from allspark_cli.engine.settings import TrainSettings, dump_settings_yaml, mode
 from allspark_cli.engine.signals import StopRequest
 from allspark_cli.engine.step import TrainForward
 from allspark_cli.engine.tensorboard import open_log, wanted
-from allspark_cli.engine.train_data import build_loaders, eval_dataset, eval_protocol, manifest_path, open_dataset
+from allspark_cli.engine.train_data import (
+    build_loaders,
+    eval_dataset,
+    eval_protocol,
+    manifest_path,
+    open_dataset,
+    process_groups,
+)
 from allspark_cli.engine.train_eval import evaluate_epoch
 from allspark_cli.errors import Interrupted, ResourceError, SettingsError
 from allspark_cli.model.checkpoint import read_checkpoint, save_checkpoint
@@ -147,6 +154,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     reporter = reporter if main else None
     check_amp(settings.train.amp, dist.device)
     wanted(settings.run.tensorboard)  # `on` without the package is refused before any work
+    process_groups(settings, dist.world_size)  # so is a group size that does not divide the batch
     # Data: checked before any compute; the loaders' order is a function of (seed, epoch).
     manifest = open_dataset(settings, dist, notify=reporter.message if reporter is not None else None)
     protocol = eval_protocol(settings, manifest)

@@ -86,21 +86,28 @@ def eval_protocol(settings: TrainSettings, manifest: DatasetManifest) -> EvalPro
     return EvalProtocol(mode, crop, stride)
 
 
-def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: DistInfo) -> Loaders:
-    """Loaders of this rank's share: per-rank batch = global batch / world size, drop-last."""
-    global_batch = settings.train.batch_size
-    if global_batch % dist.world_size:
-        raise SettingsError(
-            f"train.batch_size: the global batch {global_batch} must be a multiple of the {dist.world_size} processes"
-        )
-    per_rank = global_batch // dist.world_size
+def process_groups(settings: TrainSettings, world_size: int) -> int:
+    """Groups of each process's batch (engine/step.py); SettingsError when the group size does not
+    divide the per-process batch (or the processes the global batch). Needs no data: `train` checks
+    it before opening the dataset."""
+    if settings.train.batch_size % world_size:
+        raise SettingsError(f"train.batch_size: the global batch {settings.train.batch_size} must be a multiple of "
+                            f"the {world_size} processes")
+    per_rank = settings.train.batch_size // world_size
     group_size = settings.train.group_size or per_rank
     if per_rank % group_size:
         raise SettingsError(
-            f"train.group_size: each of the {dist.world_size} processes holds {per_rank} images of each kind "
-            f"(global batch {global_batch}), not a multiple of the group size {group_size}"
+            f"train.group_size: each of the {world_size} processes holds {per_rank} images of each kind "
+            f"(global batch {settings.train.batch_size}), not a multiple of the group size {group_size}"
         )
-    groups = per_rank // group_size
+    return per_rank // group_size
+
+
+def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: DistInfo) -> Loaders:
+    """Loaders of this rank's share: per-rank batch = global batch / world size, drop-last."""
+    global_batch = settings.train.batch_size
+    groups = process_groups(settings, dist.world_size)
+    per_rank = global_batch // dist.world_size
     seed = settings.train.seed
     datasets = build_train_datasets(manifest, settings.data.split, crop=settings.data.crop, seed=seed,
                                     repeat_labeled=settings.train.epoch_length == "unlabeled")

@@ -78,7 +78,7 @@ def evaluate_epoch(
         state["best_miou"], state["best_epoch"] = miou, epoch
     state["last_miou"] = miou
     row = {"epoch": epoch + 1, "iteration": state["iteration"], "lr": lr, **_last_losses(losses),
-           "miou": miou, "pixel_accuracy": pixel_accuracy}
+           "miou": miou, "pixel_accuracy": pixel_accuracy, "iou": [float(v) for v in result.metrics.iou]}
     state["history"] = [*state["history"], row]
     if main:
         run_folder.write_results(state["history"])
