@@ -2,7 +2,7 @@
 
 Exit codes are part of the public contract (README "Exit codes"):
 0 ok, 1 internal error, 2 bad usage or settings, 3 bad data, 4 environment, 5 out of memory,
-130 interrupted.
+6 a file could not be written, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -35,6 +35,13 @@ class ResourceError(AllsparkError):
     """The run ran out of (device) memory; the message carries concrete remedies."""
 
     exit_code = 5
+
+
+class WriteError(AllsparkError):
+    """A file could not be written (disk full, permission lost, read-only file system); whatever was
+    complete before the failing write is left as it was."""
+
+    exit_code = 6
 
 
 class Interrupted(AllsparkError):
