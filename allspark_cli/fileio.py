@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from allspark_cli.errors import DataError
+from allspark_cli.errors import DataError, WriteError
 
 
 _DEFAULT_FILE_MODE = 0o666
@@ -25,24 +25,41 @@ def _umask() -> int:
     return current
 
 
+def write_error(target: str | os.PathLike, error: OSError) -> WriteError:
+    """The one-line report of a failed write: the final path, the cause, and that nothing was replaced."""
+    cause = error.strerror or str(error) or type(error).__name__
+    return WriteError(f"could not write {target}: {cause}; any earlier version of it is unchanged")
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
     """Yields a temporary path in the target's folder; renames it onto `path` if the block succeeds.
 
     The temporary name keeps the suffix so that libraries choosing a format by suffix still work.
+    An OSError while writing (disk full, permission lost, read-only file system) becomes WriteError
+    naming `path`; the target keeps its previous content. `durable` flushes the file to the disk
+    before the rename (checkpoints: a power cut then leaves the old or the new file, never a hole),
+    which costs a sync per file, too much for thousands of masks.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, _DEFAULT_FILE_MODE & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        os.chmod(tmp, _DEFAULT_FILE_MODE & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
         yield tmp
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as error:
+        raise write_error(target, error) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # e.g. the folder's permission was lost as well
+                tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -94,15 +94,24 @@ def test_a_run_in_groups_trains_and_records_its_recipe(manifest: Path, tmp_path:
     assert (saved["group_size"], saved["pseudo_label_pass"], saved["unlabeled_padding"]) == (2, "group", "ignore")
 
 
-def test_non_finite_loss_stops_after_saving_the_last_good_state(manifest: Path, tmp_path: Path, monkeypatch) -> None:
-    def exploding(kind, **kwargs):
-        return lambda logits, target: logits.sum() * float("nan")
+def test_a_non_finite_loss_stops_and_never_reaches_a_checkpoint(manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    """The flags are read a step late: the loss of iteration 2 turns NaN, the run stops naming it,
+    and last.pt keeps the state saved at iteration 2 (before that step), with finite weights."""
+    real_step = epoch_module.train_step
 
-    monkeypatch.setattr(train_module, "build_criterion", exploding)
-    with pytest.raises(SettingsError, match="non-finite at epoch 1, iteration 0"):
-        train(build_settings(base=tiny_layer(manifest, tmp_path)))
-    state = read_checkpoint(tmp_path / "tiny" / "exp" / "weights" / "last.pt").train_state
-    assert state["iteration"] == 0 and not state["finished"]
+    def exploding(*args, **kwargs):
+        losses = real_step(*args, **kwargs)
+        return losses._replace(total=losses.total * float("nan")) if kwargs["iteration"] >= 2 else losses
+
+    monkeypatch.setattr(epoch_module, "train_step", exploding)
+    layer = tiny_layer(manifest, tmp_path, data={"split": "full"}, model={"method": "sup"},
+                       train={"log_every": 10, "save_every": 2})
+    with pytest.raises(SettingsError, match=r"non-finite at epoch 1, iteration 2; the last good state is in .*last.pt "
+                                            r"\(iteration 2\)"):
+        train(build_settings(base=layer))
+    saved = read_checkpoint(tmp_path / "tiny" / "exp" / "weights" / "last.pt")
+    assert saved.train_state["iteration"] == 2 and not saved.train_state["finished"]
+    assert all(torch.isfinite(tensor).all() for tensor in saved.state_dict.values() if tensor.is_floating_point())
 
 
 @pytest.mark.parametrize(

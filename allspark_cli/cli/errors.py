@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Any
@@ -13,11 +14,16 @@ from pydantic import ValidationError
 from typer.core import TyperGroup
 
 from allspark_cli.errors import AllsparkError
+from allspark_cli.fileio import write_error
 
 INTERNAL_ERROR_EXIT = 1
 SETTINGS_EXIT = 2
 OOM_EXIT = 5
 INTERRUPTED_EXIT = 130
+# OSErrors that only a write can raise: reported as WriteError (exit 6) wherever they happen (a log
+# line, a metrics record, ...); a permission error may come from a read, so only atomic writes
+# (allspark_cli.fileio) name it a write failure.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 # Exceptions through which typer itself reports usage, help and exit: they pass untouched.
@@ -53,6 +59,9 @@ def error_exit_code(error: BaseException) -> tuple[int, str]:
         return SETTINGS_EXIT, "invalid settings: " + format_validation_error(error)
     if type(error).__name__ == "OutOfMemoryError":
         return OOM_EXIT, "out of memory: " + _one_line(str(error).splitlines()[0] if str(error) else "")
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+        reported = write_error(error.filename or "a file", error)
+        return reported.exit_code, _one_line(str(reported))
     if isinstance(error, KeyboardInterrupt):
         return INTERRUPTED_EXIT, "interrupted"
     return INTERNAL_ERROR_EXIT, (

@@ -4,7 +4,9 @@
 it already did), sets the poly learning rate per iteration (DESIGN.md section 3), calls the
 semi-supervised step, steps the optimizer (through the fp16 scaler when enabled), logs every
 `train.log_every` iterations (losses averaged over steps and ranks), saves `last.pt` every
-`train.save_every` iterations, and on a non-finite loss or a stop request saves and raises.
+`train.save_every` iterations, saves and raises on a stop request, and raises on a non-finite loss
+without saving (the last save before it is the last good state). The per-step flags are read on the
+host one step late, so that checking them never makes the host wait for the step it just queued.
 """
 from __future__ import annotations
 
@@ -84,6 +86,21 @@ def _log_step(loop: EpochLoop, window: _LossWindow, epoch: int, iteration: int, 
         loop.tensorboard.step(iteration, loss=info.loss, loss_x=info.loss_x, loss_u=info.loss_u, lr=lr)
 
 
+def _read_flags(loop: EpochLoop, flags: torch.Tensor, epoch: int, iteration: int) -> bool:
+    """Reads a step's [non-finite, stop] flags on the host: SettingsError when its loss was not
+    finite (the weights after it are not saved); True when a stop was requested."""
+    nonfinite, stop = flags.tolist()
+    if nonfinite > 0:
+        saved = loop.state.get("saved_iteration")
+        where = (f"the last good state is in {loop.run_folder.last} (iteration {saved})" if saved is not None
+                 else "no state was saved before it")
+        raise SettingsError(
+            f"the loss became non-finite at epoch {epoch + 1}, iteration {iteration}; {where}; "
+            "lower --lr or use --amp off/bf16, then --resume (or start again)"
+        )
+    return stop > 0
+
+
 def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str, float | None] | None, float]:
     """Runs epoch `epoch` from batch `start_batch`; returns its mean losses (None when no step ran
     here, e.g. a run resumed exactly at the epoch's end) and the last lr."""
@@ -100,6 +117,7 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
     recipe = StepRecipe(groups=loaders.groups, pseudo_label_pass=settings.train.pseudo_label_pass,
                         ignore_padding=settings.train.unlabeled_padding == "ignore")
     window, epoch_window = _LossWindow(dist.device), _LossWindow(dist.device)
+    unread: tuple[torch.Tensor, int, int] | None = None  # a step's flags not read on the host yet
     loop.segmentor.train()
     for batch_index, batch_l in enumerate(loaders.labeled, start=start_batch):
         iteration = epoch * per_epoch + batch_index
@@ -111,14 +129,12 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
         losses = train_step(loop.runner, loop.segmentor, batch_l, batch_u, criterion_l=loop.criterion_l,
                             use_memory=use_memory, iteration=iteration, gather=loop.gather, autocast=loop.autocast,
                             recipe=recipe)
+        # [loss non-finite, stop requested], summed over ranks on the device; read on the host one
+        # step late (or now, where the host waits anyway), so the host never waits for the step it
+        # has just queued. No save happens before the flags of every step until then were read, so
+        # a non-finite loss never reaches a checkpoint.
         flags = D.all_reduce_(torch.stack([(~torch.isfinite(losses.total.detach())).float(),
                                            torch.tensor(float(loop.stop.requested), device=dist.device)]))
-        if flags[0] > 0:
-            loop.save(loop.run_folder.last)
-            raise SettingsError(
-                f"the loss became non-finite at epoch {epoch + 1}, iteration {iteration}; the last good state is in "
-                f"{loop.run_folder.last}; lower --lr or use --amp off/bf16, then --resume"
-            )
         loop.optimizer.zero_grad(set_to_none=True)
         loop.scaler.scale(losses.total).backward()
         loop.scaler.step(loop.optimizer)
@@ -128,15 +144,23 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
         step_losses = torch.stack([losses.total.detach(), losses.loss_x, loss_u]).float()
         window.add(step_losses)
         epoch_window.add(step_losses)
-        if window.steps == settings.train.log_every or batch_index + 1 == per_epoch:
+        stop_seen = unread is not None and _read_flags(loop, *unread)
+        log_now = window.steps == settings.train.log_every or batch_index + 1 == per_epoch
+        save_now = bool(settings.train.save_every) and (iteration + 1) % settings.train.save_every == 0
+        unread = (flags, epoch, iteration)
+        if log_now or save_now or stop_seen or batch_index + 1 == per_epoch:
+            stop_seen = _read_flags(loop, *unread) or stop_seen
+            unread = None
+        if log_now:
             _log_step(loop, window, epoch, iteration + 1, lr, losses.loss_u is not None)
             window = _LossWindow(dist.device)
-        if settings.train.save_every and (iteration + 1) % settings.train.save_every == 0:
+        if save_now or stop_seen:
             loop.save(loop.run_folder.last)
-        if flags[1] > 0:
-            loop.save(loop.run_folder.last)
+        if stop_seen:
             raise Interrupted(f"stopped at iteration {iteration + 1}; resume with "
                               f"allspark train --resume {loop.run_folder.path}")
+    if unread is not None:  # an epoch cut short by the loader (never in practice): read it before the save
+        _read_flags(loop, *unread)
     if not epoch_window.steps:
         return None, lr
     means = epoch_window.means(dist)

@@ -35,8 +35,8 @@ from allspark_cli.engine.inference import EVAL_MODES, EvalMode, center_crop_box,
 from allspark_cli.engine.metrics import ConfusionMatrix, SegmentationMetrics
 from allspark_cli.engine.precision import autocast_factory, check_amp
 from allspark_cli.engine.predict import check_out_dir, checkpoint_setting, load_inference_checkpoint
-from allspark_cli.engine.signals import ignore_stop_signals
-from allspark_cli.errors import SettingsError
+from allspark_cli.engine.signals import StopRequest, ignore_stop_signals
+from allspark_cli.errors import Interrupted, SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
 from allspark_cli.viz.confusion import confusion_figure
 
@@ -110,6 +110,7 @@ def evaluate_dataset(
     num_classes: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     workers: int = 0,
+    stop: StopRequest | None = None,
 ) -> EvalResult:
     """Evaluates `model` on `dataset` and returns the metrics of the whole split.
 
@@ -120,6 +121,7 @@ def evaluate_dataset(
     amp: autocast dtype for the forward ("off", "bf16", "fp16"); scores are accumulated in float32.
     dist: the run's DistInfo; each rank evaluates every world_size-th image and the confusion
     matrix is summed once at the end, so every rank returns the same result.
+    stop: an installed StopRequest checked after each batch (`allspark eval`): Interrupted then.
     num_classes: K, defaulting to `model.config.num_classes`, else to the scores' channel count.
     """
     if batch_size < 1:
@@ -152,6 +154,9 @@ def evaluate_dataset(
             done += len(samples)
             if progress is not None:
                 progress(done, total)
+            if stop is not None and stop.requested:
+                raise Interrupted(f"evaluation stopped after {done} of {total} images; nothing was written: "
+                                  "run the same command again")
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
@@ -328,11 +333,12 @@ def evaluate_checkpoint(
     out_dir = Path(out) if out is not None else default_eval_dir(checkpoint, split, Path(runs_root))
     check_out_dir(out_dir)
     dataset = build_eval_dataset(manifest, split)
-    result = evaluate_dataset(
-        loaded.model, dataset, mode=protocol.mode, crop=protocol.crop, stride=protocol.stride, tta=tta,
-        batch_size=batch_size, device=torch_device, amp=amp, progress=progress, num_classes=num_classes,
-        ignore_index=manifest.ignore_index, workers=workers,
-    )
+    with StopRequest().installed() as stop:
+        result = evaluate_dataset(
+            loaded.model, dataset, mode=protocol.mode, crop=protocol.crop, stride=protocol.stride, tta=tta,
+            batch_size=batch_size, device=torch_device, amp=amp, progress=progress, num_classes=num_classes,
+            ignore_index=manifest.ignore_index, workers=workers, stop=stop,
+        )
     manifest_file = Path(manifest_path)
     manifest_file = (manifest_file / MANIFEST_NAME if manifest_file.is_dir() else manifest_file).resolve()
     report = EvalReport(result, protocol, list(manifest.classes), out_dir, manifest_file)

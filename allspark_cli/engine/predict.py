@@ -27,8 +27,8 @@ from allspark_cli.data.imageio import read_image
 from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.distributed import resolve_device
 from allspark_cli.engine.inference import default_stride, segment
-from allspark_cli.engine.signals import ignore_stop_signals
-from allspark_cli.errors import AllsparkError, DataError, SettingsError
+from allspark_cli.engine.signals import StopRequest, ignore_stop_signals
+from allspark_cli.errors import AllsparkError, DataError, Interrupted, SettingsError
 from allspark_cli.viz.palette import voc_palette
 
 PredictMode = Literal["whole", "slide"]
@@ -341,19 +341,29 @@ def predict_folder(
     loader = torch.utils.data.DataLoader(reader, batch_size=chunk, num_workers=workers, collate_fn=list,
                                          worker_init_fn=ignore_stop_signals)
     done = 0
-    for results in loader:
-        readable = [result for result in results if result.image is not None]
-        for result in results:
-            if result.error is not None:
-                summary.failed.append((str(pending[result.position][0]), result.error))
-        masks = predictor.predict_arrays([result.image for result in readable])
-        for result, mask in zip(readable, masks):
-            _write_outputs(pending[result.position][1], result.image, mask, predictor, opacity)
-            mode = predictor.mode_for(*mask.shape)
-            summary.mode_counts[mode] = summary.mode_counts.get(mode, 0) + 1
-        summary.predicted += len(readable)
-        done += len(results)
-        if progress is not None:
-            progress(done, len(pending))
+    with StopRequest().installed() as stop:
+        for results in loader:
+            _predict_chunk(results, pending, predictor, opacity, summary)
+            done += len(results)
+            if progress is not None:
+                progress(done, len(pending))
+            if stop.requested:
+                raise Interrupted(f"predict stopped after {done} of {len(pending)} images, whose outputs are complete; "
+                                  "run the same command again to continue (finished images are skipped)")
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _predict_chunk(results: list[_ReadResult], pending: list[tuple[Path, dict[str, Path]]], predictor: Predictor,
+                   opacity: float, summary: PredictSummary) -> None:
+    """Predicts the readable images of one read-ahead chunk and writes their outputs."""
+    readable = [result for result in results if result.image is not None]
+    for result in results:
+        if result.error is not None:
+            summary.failed.append((str(pending[result.position][0]), result.error))
+    masks = predictor.predict_arrays([result.image for result in readable])
+    for result, mask in zip(readable, masks):
+        _write_outputs(pending[result.position][1], result.image, mask, predictor, opacity)
+        mode = predictor.mode_for(*mask.shape)
+        summary.mode_counts[mode] = summary.mode_counts.get(mode, 0) + 1
+    summary.predicted += len(readable)

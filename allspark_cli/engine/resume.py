@@ -15,7 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from allspark_cli.errors import SettingsError
+from allspark_cli.errors import DataError, SettingsError
+
+# Settings that change where and how a run reports, never what it computes: a resumed run may
+# change them freely. Every other difference from the saved settings is refused without --force.
+RESUME_FREE_SETTINGS = ("run.", "train.log_every", "train.save_every", "data.workers", "eval.batch_size",
+                        "eval.mosaic_images")
 
 
 def capture_rng() -> dict[str, Any]:
@@ -74,6 +79,66 @@ def check_resumable(train_state: dict[str, Any] | None, *, checkpoint: str, worl
         )
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each setting that differs and would make the resumed run differ from
+    an uninterrupted one (everything except RESUME_FREE_SETTINGS)."""
+    before, after = _flatten(saved), _flatten(now)
+    changes = []
+    for key in sorted(before.keys() | after.keys()):
+        if key.startswith(RESUME_FREE_SETTINGS) or before.get(key) == after.get(key):
+            continue
+        changes.append(f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}")
+    return changes
+
+
+def check_unchanged(saved: dict[str, Any], now: dict[str, Any], *, checkpoint: str, force: bool) -> list[str]:
+    """Refuses (without `force`) settings that differ from the checkpoint's; returns the changes."""
+    changes = changed_settings(saved, now)
+    if changes and not force:
+        raise SettingsError(
+            f"{checkpoint}: the resumed run would differ from an uninterrupted one ({'; '.join(changes)}); "
+            "drop these changes, or pass --force to resume with them"
+        )
+    return changes
+
+
+def _read_resumable(checkpoint_path: Path):
+    """The checkpoint to resume; an unreadable one is reported with the save to fall back on."""
+    from allspark_cli.engine.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT
+    from allspark_cli.model.checkpoint import read_checkpoint
+
+    try:
+        return read_checkpoint(checkpoint_path)
+    except DataError as error:
+        if checkpoint_path.name != LAST_CHECKPOINT:
+            raise
+        best = checkpoint_path.parent / BEST_CHECKPOINT
+        try:
+            fallback = read_checkpoint(best).train_state if best.is_file() else None
+        except DataError:
+            fallback = None
+        if fallback:
+            offer = (f"resume from the best evaluation's save instead: allspark train --resume {best} "
+                     f"(it continues after epoch {fallback.get('epoch')}, iteration {fallback.get('iteration')}; "
+                     "later steps are trained again)")
+        elif best.is_file():
+            offer = (f"{best} holds the best weights (eval/predict use it) but no training state; delete "
+                     f"{checkpoint_path} and run --resume again to start the run anew in its folder")
+        else:
+            offer = "no other save is kept; delete it and run --resume again to start the run anew in its folder"
+        raise DataError(f"{error}; {offer}") from None
+
+
 def resume_base(path: str | Path) -> tuple[Path | None, dict[str, Any]]:
     """(last.pt to resume, the run's saved settings) for `--resume RUN_DIR|last.pt`.
 
@@ -90,7 +155,6 @@ def resume_base(path: str | Path) -> tuple[Path | None, dict[str, Any]]:
         run_dir_of_checkpoint,
     )
     from allspark_cli.engine.settings import read_settings_file
-    from allspark_cli.model.checkpoint import read_checkpoint
 
     folder = Path(path)
     if folder.is_dir() and (folder / CONFIG_FILE).is_file() and not (folder / WEIGHTS_DIR / LAST_CHECKPOINT).exists():
@@ -99,7 +163,7 @@ def resume_base(path: str | Path) -> tuple[Path | None, dict[str, Any]]:
         return None, {**settings, "run": {**settings.get("run", {}), **where}}
     checkpoint_path = checkpoint_to_resume(path)
     run_dir_of_checkpoint(checkpoint_path)
-    checkpoint = read_checkpoint(checkpoint_path)
+    checkpoint = _read_resumable(checkpoint_path)
     if not checkpoint.settings or checkpoint.train_state is None:
         raise SettingsError(f"{checkpoint_path} holds no training settings/state; only a run's last.pt can be resumed")
     return checkpoint_path, dict(checkpoint.settings)

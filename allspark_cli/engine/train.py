@@ -24,7 +24,7 @@ from allspark_cli.engine.events import EvalInfo, StartInfo, TrainReporter, forma
 from allspark_cli.engine.losses import build_criterion
 from allspark_cli.engine.precision import autocast_factory, check_amp, make_scaler
 from allspark_cli.engine.presets import PAPER_GPUS
-from allspark_cli.engine.resume import capture_rng, check_resumable, restore_rng
+from allspark_cli.engine.resume import capture_rng, check_resumable, check_unchanged, restore_rng
 from allspark_cli.engine.rundir import RunFolder, environment_info, run_dir_for, run_dir_of_checkpoint
 from allspark_cli.engine.settings import TrainSettings, dump_settings_yaml, model_config_for
 from allspark_cli.engine.signals import StopRequest
@@ -162,9 +162,11 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     loaders = build_loaders(settings, manifest, dist)
     val_set = eval_dataset(settings, manifest)
     checkpoint = read_checkpoint(resume) if resume else None
+    resume_changes: list[str] = []
     if checkpoint is not None:
         check_resumable(checkpoint.train_state, checkpoint=str(resume), world_size=dist.world_size,
                         batch_size=settings.train.batch_size, force=force)
+        resume_changes = check_unchanged(checkpoint.settings, settings.to_dict(), checkpoint=str(resume), force=force)
     # Model, parameter groups, scheduler.
     notes: list[str] = []
     segmentor = _build_model(settings, manifest.num_classes, dist, notes)
@@ -197,6 +199,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
         if state["epoch"] >= settings.train.epochs:
             raise SettingsError(f"--resume: the run already reached epoch {state['epoch']} of {settings.train.epochs}")
         run_dir = run_dir_of_checkpoint(resume)
+        state["saved_iteration"] = state["iteration"]
     else:
         torch.manual_seed(settings.train.seed + dist.rank)  # dropout differs across ranks
         preset_folder = (settings.preset or "custom").replace("/", "_")
@@ -219,6 +222,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
         run_folder.truncate_metrics(state["iteration"])
         if checkpoint is not None:
             run_folder.log(f"resumed from {resume} at iteration {state['iteration']}")
+            for change in resume_changes:
+                run_folder.log(f"note: resumed with a changed setting (--force): {change}")
     D.barrier()
     start_info = _start_info(settings, run_folder.path, dist, loaders, state["iteration"], notes)
     if main:
@@ -228,16 +233,16 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     if reporter is not None:
         reporter.start(start_info)
 
-    def save(path: Path, *, finished: bool = False, with_state: bool = True) -> None:
+    def save(path: Path, *, finished: bool = False) -> None:
         if not main:
             return
-        train_state = None
-        if with_state:
-            train_state = {**state, "finished": finished, "epochs": settings.train.epochs,
-                           "world_size": dist.world_size, "batch_size": settings.train.batch_size,
-                           "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng()}
+        train_state = {**state, "finished": finished, "epochs": settings.train.epochs,
+                       "world_size": dist.world_size, "batch_size": settings.train.batch_size,
+                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng()}
         save_checkpoint(path, segmentor, class_names=manifest.classes, palette=manifest.palette,
                         settings=settings.to_dict(), train_state=train_state)
+        if path == run_folder.last:
+            state["saved_iteration"] = state["iteration"]  # named by the non-finite-loss error
 
     stop = StopRequest()
     tensorboard = open_log(settings.run.tensorboard, run_folder.path, main)
@@ -253,8 +258,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                 if (epoch + 1) % settings.eval.every == 0 or last_epoch:
                     result = evaluate_epoch(segmentor, val_set, settings, protocol, dist, manifest, run_folder, state,
                                             lr=lr, main=main, losses=epoch_losses, tensorboard=tensorboard)
-                    if main and result.improved:
-                        save(run_folder.best, with_state=False)
+                    if main and result.improved:  # with its state: resumable if last.pt is ever lost
+                        save(run_folder.best, finished=last_epoch)
                     if reporter is not None:
                         reporter.evaluated(EvalInfo(epoch, result.miou, result.pixel_accuracy, state["best_miou"],
                                                     state["best_epoch"], result.seconds))

@@ -84,9 +84,39 @@ def save_checkpoint(
         "settings": settings or {},
         "train_state": train_state,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch_file(path, payload)
     return Path(path)
+
+
+class _ErrorKeepingWriter:
+    """A file wrapper for torch.save that remembers the OSError of a failed write: torch reports it
+    as a RuntimeError about stream positions, without the cause (disk full, permission lost)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def save_torch_file(path: str | os.PathLike, payload: Any) -> None:
+    """torch.save, atomically and durably: the previous file stays whole until the new one is on
+    disk; a failed write raises WriteError naming `path` and the cause."""
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as handle:
+        writer = _ErrorKeepingWriter(handle)
+        try:
+            torch.save(payload, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
 
 
 def infer_model_config(state_dict: dict[str, torch.Tensor], *, path: Path | str = "weights") -> ModelConfig:
