@@ -47,3 +47,62 @@ def test_group_stop_with_loader_workers_saves_and_exits_130(tmp_path: Path, stop
     reached = int(re.search(r"stopped at iteration (\d+); resume with", stderr)[1])
     saved = read_checkpoint(metrics.parent / "weights" / "last.pt").train_state
     assert saved["iteration"] == reached >= LOGGED_BEFORE_STOP
+
+
+PREDICT_IMAGES = 12
+PREDICT_SIZE = 160  # large enough that the stop arrives while images remain
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from allspark_cli.engine.settings import build_settings
+    from allspark_cli.engine.train import train
+
+    root = tmp_path_factory.mktemp("stop")
+    manifest = make_dataset(root / "data", num_val=6)
+    return train(build_settings(base=tiny_layer(manifest, root / "runs"))).run_dir / "weights" / "best.pt"
+
+
+def test_predict_stopped_by_its_group_exits_130_and_a_rerun_continues(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(PREDICT_IMAGES):
+        cv2.imwrite(str(images / f"{index:02d}.png"), rng.integers(0, 255, (PREDICT_SIZE, PREDICT_SIZE, 3), np.uint8))
+    command = [sys.executable, "-m", "allspark_cli", "predict", str(tiny_checkpoint), str(images), "--out",
+               str(tmp_path / "out"), "--save", "mask", "--workers", "2", "--batch-size", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    masks = tmp_path / "out" / "masks"
+    deadline = time.monotonic() + STARTUP_LIMIT_S
+    while time.monotonic() < deadline and process.poll() is None and not (masks.is_dir() and any(masks.iterdir())):
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=STARTUP_LIMIT_S)
+    assert process.returncode == INTERRUPTED_EXIT, stderr
+    assert "Traceback" not in stderr and "DataLoader worker" not in stderr
+    assert re.search(r"predict stopped after \d+ of 12 images.*run the same command again to continue", stderr)
+    kept = sorted(path.name for path in masks.iterdir())
+    assert all(not name.startswith(".") for name in kept)  # no half-written file under any name
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(kept)} already done" in rerun.stdout + rerun.stderr
+    assert len(list(masks.iterdir())) == PREDICT_IMAGES
+
+
+def test_eval_stopped_exits_with_nothing_written(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """SIGTERM while `allspark eval` runs: Interrupted after the current batch, no eval folder."""
+    from allspark_cli.engine.evaluate import evaluate_checkpoint
+    from allspark_cli.errors import Interrupted
+
+    def stop_after_first(done: int, total: int) -> None:
+        if done == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted, match="evaluation stopped after 1 of 6 images; nothing was written"):
+        evaluate_checkpoint(tiny_checkpoint, device="cpu", out=tmp_path / "eval", progress=stop_after_first)
+    assert not (tmp_path / "eval").exists()

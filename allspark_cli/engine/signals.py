@@ -7,7 +7,8 @@ DataLoader's `worker_init_fn`): only the main process decides, and the workers e
 its loaders, instead of dying first and turning the stop into a loader error.
 
 While installed, the first signal only sets `requested`; the training loop checks it after each
-step (all ranks agree through an all-reduce), saves last.pt and raises Interrupted. A second
+step (all ranks agree through an all-reduce), saves last.pt and raises Interrupted; `eval` and
+`predict` check it after each batch (predict's finished outputs are kept, eval writes nothing). A second
 Ctrl-C falls back to Python's default and interrupts at once. Handlers can only be installed from
 the main thread; elsewhere (e.g. a worker thread) installing is a no-op.
 """
