@@ -17,6 +17,7 @@ from allspark_cli.errors import DataError, WriteError
 
 
 _DEFAULT_FILE_MODE = 0o666
+TEMP_MARKER = ".tmp"  # in every temporary name: .<target name>.<random>.tmp<target suffix>
 
 
 def _umask() -> int:
@@ -45,7 +46,7 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[P
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{TEMP_MARKER}{target.suffix}", dir=target.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         os.chmod(tmp, _DEFAULT_FILE_MODE & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
@@ -60,6 +61,20 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[P
         if tmp is not None:
             with contextlib.suppress(OSError):  # e.g. the folder's permission was lost as well
                 tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(folder: str | os.PathLike, name_pattern: str = "*") -> int:
+    """Deletes the temporary files of `atomic_path` for targets matching `name_pattern` that a killed
+    process left in `folder` (never any other file). Returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.glob(f".{name_pattern}.*{TEMP_MARKER}*"):
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from allspark_cli.errors import SettingsError
-from allspark_cli.fileio import atomic_write_text
+from allspark_cli.fileio import atomic_write_text, remove_stale_temps
 
 DEFAULT_RUN_NAME = "exp"
 CONFIG_FILE = "config.yaml"
@@ -54,6 +54,14 @@ def run_dir_for(root: Path, preset_folder: str, name: str | None, exist_ok: bool
         if not candidate.exists():
             return candidate
         number += 1
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl record; None for a blank line or the partial last line of a killed run."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def is_run_dir(path: Path) -> bool:
@@ -129,7 +137,10 @@ class RunFolder:
         self.best = self.weights / BEST_CHECKPOINT
 
     def create(self, *, config_text: str, env: dict[str, Any]) -> None:
+        """Makes the folders and writes config.yaml and env.json; removes the half-written checkpoint
+        of a killed predecessor (its temporary file: last.pt/best.pt themselves are always whole)."""
         self.weights.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.weights)
         self.plots.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / CONFIG_FILE, config_text)
         atomic_write_text(self.path / ENV_FILE, json.dumps(env, indent=2) + "\n")
@@ -147,7 +158,8 @@ class RunFolder:
         path = self.path / METRICS_FILE
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = (_record(line) for line in path.read_text(encoding="utf-8").splitlines())
+        return [record for record in records if record is not None]
 
     def truncate_metrics(self, after_iteration: int) -> None:
         """Drops metrics.jsonl lines logged after `after_iteration` (steps a resumed run redoes)."""
@@ -155,7 +167,7 @@ class RunFolder:
         if not path.is_file():
             return
         kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("iteration", 0) <= after_iteration]
+                if _record(line) is not None and _record(line).get("iteration", 0) <= after_iteration]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write_results(self, rows: list[dict[str, Any]]) -> None:

@@ -28,6 +28,19 @@ def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoade
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def interrupt_on_stop_signals() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, wherever no StopRequest is
+    installed (startup, dataset checks): the command ends with `Error: interrupted`, exit 130,
+    instead of dying silently with 143. Main thread only."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _raise_interrupt)
+
+
 class StopRequest:
     def __init__(self) -> None:
         self.requested = False
