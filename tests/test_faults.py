@@ -153,3 +153,34 @@ def test_changed_settings_on_resume_are_listed_and_refused_unless_forced(stopped
     log = (stopped_run / "train.log").read_text()
     assert "resumed with a changed setting (--force): optim.lr: 0.01 -> 0.02" in log
     assert "train.log_every" not in log.split("resumed from")[-1].split("\n")[1]
+
+
+def test_predict_outputs_on_a_full_disk_exit_6_and_keep_the_finished_ones(stopped_run: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    import cv2
+    import numpy as np
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(4):
+        cv2.imwrite(str(photos / f"{index}.png"), np.full((64, 64, 3), 40 * index, np.uint8))
+    real_write_bytes, writes = Path.write_bytes, []
+
+    def write_bytes(self: Path, data: bytes) -> int:
+        writes.append(self)
+        if len(writes) > 2:  # the disk fills up at the third output
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["predict", str(stopped_run / "weights" / "best.pt"), str(photos), "--out", str(out),
+                                 "--save", "mask"])
+    assert result.exit_code == WRITE_EXIT, result.output
+    assert "could not write" in result.output and "No space left on device" in result.output
+    kept = sorted(p.name for p in (out / "masks").iterdir())
+    assert kept == ["0.png", "1.png"]  # whole files only, no temporary left
+    monkeypatch.undo()
+    rerun = runner.invoke(app, ["predict", str(stopped_run / "weights" / "best.pt"), str(photos), "--out", str(out),
+                                "--save", "mask"])
+    assert rerun.exit_code == 0 and "2 already done" in rerun.output
