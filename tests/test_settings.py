@@ -97,3 +97,17 @@ def test_model_config_builder_uses_the_crop_for_memory_tokens() -> None:
     config = model_config_for(settings, num_classes=21)
     assert (config.backbone, config.head_dim, config.num_classes, config.method) == ("b0", 32, 21, "allspark")
     assert config.memory_tokens == 17 * 17  # 513 -> stride-32 grid of 17 x 17
+
+
+@pytest.mark.parametrize(("setting", "fragment"), [("model.memory_multiple=17", "model.memory_multiple"),
+                                                   ("model.head_dim=4", "model.head_dim"),
+                                                   ("model.backbone=b9", "model.backbone")])
+def test_an_architecture_value_out_of_range_is_refused_before_the_dataset_is_opened(tmp_path: Path, setting: str,
+                                                                                    fragment: str) -> None:
+    """The model section shares ModelConfig's declarations: one bound, checked with the settings.
+    The manifest path does not exist, so reaching the dataset would fail with another message."""
+    from allspark_cli.engine.train import train
+
+    layer = {"data": {"manifest": str(tmp_path / "missing.yaml"), "split": "1/8"}}
+    with pytest.raises(SettingsError, match=fragment):
+        train(build_settings(base=layer, sets=[setting]))

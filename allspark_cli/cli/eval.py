@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -11,11 +11,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from allspark_cli.cli.options import AmpOption, BatchSizeOption, DataOption, DeviceOption, WorkersOption
+from allspark_cli.data.manifest import EvalMode
 
 if TYPE_CHECKING:
     from allspark_cli.engine.evaluate import EvalReport
 
-ModeChoice = Literal["whole", "slide", "center-crop"]
 NOT_AVAILABLE = "n/a"
 DEFAULT_WORKERS = 2
 
@@ -54,7 +54,7 @@ def eval_command(
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="Evaluation split of the manifest.")] = "val",
     mode: Annotated[
-        ModeChoice | None, typer.Option(help="Inference mode; default: checkpoint settings, then the manifest.")
+        EvalMode | None, typer.Option(help="Inference mode; default: checkpoint settings, then the manifest.")
     ] = None,
     crop: Annotated[int | None, typer.Option(min=1, help="Window size of slide / center-crop.")] = None,
     stride: Annotated[int | None, typer.Option(min=1, help="Sliding-window step; default floor(2/3 crop).")] = None,

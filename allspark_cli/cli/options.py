@@ -6,16 +6,17 @@ None means "not given": the command then keeps the value of the preset, config o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
+from allspark_cli.engine.settings import AmpMode
+
 DEVICE_HELP = "Device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
-AmpChoice = Literal["off", "bf16", "fp16"]
 
 DeviceOption = Annotated[str | None, typer.Option("--device", help=DEVICE_HELP, show_default=False)]
 AmpOption = Annotated[
-    AmpChoice | None, typer.Option("--amp", help="Mixed precision (fp16 needs CUDA).", show_default=False)
+    AmpMode | None, typer.Option("--amp", help="Mixed precision (fp16 needs CUDA).", show_default=False)
 ]
 BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch size.", show_default=False)]
 WorkersOption = Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Data loader worker processes.", show_default=False)]

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from allspark_cli.cli.options import BatchSizeOption, DeviceOption, NameOption, WorkersOption
+from allspark_cli.engine.predict import PredictMode
 
-ModeChoice = Literal["whole", "slide"]
 RUNS_ROOT = Path("runs")
 DEFAULT_WORKERS = 2
 
@@ -29,7 +29,7 @@ def predict_command(
     save: Annotated[str, typer.Option(help="Comma-separated outputs: mask, color, overlay.")] = "mask,color,overlay",
     opacity: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the colours in the overlay.")] = 0.5,
     mode: Annotated[
-        ModeChoice | None,
+        PredictMode | None,
         typer.Option(help="whole or slide; default: slide for images over 2x the crop (or slide-trained checkpoints)."),
     ] = None,
     crop: Annotated[int | None, typer.Option(min=32, help="Sliding-window size; default: the checkpoint's crop.")] = None,

@@ -29,7 +29,9 @@ from allspark_cli.engine import events
 from allspark_cli.engine import train as engine
 from allspark_cli.engine.presets import find_preset, list_presets
 from allspark_cli.engine.resume import resume_base
-from allspark_cli.engine.settings import Backbone, MethodName, build_settings
+from allspark_cli.engine.settings import build_settings
+from allspark_cli.model.mit import Backbone
+from allspark_cli.model.segmentor import Method
 from allspark_cli.errors import SettingsError
 
 
@@ -123,7 +125,7 @@ def train_command(
     backbone: Annotated[Backbone | None, typer.Option("--backbone", rich_help_panel="Recipe", help="MiT variant.", show_default=False)] = None,
     pretrained: Annotated[Path | None, typer.Option("--pretrained", rich_help_panel="Recipe", help="MiT ImageNet weights file (mit_bX.pth).", show_default=False)] = None,
     no_pretrained: Annotated[bool, typer.Option("--no-pretrained", rich_help_panel="Recipe", help="Train from scratch (prints a warning).")] = False,
-    method: Annotated[MethodName | None, typer.Option("--method", rich_help_panel="Recipe", help="Ablation variant (paper Table 5).", show_default=False)] = None,
+    method: Annotated[Method | None, typer.Option("--method", rich_help_panel="Recipe", help="Ablation variant (paper Table 5).", show_default=False)] = None,
     amp: AmpOption = None,
     seed: SeedOption = None,
     device: DeviceOption = None,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, load_mani
 from allspark_cli.engine.distributed import resolve_device
 from allspark_cli.engine.inference import EVAL_MODES, EvalMode, center_crop_box, default_stride, segment
 from allspark_cli.engine.metrics import ConfusionMatrix, SegmentationMetrics
+from allspark_cli.engine.settings import AmpMode
 from allspark_cli.engine.precision import autocast_factory, check_amp
 from allspark_cli.engine.predict import check_out_dir, checkpoint_setting, load_inference_checkpoint
 from allspark_cli.engine.signals import StopRequest, ignore_stop_signals
@@ -40,7 +41,6 @@ from allspark_cli.errors import Interrupted, SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
 from allspark_cli.viz.confusion import confusion_figure
 
-AmpMode = Literal["off", "bf16", "fp16"]
 CLASS_DIM = 1
 
 # progress(done, total): images evaluated so far by this process, out of its share of the split.

@@ -18,7 +18,8 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-EvalMode = Literal["whole", "slide", "center-crop"]
+from allspark_cli.data.manifest import EvalMode
+
 EVAL_MODES: tuple[str, ...] = get_args(EvalMode)
 
 # Window placement of the sliding window:

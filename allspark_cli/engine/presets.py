@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from allspark_cli.engine.settings import MethodName, TrainSettings, check_keys, merge
+from allspark_cli.engine.settings import TrainSettings, check_keys, merge
+from allspark_cli.model.segmentor import Method
 from allspark_cli.errors import SettingsError
 
 # presets/ sits at the repository (or installed source) root, beside the package.
@@ -44,7 +45,7 @@ class PresetFile(BaseModel):
     labeled_count: int | None = Field(default=None, ge=1)
     paper_miou: float | None = Field(default=None, ge=0.0, le=100.0)
     paper_source: str | None = Field(default=None, description="the paper's table of paper_miou, e.g. 'Table 3 †'")
-    baselines: dict[MethodName, dict[str, Any]] = {}
+    baselines: dict[Method, dict[str, Any]] = {}
     settings: TrainSettings
 
 

@@ -19,7 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from allspark_cli.data.manifest import EvalMode
 from allspark_cli.errors import SettingsError
+from allspark_cli.model.config import ArchitectureChoices
 
 ENV_PREFIX = "ALLSPARK_"
 ENV_SEPARATOR = "__"
@@ -27,8 +29,6 @@ MIN_CROP = 32  # the stride-32 stage needs at least one token
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 SUGGESTION_CUTOFF = 0.6  # difflib similarity below which no did-you-mean is offered
 
-Backbone = Literal["b0", "b1", "b2", "b3", "b4", "b5"]
-MethodName = Literal["sup", "semi", "cca", "cca+smem", "allspark"]
 AmpMode = Literal["off", "bf16", "fp16"]
 LossName = Literal["ce", "ohem"]
 OptimizerName = Literal["sgd", "adamw"]
@@ -36,7 +36,6 @@ PseudoLabelPass = Literal["group", "image"]
 UnlabeledPadding = Literal["pseudo-label", "ignore"]
 EpochLength = Literal["unlabeled", "labeled"]
 BaselineRecipe = Literal["reference", "method"]
-EvalModeName = Literal["whole", "slide", "center-crop"]
 
 
 class _Section(BaseModel):
@@ -52,15 +51,12 @@ class DataSettings(_Section):
     workers: int = Field(default=4, ge=0, description="DataLoader worker processes per training process")
 
 
-class ModelSettings(_Section):
-    """The segmentor (DESIGN.md sections 1-2); `pretrained` is the local MiT ImageNet weight file."""
+class ModelSettings(ArchitectureChoices):
+    """The segmentor (DESIGN.md sections 1-2): the architecture choices (declared once, in
+    model/config.py) and the local MiT ImageNet weight file to start from."""
 
-    backbone: Backbone = "b5"
-    method: MethodName = "allspark"
-    head_dim: int = Field(default=768, ge=1, description="SegFormer head embedding width E")
-    attention_heads: int = Field(default=2, ge=1)
-    memory_multiple: int = Field(default=1, ge=1, description="memory length S = multiple * C")
-    drop_path_rate: float = Field(default=0.1, ge=0.0, lt=1.0)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     pretrained: Path | None = Field(
         default=Path("weights/mit_b5.pth"),
         description="MiT ImageNet weights (SegFormer release mit_bX.pth); null trains from scratch",
@@ -142,7 +138,7 @@ class EvalSettings(_Section):
 
     split: str = "val"
     every: int = Field(default=1, ge=1, description="epochs between evaluations (the last epoch always)")
-    mode: EvalModeName | None = None
+    mode: EvalMode | None = None
     crop: int | None = Field(default=None, ge=MIN_CROP)
     stride: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=1, ge=1)

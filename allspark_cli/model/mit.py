@@ -10,6 +10,7 @@ not MiT weights). Its LayerNorm epsilons already match MiT: 1e-6 in blocks and a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
@@ -30,8 +31,9 @@ class MiTSpec:
     depths: tuple[int, int, int, int]
 
 
+Backbone = Literal["b0", "b1", "b2", "b3", "b4", "b5"]
 _WIDE = (64, 128, 320, 512)
-MIT_VARIANTS: dict[str, MiTSpec] = {
+MIT_VARIANTS: dict[Backbone, MiTSpec] = {
     "b0": MiTSpec(dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
     "b1": MiTSpec(dims=_WIDE, depths=(2, 2, 2, 2)),
     "b2": MiTSpec(dims=_WIDE, depths=(3, 4, 6, 3)),
@@ -39,6 +41,7 @@ MIT_VARIANTS: dict[str, MiTSpec] = {
     "b4": MiTSpec(dims=_WIDE, depths=(3, 8, 27, 3)),
     "b5": MiTSpec(dims=_WIDE, depths=(3, 6, 40, 3)),
 }
+assert tuple(MIT_VARIANTS) == get_args(Backbone)  # one list of variant names
 
 
 def variant_for(dims: tuple[int, ...], depths: tuple[int, ...]) -> str | None:
