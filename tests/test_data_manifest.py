@@ -1,8 +1,6 @@
 """dataset.yaml and split lists: round trips, path resolution, and one-line errors naming the file."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -153,12 +151,3 @@ def test_missing_split_file(tmp_path):
     with pytest.raises(DataError, match="split file not found"):
         read_split(tmp_path / "nope.txt")
 
-
-def test_data_core_does_not_import_the_cli():
-    code = (
-        "import sys\n"
-        "import allspark_cli.data.manifest, allspark_cli.data.splits, allspark_cli.data.datasets\n"
-        "import allspark_cli.data.check, allspark_cli.data.transforms, data_tools.demo\n"
-        "assert 'typer' not in sys.modules and 'allspark_cli.cli' not in sys.modules, 'cli imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
