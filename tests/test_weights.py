@@ -152,5 +152,5 @@ def test_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     torch.save({"a": torch.zeros(2)}, path)
     with pytest.raises(DataError, match="numbers.pt: not a SegFormer/AllSpark checkpoint"):
         load_model(path)
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="checkpoint not found"):
         load_model(tmp_path / "missing.pt")

@@ -21,7 +21,7 @@ import torch
 from allspark_cli.constants import IMAGENET_MEAN, IMAGENET_STD
 from allspark_cli.errors import AllsparkError, EnvError
 from allspark_cli.fileio import atomic_path
-from allspark_cli.model.checkpoint import model_from_checkpoint, read_checkpoint
+from allspark_cli.model.checkpoint import load_for_inference
 
 ExportFormat = Literal["onnx", "torchscript"]
 DEFAULT_OPSET = 17
@@ -118,8 +118,7 @@ def export_checkpoint(
 ) -> ExportReport:
     """Exports the checkpoint (this toolkit's or the reference's) and checks the file's logits."""
     checkpoint = Path(checkpoint)
-    loaded = read_checkpoint(checkpoint)
-    model = model_from_checkpoint(loaded, "cpu").eval()
+    loaded, model = load_for_inference(checkpoint, "cpu")
     path = Path(out) if out is not None else default_output(checkpoint, fmt)
     meta = metadata(loaded.class_names, loaded.palette, loaded.source)
     generator = torch.Generator().manual_seed(0)

@@ -35,12 +35,12 @@ from allspark_cli.data.manifest import load_manifest
 from allspark_cli.data.splits import SplitEntry, read_split
 from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, WEIGHTS_DIR
-from allspark_cli.errors import AllsparkError, DataError, SettingsError
+from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
-from allspark_cli.model.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint
+from allspark_cli.model.checkpoint import Checkpoint, load_for_inference
 from allspark_cli.model.memory import NEVER_WRITTEN
 from allspark_cli.model.mit import stage_grid
-from allspark_cli.model.segmentor import MEMORY_METHODS, AllSparkSegmentor
+from allspark_cli.model.segmentor import MEMORY_METHODS
 from allspark_cli.viz import memory as viz
 from allspark_cli.viz.html import write_memory_report
 
@@ -155,30 +155,14 @@ def crop_size(crop: object) -> tuple[int, int] | None:
     return None
 
 
-def _read(checkpoint: Path) -> Checkpoint:
-    """The checkpoint's contents; DataError if it is none, SettingsError if its method has no memory."""
-    try:
-        info = read_checkpoint(checkpoint)
-    except AllsparkError:
-        raise
-    except Exception as error:  # torch.load raises many types for a file that is not a checkpoint
-        raise DataError(f"{checkpoint}: not a checkpoint ({type(error).__name__}: {error})") from None
+def _check_has_memory(info: Checkpoint) -> None:
+    """SettingsError when the checkpoint's method has no Semantic Memory."""
     method = info.model_config.method
     if method not in MEMORY_METHODS:
         raise SettingsError(
-            f"{checkpoint}: method '{method}' has no Semantic Memory; "
+            f"{info.path}: method '{method}' has no Semantic Memory; "
             f"inspect-memory needs one of {', '.join(sorted(MEMORY_METHODS))}"
         )
-    return info
-
-
-def _build(info: Checkpoint, device: str) -> AllSparkSegmentor:
-    try:
-        return model_from_checkpoint(info, device)
-    except AllsparkError:
-        raise
-    except Exception as error:  # a file with the right keys but tensors that do not fit
-        raise DataError(f"{info.path}: not a usable checkpoint ({type(error).__name__}: {error})") from None
 
 
 def _select_classes(names: Sequence[str], wanted: Sequence[str] | None) -> list[int]:
@@ -359,9 +343,9 @@ def inspect_memory(
     inputs = [(Path(p), viz.limit_long_side(read_image(p), MAX_IMAGE_SIDE)) for p in images or ()]
     path = resolve_checkpoint(checkpoint)
     report(f"reading {path}")
-    info = _read(path)
+    info, model = load_for_inference(path, device)
+    _check_has_memory(info)
     chosen = _select_classes(info.class_names, classes)
-    model = _build(info, device)
     memory = model.memory
     settings = info.settings or {}
     crop = (settings.get("data") or {}).get("crop") if isinstance(settings.get("data"), dict) else None

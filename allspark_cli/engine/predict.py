@@ -28,7 +28,7 @@ from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.distributed import resolve_device
 from allspark_cli.engine.inference import default_stride, segment
 from allspark_cli.engine.signals import StopRequest, ignore_stop_signals
-from allspark_cli.errors import AllsparkError, DataError, Interrupted, SettingsError
+from allspark_cli.errors import DataError, Interrupted, SettingsError
 from allspark_cli.viz.palette import voc_palette
 
 PredictMode = Literal["whole", "slide"]
@@ -79,18 +79,9 @@ def load_inference_checkpoint(path: str | os.PathLike, device: torch.device) -> 
     no names or palette: the benchmark names matching K (21 VOC, 19 Cityscapes, 81 COCO, else
     class_<i>) and the VOC palette are used.
     """
-    from allspark_cli.model.checkpoint import model_from_checkpoint, read_checkpoint
+    from allspark_cli.model.checkpoint import load_for_inference
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = read_checkpoint(path)
-        model = model_from_checkpoint(checkpoint, device)
-    except AllsparkError:
-        raise
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
-        raise DataError(f"{path} is not a readable checkpoint: {type(error).__name__}: {error}") from None
+    checkpoint, model = load_for_inference(path, device)
     num_classes = checkpoint.model_config.num_classes
     names = list(checkpoint.class_names or default_class_names(num_classes))
     palette = voc_palette(num_classes)

@@ -156,16 +156,19 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if content.get("format") == FORMAT_NAME:
         if content.get("format_version", 0) > FORMAT_VERSION:
             raise DataError(f"{path}: checkpoint format {content['format_version']} is newer than this allspark")
-        config = ModelConfig(**content["model_config"])
-        return Checkpoint(
-            path=path,
-            model_config=config,
-            state_dict=content["model"],
-            class_names=list(content["class_names"]),
-            palette=[list(c) for c in content["palette"]],
-            settings=content.get("settings") or {},
-            train_state=content.get("train_state"),
-        )
+        try:
+            return Checkpoint(
+                path=path,
+                model_config=ModelConfig(**content["model_config"]),
+                state_dict=content["model"],
+                class_names=list(content["class_names"]),
+                palette=[list(c) for c in content["palette"]],
+                settings=content.get("settings") or {},
+                train_state=content.get("train_state"),
+            )
+        except (KeyError, TypeError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+            detail = " ".join(str(error).split())[:200]
+            raise DataError(f"{path}: a damaged allspark checkpoint ({type(error).__name__}: {detail})") from None
     weights = content.get("model", content.get("state_dict", content))
     if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise DataError(f"{path}: not a checkpoint of allspark or of the reference code (no state dict)")
@@ -211,9 +214,20 @@ def model_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "
     return model.to(device).eval()
 
 
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Checkpoint, AllSparkSegmentor]:
+    """The checkpoint's contents and its eval-mode model on `device`: the one way eval, predict,
+    export and inspect-memory open a checkpoint. DataError (exit 3) naming the file when it is
+    missing, not a checkpoint, damaged, or holds weights that do not fit their architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint not found: {path}")
+    checkpoint = read_checkpoint(path)
+    return checkpoint, model_from_checkpoint(checkpoint, device)
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> AllSparkSegmentor:
     """An eval-mode segmentor from a checkpoint of this toolkit or of the reference code.
 
     `model(images)` takes (N, 3, H, W) ImageNet-normalised floats and returns logits (N, K, H, W).
     """
-    return model_from_checkpoint(read_checkpoint(path), device)
+    return load_for_inference(path, device)[1]
