@@ -29,7 +29,7 @@ def _render(console: Console, report: EvalReport, checkpoint_name: str, tta: boo
     metrics, protocol = report.result.metrics, report.protocol
     window = f" crop {protocol.crop}" if protocol.crop else ""
     window += f" stride {protocol.stride}" if protocol.stride else ""
-    table = Table(title=f"{checkpoint_name} on {protocol.split} ({protocol.mode}{window}{', tta' if tta else ''})")
+    table = Table(title=f"{checkpoint_name} on {report.split} ({protocol.mode}{window}{', tta' if tta else ''})")
     table.add_column("id", justify="right")
     table.add_column("class")
     table.add_column("IoU", justify="right")

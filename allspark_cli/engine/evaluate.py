@@ -29,13 +29,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.datasets import build_eval_dataset
-from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, load_manifest
+from allspark_cli.data.manifest import MANIFEST_NAME, load_manifest
 from allspark_cli.engine.distributed import resolve_device
-from allspark_cli.engine.inference import EVAL_MODES, EvalMode, center_crop_box, default_stride, segment
+from allspark_cli.engine.inference import EvalMode, center_crop_box, segment
 from allspark_cli.engine.metrics import ConfusionMatrix, SegmentationMetrics
 from allspark_cli.engine.settings import AmpMode
 from allspark_cli.engine.precision import autocast_factory, check_amp
-from allspark_cli.engine.predict import check_out_dir, checkpoint_setting, load_inference_checkpoint
+from allspark_cli.engine.predict import check_out_dir, load_inference_checkpoint
+from allspark_cli.engine.protocol import EvalProtocol, resolve_protocol
 from allspark_cli.engine.signals import StopRequest, ignore_stop_signals
 from allspark_cli.errors import Interrupted, SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
@@ -192,57 +193,16 @@ RUN_WEIGHTS_DIR = "weights"
 
 
 @dataclass(frozen=True)
-class EvalProtocol:
-    """How a checkpoint is evaluated: the split and the inference mode with its window."""
-
-    split: str
-    mode: EvalMode
-    crop: int | None
-    stride: int | None
-    tta: bool
-
-
-@dataclass(frozen=True)
 class EvalReport:
     """What `evaluate_checkpoint` did: the result, the protocol, the class names and the folder written."""
 
     result: EvalResult
+    split: str
     protocol: EvalProtocol
+    tta: bool
     class_names: list[str]
     out_dir: Path
     manifest_path: Path
-
-
-def resolve_protocol(
-    settings: dict[str, Any],
-    manifest: DatasetManifest,
-    *,
-    split: str,
-    mode: EvalMode | None,
-    crop: int | None,
-    stride: int | None,
-    tta: bool,
-) -> EvalProtocol:
-    """Explicit values first, then the checkpoint's `eval` settings, then the manifest's protocol.
-
-    The crop of a windowed mode falls back to the training crop (checkpoint, then manifest); the
-    stride of the sliding window to floor(2/3 crop). The window is None for whole-image mode.
-    """
-    mode = mode or checkpoint_setting(settings, "eval", "mode") or manifest.eval_mode
-    if mode not in EVAL_MODES:
-        raise SettingsError(f"eval mode {mode!r} is not one of {', '.join(EVAL_MODES)}")
-    if mode == "whole":
-        return EvalProtocol(split, mode, None, None, tta)
-    crop = (
-        crop or checkpoint_setting(settings, "eval", "crop") or manifest.eval_crop
-        or checkpoint_setting(settings, "data", "crop") or manifest.train_crop
-    )
-    if mode == "center-crop":
-        return EvalProtocol(split, mode, crop, None, tta)
-    stride = stride or checkpoint_setting(settings, "eval", "stride") or manifest.eval_stride or default_stride(crop)
-    if stride > crop:
-        raise SettingsError(f"--stride {stride} is larger than the window (--crop {crop}): pixels would be skipped")
-    return EvalProtocol(split, mode, crop, stride, tta)
 
 
 def default_eval_dir(checkpoint: Path, split: str, runs_root: Path) -> Path:
@@ -268,7 +228,9 @@ def write_eval_folder(report: EvalReport, checkpoint: Path, source: str) -> None
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_source": source,
         "manifest": str(report.manifest_path),
+        "split": report.split,
         **asdict(report.protocol),
+        "tta": report.tta,
         "num_images": result.num_images,
         "miou": metrics["miou"],
         "pixel_accuracy": metrics["pixel_accuracy"],
@@ -283,7 +245,7 @@ def write_eval_folder(report: EvalReport, checkpoint: Path, source: str) -> None
     writer.writeheader()
     writer.writerows({**row, "iou": _csv_float(row["iou"]), "accuracy": _csv_float(row["accuracy"])} for row in classes)
     atomic_write_text(report.out_dir / PER_CLASS_FILE, buffer.getvalue())
-    title = f"{Path(checkpoint).name} on {report.protocol.split}: mIoU {result.metrics.miou:.2f}"
+    title = f"{Path(checkpoint).name} on {report.split}: mIoU {result.metrics.miou:.2f}"
     write_png(report.out_dir / CONFUSION_FILE, confusion_figure(result.confusion, names, title))
 
 
@@ -319,7 +281,7 @@ def evaluate_checkpoint(
     checkpoint = Path(checkpoint)
     torch_device = resolve_device(device)
     loaded = load_inference_checkpoint(checkpoint, torch_device)
-    manifest_path = data or checkpoint_setting(loaded.settings, "data", "manifest")
+    manifest_path = data or loaded.saved.manifest
     if manifest_path is None:
         raise SettingsError(f"{checkpoint} does not record its dataset; pass --data path/to/dataset.yaml")
     manifest = load_manifest(manifest_path)
@@ -329,7 +291,7 @@ def evaluate_checkpoint(
             f"checkpoint {checkpoint} predicts {num_classes} classes but dataset '{manifest.name}' "
             f"({manifest_path}) has {manifest.num_classes}"
         )
-    protocol = resolve_protocol(loaded.settings, manifest, split=split, mode=mode, crop=crop, stride=stride, tta=tta)
+    protocol = resolve_protocol(manifest, mode=mode, crop=crop, stride=stride, saved=loaded.saved)
     out_dir = Path(out) if out is not None else default_eval_dir(checkpoint, split, Path(runs_root))
     check_out_dir(out_dir)
     dataset = build_eval_dataset(manifest, split)
@@ -341,6 +303,6 @@ def evaluate_checkpoint(
         )
     manifest_file = Path(manifest_path)
     manifest_file = (manifest_file / MANIFEST_NAME if manifest_file.is_dir() else manifest_file).resolve()
-    report = EvalReport(result, protocol, list(manifest.classes), out_dir, manifest_file)
+    report = EvalReport(result, split, protocol, tta, list(manifest.classes), out_dir, manifest_file)
     write_eval_folder(report, checkpoint, loaded.source)
     return report

@@ -37,6 +37,7 @@ from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, WEIGHTS_DIR
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
+from allspark_cli.engine.protocol import SavedRecipe
 from allspark_cli.model.checkpoint import Checkpoint, load_for_inference
 from allspark_cli.model.memory import NEVER_WRITTEN
 from allspark_cli.model.mit import stage_grid
@@ -179,12 +180,10 @@ def _select_classes(names: Sequence[str], wanted: Sequence[str] | None) -> list[
     return sorted(set(chosen))
 
 
-def _resolve_provenance(settings: dict, source: str, manifest_override: Path | None) -> _Provenance:
+def _resolve_provenance(saved: SavedRecipe, source: str, manifest_override: Path | None) -> _Provenance:
     if source == "reference":
         return _Provenance(None, None, "reference checkpoint: the reference code records no provenance")
-    data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
-    manifest_path = manifest_override or data.get("manifest")
-    split = data.get("split")
+    manifest_path, split = manifest_override or saved.manifest, saved.split
     if not manifest_path or not split:
         return _Provenance(None, None, "the checkpoint settings name no data.manifest / data.split: "
                            "source images cannot be shown (pass --data dataset.yaml if only the manifest is missing)")
@@ -347,10 +346,9 @@ def inspect_memory(
     _check_has_memory(info)
     chosen = _select_classes(info.class_names, classes)
     memory = model.memory
-    settings = info.settings or {}
-    crop = (settings.get("data") or {}).get("crop") if isinstance(settings.get("data"), dict) else None
-    grid = token_grid(memory.tokens, crop)
-    provenance = _resolve_provenance(settings, info.source, Path(image_root) if image_root else None)
+    saved = SavedRecipe.from_settings(info.settings)
+    grid = token_grid(memory.tokens, saved.train_crop)
+    provenance = _resolve_provenance(saved, info.source, Path(image_root) if image_root else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats, rows = _class_pictures(memory, info, chosen, grid, max_channels, provenance, out_dir, report)
     charts = [] if info.source == "reference" else ["fill_level.png", "assigned_count.png"]
@@ -360,7 +358,7 @@ def inspect_memory(
         write_png(out_dir / charts[1], viz.assigned_count_chart([s.assigned_count for s in stats], names))
     _write_csv(out_dir / "provenance.csv", rows)
     # Attention on the memory needs the image's token count to be the memory's N.
-    attention_size = crop_size(crop)
+    attention_size = crop_size(saved.train_crop)
     if attention_size is None or stage_grid(attention_size[0]) * stage_grid(attention_size[1]) != memory.tokens:
         attention_size = (grid[0] * STAGE4_STRIDE, grid[1] * STAGE4_STRIDE)
     inspections = []

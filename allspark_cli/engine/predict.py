@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from allspark_cli.data.imageio import read_image
 from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.distributed import resolve_device
 from allspark_cli.engine.inference import default_stride, segment
+from allspark_cli.engine.protocol import SavedRecipe
 from allspark_cli.engine.signals import StopRequest, ignore_stop_signals
 from allspark_cli.errors import DataError, Interrupted, SettingsError
 from allspark_cli.viz.palette import voc_palette
@@ -34,8 +35,6 @@ from allspark_cli.viz.palette import voc_palette
 PredictMode = Literal["whole", "slide"]
 SaveKind = Literal["mask", "color", "overlay"]
 SAVE_KINDS: tuple[str, ...] = get_args(SaveKind)
-# Crop of the reference's pascal/coco configs: the sliding window of checkpoints without settings.
-DEFAULT_CROP = 513
 # Whole-image inference up to this multiple of the training crop (longer side), windows beyond.
 AUTO_SLIDE_FACTOR = 2
 # Prediction places every sliding window at full crop size (the last one moved back to the border):
@@ -57,19 +56,8 @@ class InferenceCheckpoint(NamedTuple):
     model: nn.Module
     class_names: list[str]
     palette: np.ndarray  # (K, 3) uint8 RGB
-    settings: dict[str, Any]
+    saved: SavedRecipe  # what its training settings say about inference
     source: str
-
-
-def checkpoint_setting(settings: dict[str, Any], section: str, key: str) -> Any:
-    """settings[section][key] of a checkpoint's settings dict, or None where any level is missing."""
-    value = settings.get(section) if isinstance(settings, dict) else None
-    return value.get(key) if isinstance(value, dict) else None
-
-
-def checkpoint_crop(settings: dict[str, Any]) -> int:
-    """The crop a checkpoint was evaluated/trained with; DEFAULT_CROP when it does not say."""
-    return checkpoint_setting(settings, "eval", "crop") or checkpoint_setting(settings, "data", "crop") or DEFAULT_CROP
 
 
 def load_inference_checkpoint(path: str | os.PathLike, device: torch.device) -> InferenceCheckpoint:
@@ -89,7 +77,7 @@ def load_inference_checkpoint(path: str | os.PathLike, device: torch.device) -> 
         palette = np.asarray(checkpoint.palette, dtype=np.uint8).reshape(-1, 3)
     if len(palette) < num_classes:
         palette = np.concatenate([palette, voc_palette(num_classes)[len(palette):]])
-    return InferenceCheckpoint(model.eval(), names, palette, dict(checkpoint.settings or {}), checkpoint.source)
+    return InferenceCheckpoint(model.eval(), names, palette, SavedRecipe.from_settings(checkpoint.settings), checkpoint.source)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -138,11 +126,11 @@ class Predictor:
         if isinstance(checkpoint_or_model, nn.Module):
             model = checkpoint_or_model.to(self.device).eval()
             num_classes = getattr(getattr(model, "config", None), "num_classes", None)
-            loaded = InferenceCheckpoint(model, default_class_names(num_classes or 0), voc_palette(), {}, "model")
+            loaded = InferenceCheckpoint(model, default_class_names(num_classes or 0), voc_palette(), SavedRecipe(), "model")
         else:
             loaded = load_inference_checkpoint(checkpoint_or_model, self.device)
         self.model = loaded.model
-        self.settings = loaded.settings
+        self.saved = loaded.saved
         self.class_names = list(class_names) if class_names is not None else loaded.class_names
         self.palette = np.asarray(palette if palette is not None else loaded.palette, dtype=np.uint8).reshape(-1, 3)
         if len(self.class_names) > MAX_MASK_CLASSES:
@@ -150,7 +138,7 @@ class Predictor:
                 f"{len(self.class_names)} classes do not fit in 8-bit masks (at most {MAX_MASK_CLASSES})"
             )
         self.mode = mode
-        self.crop = crop or checkpoint_crop(self.settings)
+        self.crop = crop or self.saved.window
         self.stride = stride or default_stride(self.crop)
         if self.stride > self.crop:
             raise SettingsError(
@@ -163,7 +151,7 @@ class Predictor:
         """The inference mode used for an image of this size."""
         if self.mode is not None:
             return self.mode
-        trained_with_slide = checkpoint_setting(self.settings, "eval", "mode") == "slide"
+        trained_with_slide = self.saved.eval_mode == "slide"
         if trained_with_slide or max(height, width) > AUTO_SLIDE_FACTOR * self.crop:
             return "slide"
         return "whole"

@@ -24,6 +24,7 @@ from allspark_cli.engine.events import EvalInfo, StartInfo, TrainReporter, forma
 from allspark_cli.engine.losses import build_criterion
 from allspark_cli.engine.precision import autocast_factory, check_amp, make_scaler
 from allspark_cli.engine.presets import PAPER_GPUS
+from allspark_cli.engine.protocol import resolve_protocol
 from allspark_cli.engine.resume import capture_rng, check_resumable, check_unchanged, restore_rng
 from allspark_cli.engine.rundir import RunFolder, environment_info, run_dir_for, run_dir_of_checkpoint
 from allspark_cli.engine.settings import TrainSettings, dump_settings_yaml, model_config_for
@@ -33,7 +34,6 @@ from allspark_cli.engine.tensorboard import open_log, wanted
 from allspark_cli.engine.train_data import (
     build_loaders,
     eval_dataset,
-    eval_protocol,
     manifest_path,
     open_dataset,
     process_groups,
@@ -157,7 +157,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     process_groups(settings, dist.world_size)  # so is a group size that does not divide the batch
     # Data: checked before any compute; the loaders' order is a function of (seed, epoch).
     manifest = open_dataset(settings, dist, notify=reporter.message if reporter is not None else None)
-    protocol = eval_protocol(settings, manifest)
+    protocol = resolve_protocol(manifest, mode=settings.eval.mode, crop=settings.eval.crop, stride=settings.eval.stride,
+                                train_crop=settings.data.crop)
     settings = _resolved(settings, protocol)
     loaders = build_loaders(settings, manifest, dist)
     val_set = eval_dataset(settings, manifest)

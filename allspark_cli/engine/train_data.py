@@ -1,8 +1,8 @@
 """Start-up checks and loaders of a training run: everything data-related before the first step.
 
 `open_dataset` builds the demo dataset when a demo preset's manifest is missing, loads and checks
-the manifest (fast check, bad data refused before compute is spent) and resolves the evaluation
-protocol. `build_loaders` makes the two deterministic loaders (see engine/sampling.py).
+the manifest (fast check, bad data refused before compute is spent); the evaluation protocol is
+engine/protocol.py's. `build_loaders` makes the two deterministic loaders (see engine/sampling.py).
 """
 from __future__ import annotations
 
@@ -22,12 +22,6 @@ from allspark_cli.engine.signals import ignore_stop_signals
 from allspark_cli.errors import SettingsError
 
 DEMO_DATASET = "demo"
-
-
-class EvalProtocol(NamedTuple):
-    mode: str
-    crop: int | None
-    stride: int | None
 
 
 class Loaders(NamedTuple):
@@ -74,16 +68,6 @@ def open_dataset(
 
     raise_if_problems(check_dataset(manifest, fast=fast_check))
     return manifest
-
-
-def eval_protocol(settings: TrainSettings, manifest: DatasetManifest) -> EvalProtocol:
-    """Settings' eval mode/crop/stride where given, else the manifest's (DESIGN.md section 3b)."""
-    mode = settings.eval.mode or manifest.eval_mode
-    crop = settings.eval.crop or manifest.eval_crop
-    stride = settings.eval.stride or manifest.eval_stride
-    if mode != "whole" and crop is None:
-        raise SettingsError(f"eval.crop: evaluation mode '{mode}' needs a crop size")
-    return EvalProtocol(mode, crop, stride)
 
 
 def process_groups(settings: TrainSettings, world_size: int) -> int:

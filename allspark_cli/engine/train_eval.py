@@ -15,6 +15,7 @@ from allspark_cli.data.manifest import DatasetManifest
 from allspark_cli.engine.distributed import DistInfo
 from allspark_cli.engine.evaluate import evaluate_dataset
 from allspark_cli.engine.inference import segment
+from allspark_cli.engine.protocol import EvalProtocol
 from allspark_cli.engine.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.fileio import write_png
@@ -36,7 +37,7 @@ def _last_losses(history_losses: dict[str, float] | None) -> dict[str, float | N
 
 
 @torch.no_grad()
-def _mosaic(model: nn.Module, dataset, settings: TrainSettings, protocol, device: torch.device) -> list:
+def _mosaic(model: nn.Module, dataset, settings: TrainSettings, protocol: EvalProtocol, device: torch.device) -> list:
     samples = []
     was_training = model.training
     model.eval()
@@ -56,7 +57,7 @@ def evaluate_epoch(
     model: nn.Module,
     dataset,
     settings: TrainSettings,
-    protocol,
+    protocol: EvalProtocol,
     dist: DistInfo,
     manifest: DatasetManifest,
     run_folder: RunFolder,
