@@ -11,7 +11,10 @@ host one step late, so that checking them never makes the host wait for the step
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +25,8 @@ from allspark_cli.engine.events import StepInfo, TrainReporter, format_step
 from allspark_cli.engine.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.signals import StopRequest
+from allspark_cli.engine.tensorboard import TensorBoardLog
+from allspark_cli.engine.train_data import Loaders
 from allspark_cli.engine.step import StepRecipe, train_step
 from allspark_cli.errors import Interrupted, SettingsError
 
@@ -37,21 +42,21 @@ class EpochLoop:
 
     settings: TrainSettings
     dist: D.DistInfo
-    runner: nn.Module
+    runner: nn.Module  # TrainForward, DDP-wrapped under torchrun
     segmentor: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    autocast: Any
-    criterion_l: Any
-    gather: Any
-    loaders: Any
+    autocast: Callable[[], AbstractContextManager]
+    criterion_l: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    gather: Callable[[torch.Tensor], torch.Tensor] | None  # the memory update's all-gather (DDP only)
+    loaders: Loaders
     run_folder: RunFolder
     reporter: TrainReporter | None
-    state: dict[str, Any]
+    state: dict[str, Any]  # epoch, batch, iteration, best/last mIoU, history: what last.pt stores
     stop: StopRequest
-    save: Any
+    save: Callable[[Path], None]
     total_iterations: int
-    tensorboard: Any = None  # engine/tensorboard.py TensorBoardLog, rank 0 only
+    tensorboard: TensorBoardLog | None = None  # rank 0 only
 
 
 class _LossWindow:
