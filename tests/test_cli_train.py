@@ -29,7 +29,7 @@ def received(monkeypatch) -> dict:
     """Replaces the engine's train: records what the CLI passed instead of training."""
     calls: dict = {}
 
-    def fake_train(settings: TrainSettings, *, resume=None, force=False, reporter=None):
+    def fake_train(settings: TrainSettings, *, resume=None, force=False, reporter=None, build_missing=None):
         calls.update(settings=settings, resume=resume, force=force)
         return engine_train.RunResult(run_dir=Path("runs/x/exp"), best_miou=1.0, best_epoch=0, last_miou=1.0,
                                       epochs_done=1, iterations=1, finished=True)

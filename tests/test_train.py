@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import csv
-import sys
-import types
 import json
 from pathlib import Path
 
@@ -187,19 +185,22 @@ def test_cuda_out_of_memory_becomes_a_resource_error_with_remedies(manifest: Pat
 
 
 def test_demo_preset_builds_its_dataset_when_missing(tmp_path: Path, monkeypatch) -> None:
+    """`allspark train --preset demo-...` without the dataset: the CLI hands the engine the builder
+    of `allspark prepare demo`, which runs once, into the manifest's folder."""
+    from allspark_cli.cli.prepare import dataset_builder_for
+
     built = []
 
     def build_demo(out_dir, **kwargs):  # stands in for data_tools.demo.build_demo (minutes for the real one)
         built.append(Path(out_dir))
         return make_dataset(Path(out_dir))
 
-    fake = types.ModuleType("data_tools.demo")
-    fake.build_demo = build_demo
-    monkeypatch.setitem(sys.modules, "data_tools.demo", fake)
-    monkeypatch.setitem(sys.modules, "data_tools", types.ModuleType("data_tools"))
+    monkeypatch.setattr("data_tools.demo.build_demo", build_demo)
     layer = tiny_layer(tmp_path / "data" / "demo" / "dataset.yaml", tmp_path / "runs")
     layer["preset"] = "demo-1/16"
-    result = train(build_settings(base=layer))
+    settings = build_settings(base=layer)
+    assert dataset_builder_for("pascal-1/8") is None
+    result = train(settings, build_missing=dataset_builder_for(settings.preset))
     assert built == [tmp_path / "data" / "demo"] and result.finished
     assert result.run_dir == tmp_path / "runs" / "demo-1_16" / "exp"
 

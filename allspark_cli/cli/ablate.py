@@ -23,6 +23,7 @@ from allspark_cli.cli.options import (
     SetOption,
     WorkersOption,
 )
+from allspark_cli.cli.prepare import dataset_builder_for
 from allspark_cli.cli.train import RichReporter
 from allspark_cli.engine import events
 from allspark_cli.engine.ablate import DEFAULT_NAME, RUNS_DIR, Ablation, ablate, run_name
@@ -96,7 +97,8 @@ def ablate_command(
         console.print(f"[bold]run {index}/{total}[/]: {method}, seed {seed}", highlight=False)
         return RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
 
-    result = ablate(settings_for, method_list, list(range(seeds)), folder, reporter_for=reporter_for)
+    result = ablate(settings_for, method_list, list(range(seeds)), folder, reporter_for=reporter_for,
+                    build_missing=dataset_builder_for(probe.preset))
     Console().print(_table(result))
     Console().print(f"[green]done[/]: {len(result.runs)} runs; table, chart and results.csv in {folder}")
 

@@ -157,6 +157,23 @@ def custom(
     _show_summary(summary)
 
 
+DEMO_PRESET_PREFIX = "demo-"
+
+
+def build_demo_when_missing(folder: Path, notify=None) -> None:
+    """`allspark prepare demo`'s builder, for `train`/`ablate` of a demo preset whose dataset is missing."""
+    from data_tools.demo import build_demo
+
+    if notify is not None:
+        notify(f"building the demo dataset in {folder} (first run only, about a minute)")
+    build_demo(folder)
+
+
+def dataset_builder_for(preset: str | None):
+    """The builder `train` may call when the preset's dataset is missing: only the demo's is built."""
+    return build_demo_when_missing if (preset or "").startswith(DEMO_PRESET_PREFIX) else None
+
+
 @prepare_app.command("demo")
 def demo(out: OutOption, seed: SeedOption = None, workers: PrepareWorkersOption = None) -> None:
     """A small synthetic dataset (shapes on textures) to try the toolkit without downloads."""

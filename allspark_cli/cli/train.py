@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from allspark_cli.cli.prepare import dataset_builder_for
 from allspark_cli.cli.options import (
     AmpOption,
     BatchSizeOption,
@@ -162,7 +163,8 @@ def train_command(
                               method_recipes=method_recipes)
     reporter = RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
     checkpoint = resume_base(resume)[0] if resume else None
-    result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter)
+    result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter,
+                          build_missing=dataset_builder_for(settings.preset))
     Console().print(f"[green]done[/]: best mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1}), "
                     f"last {result.last_miou:.2f}; run folder {result.run_dir}")
 

@@ -25,7 +25,7 @@ from allspark_cli.data.manifest import load_manifest
 from allspark_cli.engine.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.train import train
-from allspark_cli.engine.train_data import manifest_path
+from allspark_cli.engine.train_data import DatasetBuilder, manifest_path
 from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_path, atomic_write_text
 from allspark_cli.model.checkpoint import read_checkpoint
@@ -157,7 +157,7 @@ def _best_row(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(rows, key=lambda row: row["miou"]) if rows else None
 
 
-def run_one(settings: TrainSettings, run_dir: Path, reporter=None) -> RunResult:
+def run_one(settings: TrainSettings, run_dir: Path, reporter=None, build_missing: DatasetBuilder | None = None) -> RunResult:
     """Trains (or resumes, or skips) one run of the ablation; its result (best mIoU and the per-class
     IoU of that evaluation, from the training's own evaluation history) is cached in RESULT_FILE."""
     result_file = run_dir / RESULT_FILE
@@ -170,9 +170,9 @@ def run_one(settings: TrainSettings, run_dir: Path, reporter=None) -> RunResult:
         state = read_checkpoint(last).train_state or {}
         history = state.get("history") if state.get("finished") else None
         if history is None:
-            history = train(settings, resume=last, reporter=reporter).history
+            history = train(settings, resume=last, reporter=reporter, build_missing=build_missing).history
     else:
-        history = train(settings, reporter=reporter).history
+        history = train(settings, reporter=reporter, build_missing=build_missing).history
     seconds = time.perf_counter() - start
     best = _best_row(history)
     if best is None:
@@ -196,6 +196,7 @@ def ablate(
     folder: Path,
     *,
     reporter_for: Callable[[str, int, int, int], Any] | None = None,
+    build_missing: DatasetBuilder | None = None,
 ) -> Ablation:
     """Every (method, seed) of `methods` x `seeds`, in that order; `settings_for(method, seed)` gives a
     run's settings (its run.root / run.name must place it under `folder/runs`). `reporter_for(method,
@@ -205,6 +206,6 @@ def ablate(
         settings = settings_for(method, seed)
         run_dir = Path(settings.run.root) / (settings.preset or "custom").replace("/", "_") / str(settings.run.name)
         reporter = reporter_for(method, seed, index, total) if reporter_for is not None else None
-        runs.append(run_one(settings, run_dir, reporter))
+        runs.append(run_one(settings, run_dir, reporter, build_missing))
         write_outputs(Ablation(folder, runs[0].class_names, runs, summarise(runs, methods)))  # grows run by run
     return Ablation(folder, runs[0].class_names, runs, summarise(runs, methods))

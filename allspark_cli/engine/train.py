@@ -32,6 +32,7 @@ from allspark_cli.engine.signals import StopRequest
 from allspark_cli.engine.step import TrainForward
 from allspark_cli.engine.tensorboard import open_log, wanted
 from allspark_cli.engine.train_data import (
+    DatasetBuilder,
     build_loaders,
     eval_dataset,
     manifest_path,
@@ -136,27 +137,30 @@ def train(
     resume: str | Path | None = None,
     force: bool = False,
     reporter: TrainReporter | None = None,
+    build_missing: DatasetBuilder | None = None,
 ) -> RunResult:
     """Trains (or, with `resume` = a run's last.pt, continues) the run described by `settings`.
 
     Raises SettingsError / DataError / EnvError before anything is written when the settings,
     data or device do not fit; ResourceError on CUDA OOM; Interrupted after saving on Ctrl-C/SIGTERM.
+    `build_missing` builds the dataset when its manifest does not exist yet (the demo presets).
     """
     dist = D.init_distributed(settings.train.device)
     try:
-        return _train(settings, dist, Path(resume) if resume else None, force, reporter)
+        return _train(settings, dist, Path(resume) if resume else None, force, reporter, build_missing)
     finally:
         D.shutdown_distributed(dist)
 
 
-def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporter) -> RunResult:
+def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporter, build_missing) -> RunResult:
     main = dist.rank == 0
     reporter = reporter if main else None
     check_amp(settings.train.amp, dist.device)
     wanted(settings.run.tensorboard)  # `on` without the package is refused before any work
     process_groups(settings, dist.world_size)  # so is a group size that does not divide the batch
     # Data: checked before any compute; the loaders' order is a function of (seed, epoch).
-    manifest = open_dataset(settings, dist, notify=reporter.message if reporter is not None else None)
+    manifest = open_dataset(settings, dist, notify=reporter.message if reporter is not None else None,
+                            build_missing=build_missing)
     protocol = resolve_protocol(manifest, mode=settings.eval.mode, crop=settings.eval.crop, stride=settings.eval.stride,
                                 train_crop=settings.data.crop)
     settings = _resolved(settings, protocol)

@@ -1,6 +1,7 @@
 """Start-up checks and loaders of a training run: everything data-related before the first step.
 
-`open_dataset` builds the demo dataset when a demo preset's manifest is missing, loads and checks
+`open_dataset` builds a missing dataset through the builder the caller passes (the CLI passes
+`allspark prepare demo`'s for the demo presets), loads and checks
 the manifest (fast check, bad data refused before compute is spent); the evaluation protocol is
 engine/protocol.py's. `build_loaders` makes the two deterministic loaders (see engine/sampling.py).
 """
@@ -21,7 +22,9 @@ from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.signals import ignore_stop_signals
 from allspark_cli.errors import SettingsError
 
-DEMO_DATASET = "demo"
+# Builds a dataset whose manifest is missing, into the given folder; `notify(text)` may be told
+# about the slow one-off work.
+DatasetBuilder = Callable[[Path, Callable[[str], None] | None], object]
 
 
 class Loaders(NamedTuple):
@@ -39,21 +42,14 @@ def manifest_path(settings: TrainSettings) -> Path:
 
 
 def open_dataset(
-    settings: TrainSettings, dist: DistInfo, *, fast_check: bool = True, notify: Callable[[str], None] | None = None
+    settings: TrainSettings, dist: DistInfo, *, fast_check: bool = True, notify: Callable[[str], None] | None = None,
+    build_missing: DatasetBuilder | None = None,
 ) -> DatasetManifest:
-    """The checked manifest of the run (builds the demo dataset first when it is asked for and missing).
-
-    `notify(text)` is told about slow one-off work (building the demo dataset).
-    """
+    """The checked manifest of the run; `build_missing` builds it first (on rank 0) when it is missing."""
     path = manifest_path(settings)
-    is_demo = (settings.preset or "").startswith(DEMO_DATASET + "-")
-    if not path.is_file() and is_demo:
+    if not path.is_file() and build_missing is not None:
         if dist.rank == 0:
-            from data_tools.demo import build_demo
-
-            if notify is not None:
-                notify(f"building the demo dataset in {path.parent} (first run only, about a minute)")
-            build_demo(path.parent)
+            build_missing(path.parent, notify)
         barrier()
     manifest = load_manifest(path)
     if settings.data.split not in manifest.train_splits:
