@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from allspark_cli.data.manifest import DatasetManifest, TrainSplit, load_manifest, write_manifest
+from allspark_cli.data.manifest import (
+    DatasetManifest,
+    TrainSplit,
+    load_manifest,
+    write_manifest,
+)
 from allspark_cli.engine.distributed import DistInfo
 from allspark_cli.engine.presets import find_preset
 from allspark_cli.engine.sampling import EpochBatchSampler
-from allspark_cli.engine.settings import build_settings
+from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.engine.train_data import build_loaders
 from allspark_cli.errors import SettingsError
 

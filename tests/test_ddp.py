@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-
-from allspark_cli.engine.settings import build_settings
-from allspark_cli.engine.train import train
 from train_fixtures import make_dataset, tiny_layer
+
+from allspark_cli.engine.settings_layers import build_settings
+from allspark_cli.engine.train import train
 
 WORLD_SIZE = 2
 

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_fixtures import make_dataset, tiny_layer
 from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
 from allspark_cli.engine import epoch as epoch_module
-from allspark_cli.engine.settings import build_settings
+from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.engine.train import train
 from allspark_cli.errors import Interrupted, WriteError
 from allspark_cli.model import checkpoint as checkpoint_module
 from allspark_cli.model.checkpoint import read_checkpoint, save_torch_file
-from train_fixtures import make_dataset, tiny_layer
 
 runner = CliRunner()
 SETTINGS_EXIT, DATA_EXIT, WRITE_EXIT = 2, 3, 6

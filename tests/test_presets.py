@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from allspark_cli.engine.presets import PRESET_DIR, file_stem_for, find_preset, list_presets, read_preset_file
-from allspark_cli.engine.settings import build_settings, model_config_for
+from allspark_cli.engine.presets import (
+    PRESET_DIR,
+    file_stem_for,
+    find_preset,
+    list_presets,
+    read_preset_file,
+)
+from allspark_cli.engine.settings import model_config_for
+from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.config import ModelConfig, build_model
 

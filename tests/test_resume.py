@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from train_fixtures import make_dataset, tiny_layer
 
 from allspark_cli.engine import epoch as epoch_module
 from allspark_cli.engine.resume import capture_rng, restore_rng, resume_base
-from allspark_cli.engine.settings import build_settings
+from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.engine.train import train
 from allspark_cli.errors import Interrupted, SettingsError
 from allspark_cli.model.checkpoint import load_model, read_checkpoint, save_checkpoint
-from train_fixtures import make_dataset, tiny_layer
 
 # 4 unlabeled images / global batch 2 = 2 iterations per epoch; the memory is read from epoch 2 on.
 EPOCHS = 2

@@ -6,12 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from allspark_cli.engine.settings import (
-    TrainSettings,
+from allspark_cli.engine.settings import TrainSettings, model_config_for
+from allspark_cli.engine.settings_layers import (
     build_settings,
     dump_settings_yaml,
     env_layer,
-    model_config_for,
     read_settings_file,
     set_layer,
 )

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from train_fixtures import make_dataset, tiny_layer
 
 from allspark_cli.model.checkpoint import read_checkpoint
-from train_fixtures import make_dataset, tiny_layer
 
 INTERRUPTED_EXIT = 130
 STARTUP_LIMIT_S = 120
@@ -55,7 +55,7 @@ PREDICT_SIZE = 160  # large enough that the stop arrives while images remain
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from allspark_cli.engine.settings import build_settings
+    from allspark_cli.engine.settings_layers import build_settings
     from allspark_cli.engine.train import train
 
     root = tmp_path_factory.mktemp("stop")

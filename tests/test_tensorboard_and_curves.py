@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_fixtures import make_dataset, tiny_layer
 
 from allspark_cli.engine import tensorboard as tensorboard_module
-from allspark_cli.engine.settings import build_settings
+from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.engine.train import train
 from allspark_cli.errors import EnvError
 from allspark_cli.viz.plots import smoothed, validation_mosaic
-from train_fixtures import make_dataset, tiny_layer
 
 pytest.importorskip("tensorboard")
 
@@ -81,7 +81,13 @@ def test_mosaic_legend_lists_the_classes_shown() -> None:
 def test_memory_captions_fit_their_tile() -> None:
     import cv2
 
-    from allspark_cli.viz.memory import FONT, LABEL_PAD, TILE_SIZE, label_scale, label_strip
+    from allspark_cli.viz.memory import (
+        FONT,
+        LABEL_PAD,
+        TILE_SIZE,
+        label_scale,
+        label_strip,
+    )
 
     for text in ("s10 it99 c104", "s511 it123456 c2047"):
         width = cv2.getTextSize(text, FONT, label_scale(text, TILE_SIZE), 1)[0][0]

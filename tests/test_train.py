@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from train_fixtures import make_dataset, tiny_layer
 
 from allspark_cli.data.datasets import build_eval_dataset
 from allspark_cli.data.manifest import load_manifest
@@ -18,13 +19,13 @@ from allspark_cli.engine.evaluate import evaluate_dataset
 from allspark_cli.engine.losses import OhemCrossEntropy, cross_entropy
 from allspark_cli.engine.rundir import run_dir_for
 from allspark_cli.engine.sampling import EpochBatchSampler
-from allspark_cli.engine.settings import TrainSettings, build_settings
+from allspark_cli.engine.settings import TrainSettings
+from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.engine.step import StepRecipe, pseudo_labels
 from allspark_cli.engine.train import poly_lr, train
 from allspark_cli.errors import ResourceError, SettingsError
 from allspark_cli.model.checkpoint import load_model, read_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model
-from train_fixtures import make_dataset, tiny_layer
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,15 @@ from allspark_cli.cli.options import (
 from allspark_cli.cli.prepare import dataset_builder_for
 from allspark_cli.cli.train import RichReporter
 from allspark_cli.engine import events
-from allspark_cli.engine.ablate import DEFAULT_NAME, RUNS_DIR, Ablation, ablate, run_name
+from allspark_cli.engine.ablate import (
+    DEFAULT_NAME,
+    RUNS_DIR,
+    Ablation,
+    ablate,
+    run_name,
+)
 from allspark_cli.engine.presets import find_preset
-from allspark_cli.engine.settings import build_settings
+from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.segmentor import METHODS
 

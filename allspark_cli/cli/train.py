@@ -7,10 +7,16 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from allspark_cli.cli.prepare import dataset_builder_for
 from allspark_cli.cli.options import (
     AmpOption,
     BatchSizeOption,
@@ -26,16 +32,15 @@ from allspark_cli.cli.options import (
     SetOption,
     WorkersOption,
 )
+from allspark_cli.cli.prepare import dataset_builder_for
 from allspark_cli.engine import events
 from allspark_cli.engine import train as engine
 from allspark_cli.engine.presets import find_preset, list_presets
 from allspark_cli.engine.resume import resume_base
-from allspark_cli.engine.settings import build_settings
+from allspark_cli.engine.settings_layers import build_settings
+from allspark_cli.errors import SettingsError
 from allspark_cli.model.mit import Backbone
 from allspark_cli.model.segmentor import Method
-from allspark_cli.errors import SettingsError
-
-
 
 PRESETS_TABLE_WIDTH = 180
 

@@ -19,9 +19,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from allspark_cli.engine.settings import TrainSettings, check_keys, merge
-from allspark_cli.model.segmentor import Method
+from allspark_cli.engine.settings import TrainSettings
+from allspark_cli.engine.settings_layers import check_keys, merge
 from allspark_cli.errors import SettingsError
+from allspark_cli.model.segmentor import Method
 
 # presets/ sits at the repository (or installed source) root, beside the package.
 PRESET_DIR = Path(__file__).resolve().parents[2] / "presets"

@@ -154,7 +154,7 @@ def resume_base(path: str | Path) -> tuple[Path | None, dict[str, Any]]:
         checkpoint_to_resume,
         run_dir_of_checkpoint,
     )
-    from allspark_cli.engine.settings import read_settings_file
+    from allspark_cli.engine.settings_layers import read_settings_file
 
     folder = Path(path)
     if folder.is_dir() and (folder / CONFIG_FILE).is_file() and not (folder / WEIGHTS_DIR / LAST_CHECKPOINT).exists():

@@ -19,15 +19,26 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from allspark_cli.engine import distributed as D
-from allspark_cli.engine.epoch import EpochLoop, poly_lr, train_epoch
+from allspark_cli.engine.epoch import EpochLoop, train_epoch
 from allspark_cli.engine.events import EvalInfo, StartInfo, TrainReporter, format_start
 from allspark_cli.engine.losses import build_criterion
 from allspark_cli.engine.precision import autocast_factory, check_amp, make_scaler
 from allspark_cli.engine.presets import PAPER_GPUS
 from allspark_cli.engine.protocol import resolve_protocol
-from allspark_cli.engine.resume import capture_rng, check_resumable, check_unchanged, restore_rng
-from allspark_cli.engine.rundir import RunFolder, environment_info, run_dir_for, run_dir_of_checkpoint
-from allspark_cli.engine.settings import TrainSettings, dump_settings_yaml, model_config_for
+from allspark_cli.engine.resume import (
+    capture_rng,
+    check_resumable,
+    check_unchanged,
+    restore_rng,
+)
+from allspark_cli.engine.rundir import (
+    RunFolder,
+    environment_info,
+    run_dir_for,
+    run_dir_of_checkpoint,
+)
+from allspark_cli.engine.settings import TrainSettings, model_config_for
+from allspark_cli.engine.settings_layers import dump_settings_yaml
 from allspark_cli.engine.signals import StopRequest
 from allspark_cli.engine.step import TrainForward
 from allspark_cli.engine.tensorboard import open_log, wanted
