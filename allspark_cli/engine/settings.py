@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from allspark_cli.constants import AttentionPath
 from allspark_cli.errors import SettingsError
 
 ENV_PREFIX = "ALLSPARK_"
@@ -67,6 +68,11 @@ class ModelSettings(_Section):
     )
     allow_partial_pretrained: bool = Field(
         default=False, description="load weights that cover the backbone only partly (otherwise refused)"
+    )
+    attention_path: AttentionPath = Field(
+        default="auto",
+        description="labeled-branch attention: eager (plain autograd), sdpa (fused kernels), frugal (the "
+        "memory-lean function); auto = frugal on CPU, on CUDA eager when its maps fit in free memory, else frugal",
     )
 
 
@@ -196,6 +202,7 @@ def model_config_for(settings: TrainSettings, num_classes: int):
         memory_multiple=settings.model.memory_multiple,
         memory_tokens=tokens_for_crop(settings.data.crop),
         drop_path_rate=settings.model.drop_path_rate,
+        attention_path=settings.model.attention_path,
     )
 
 

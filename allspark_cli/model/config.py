@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from allspark_cli.constants import AttentionPath
 from allspark_cli.model.mit import MIT_VARIANTS, stage_grid
 from allspark_cli.model.segmentor import MEMORY_METHODS, AllSparkSegmentor, Method
 
@@ -30,6 +31,7 @@ class ModelConfig(BaseModel):
     attention_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     projection_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     decoder_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    attention_path: AttentionPath = Field("auto", description="labeled-branch attention: auto, eager, frugal, sdpa")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -54,6 +56,7 @@ def build_model(config: ModelConfig) -> AllSparkSegmentor:
         attention_dropout=config.attention_dropout,
         projection_dropout=config.projection_dropout,
         decoder_dropout=config.decoder_dropout,
+        attention_path=config.attention_path,
     )
     model.config = config
     return model
