@@ -126,3 +126,14 @@ def test_bad_inputs(case: str, code: int, fragment: str, checkpoint, tmp_path) -
     assert fragment in result.output
     if case != "out_is_a_file":
         assert not (tmp_path / "out").exists()  # nothing written, not even an empty folder
+
+
+def test_amp_bf16_predicts_and_fp16_on_cpu_is_refused_before_any_output(checkpoint, tmp_path) -> None:
+    make_images(tmp_path / "in", corrupt=False)
+    common = [str(checkpoint), str(tmp_path / "in"), "--device", "cpu", "--workers", "0", "--save", "mask"]
+    result = invoke(*common, "--out", str(tmp_path / "bf16"), "--amp", "bf16")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "bf16" / "masks").rglob("*.png"))) == 3
+    refused = invoke(*common, "--out", str(tmp_path / "fp16"), "--amp", "fp16")
+    assert refused.exit_code == 4 and "--amp fp16 needs a CUDA device" in refused.output
+    assert not (tmp_path / "fp16").exists()

@@ -22,7 +22,8 @@ from allspark_cli.engine.sampling import EpochBatchSampler
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.engine.step import StepRecipe, pseudo_labels
-from allspark_cli.engine.train import poly_lr, train
+from allspark_cli.engine.epoch import poly_lr
+from allspark_cli.engine.train import train
 from allspark_cli.errors import ResourceError, SettingsError
 from allspark_cli.model.checkpoint import load_model, read_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model

@@ -4,12 +4,15 @@ Each command lives in its own module of this package and registers itself with `
 """
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
 from allspark_cli import __version__
 from allspark_cli.cli.errors import ErrorReportingGroup
+from allspark_cli.errors import EnvError
+from allspark_cli.torch_floor import check_torch_version
 
 app = typer.Typer(
     name="allspark",
@@ -68,6 +71,16 @@ def _register_commands() -> None:
         info.rich_help_panel = COMMAND_PANELS.get(info.name, info.rich_help_panel)
 
 
+def _require_torch() -> None:
+    """A torch below the floor fails here, in one line (exit 4), not deep inside a command."""
+    try:
+        check_torch_version()
+    except EnvError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        raise SystemExit(error.exit_code) from None
+
+
+_require_torch()
 _register_commands()
 
 

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from allspark_cli.cli.options import BatchSizeOption, DeviceOption, NameOption, WorkersOption
+from allspark_cli.cli.options import AmpOption, BatchSizeOption, DeviceOption, NameOption, WorkersOption
 from allspark_cli.engine.predict import PredictMode
 
 RUNS_ROOT = Path("runs")
@@ -37,6 +37,7 @@ def predict_command(
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
     batch_size: BatchSizeOption = None,
     device: DeviceOption = None,
+    amp: AmpOption = None,
     workers: WorkersOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images whose outputs already exist.")] = False,
 ) -> None:
@@ -55,7 +56,8 @@ def predict_command(
 
     console = Console()
     predictor = Predictor(
-        checkpoint, device=device or "auto", mode=mode, crop=crop, stride=stride, tta=tta, batch_size=batch_size or 1
+        checkpoint, device=device or "auto", mode=mode, crop=crop, stride=stride, tta=tta, batch_size=batch_size or 1,
+        amp=amp or "off",
     )
     out_dir = out if out is not None else predict_out_dir(RUNS_ROOT, name)
     columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

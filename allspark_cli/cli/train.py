@@ -35,6 +35,7 @@ from allspark_cli.cli.options import (
 from allspark_cli.cli.prepare import dataset_builder_for
 from allspark_cli.engine import events
 from allspark_cli.engine import train as engine
+from allspark_cli.engine.distributed import launched_rank
 from allspark_cli.engine.presets import find_preset, list_presets
 from allspark_cli.engine.resume import resume_base
 from allspark_cli.engine.settings_layers import build_settings
@@ -170,6 +171,8 @@ def train_command(
     checkpoint = resume_base(resume)[0] if resume else None
     result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter,
                           build_missing=dataset_builder_for(settings.preset))
+    if launched_rank() != 0:  # under torchrun the summary is rank 0's to print
+        return
     Console().print(f"[green]done[/]: best mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1}), "
                     f"last {result.last_miou:.2f}; run folder {result.run_dir}")
 

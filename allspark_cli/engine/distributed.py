@@ -7,11 +7,13 @@ with `is_main()`.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+from torch import nn
 
 from allspark_cli.errors import EnvError
 
@@ -65,6 +67,22 @@ def torchrun_environment() -> tuple[int, int, int] | None:
     return rank, world_size, local_rank
 
 
+def check_device_for_world(request: str, world_size: int) -> None:
+    """EnvError for `cuda:N` in a multi-process run: it would put every rank on GPU N."""
+    text = request.strip().lower()
+    if world_size > 1 and text.startswith("cuda:"):
+        raise EnvError(
+            f"--device {text} under torchrun (WORLD_SIZE={world_size}) would put every rank on the same GPU; "
+            "use --device cuda or auto (each rank takes GPU LOCAL_RANK), and CUDA_VISIBLE_DEVICES to pick GPUs"
+        )
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun launched it (0 without torchrun); readable without a group."""
+    env = torchrun_environment()
+    return 0 if env is None else env[0]
+
+
 def init_distributed(device: str = DEVICE_AUTO) -> DistInfo:
     """Joins the torchrun process group if there is one; returns this process's DistInfo.
 
@@ -73,6 +91,7 @@ def init_distributed(device: str = DEVICE_AUTO) -> DistInfo:
     """
     env = torchrun_environment()
     rank, world_size, local_rank = env if env is not None else (0, 1, 0)
+    check_device_for_world(device, world_size)
     resolved = resolve_device(device, local_rank)
     if world_size > 1 and not torch_dist.is_initialized():
         if resolved.type == "cuda":
@@ -132,3 +151,26 @@ def broadcast_object(value: object, src: int = 0) -> object:
     holder = [value]
     torch_dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def _with_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """`grad` relabelled with the strides of `param` when the two differ only on size-1 dimensions
+    (the same memory layout: a view, no copy); otherwise `grad` as it is."""
+    if grad.stride() == param.stride() or grad.shape != param.shape:
+        return grad
+    differ = [size != 1 and a != b for size, a, b in zip(grad.shape, grad.stride(), param.stride())]
+    return grad if any(differ) else grad.as_strided(grad.shape, param.stride())
+
+
+def match_gradient_layout_(module: nn.Module) -> nn.Module:
+    """Makes every gradient of `module` carry its parameter's strides, as DDP's buckets do.
+
+    The backward of a depthwise convolution on CPU returns the weight gradient of a (C, 1, 3, 3)
+    weight with strides [9, 1, 3, 1] against the weight's [9, 9, 3, 1]: the stride of a size-1
+    dimension is never used, so the bytes are laid out alike, but DDP compares the strides, warns
+    ("Grad strides do not match bucket view strides") and copies the gradient by the slow path.
+    A hook relabels such gradients before they reach DDP. Returns `module`."""
+    for param in module.parameters():
+        if param.requires_grad and 1 in param.shape:
+            param.register_hook(functools.partial(_with_layout_of, param))
+    return module

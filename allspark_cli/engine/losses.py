@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from allspark_cli.constants import IGNORE_INDEX
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Stands in for the true-class probability of ignored pixels in OHEM's ranking: above every real one.
+_ABOVE_ANY_PROBABILITY = 2.0
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -39,23 +41,22 @@ class OhemCrossEntropy:
         self.ignore_index = ignore_index
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """logits (N, K, H, W), target (N, H, W) int64 -> scalar loss."""
+        """logits (N, K, H, W), target (N, H, W) int64 -> scalar loss.
+
+        No device-to-host sync: the ignored pixels take a probability above any real one (so the
+        `min_kept`-th smallest over all pixels is the `min_kept`-th smallest valid one, or that sentinel
+        when fewer pixels are valid, which keeps them all), and the mean over the kept pixels is a sum
+        over a count (0 rather than NaN when nothing is valid)."""
         logits = logits.float()
         valid = target != self.ignore_index
-        num_valid = int(valid.sum())
-        if num_valid == 0:
-            return logits.sum() * 0
         pixel_loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")
-        keep = valid
-        if num_valid > self.min_kept:
-            with torch.no_grad():
-                safe_target = target.masked_fill(~valid, 0)
-                true_prob = logits.softmax(dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
-                valid_prob = true_prob[valid]
-                kth = torch.kthvalue(valid_prob, self.min_kept).values
-                threshold = torch.clamp(kth, min=self.thresh)
-                keep = valid & (true_prob <= threshold)
-        return pixel_loss[keep].mean()
+        with torch.no_grad():
+            safe_target = target.masked_fill(~valid, 0)
+            true_prob = logits.softmax(dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
+            ranked = true_prob.masked_fill(~valid, _ABOVE_ANY_PROBABILITY).reshape(-1)
+            kth = torch.kthvalue(ranked, min(self.min_kept, ranked.numel())).values
+            keep = valid & (true_prob <= torch.clamp(kth, min=self.thresh))
+        return torch.where(keep, pixel_loss, 0.0).sum() / keep.sum().clamp(min=1)
 
 
 def build_criterion(kind: str, *, ohem_thresh: float, ohem_min_kept: int, ignore_index: int = IGNORE_INDEX) -> Criterion:

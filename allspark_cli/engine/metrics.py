@@ -3,7 +3,7 @@
 Intersection and union are summed over the whole evaluation set (not averaged per image or per
 batch), then turned into per-class IoU and the mean. Rows of the matrix are ground-truth classes,
 columns predicted classes. The matrix stays on the device of the tensors it is fed (no
-device-to-host copy per batch); processes of a DDP run add theirs together once, at the end.
+device-to-host copy or sync per batch); processes of a DDP run add theirs together once, at the end.
 
 NaN policy (what "absent" means, and how the mean treats it):
 - IoU of class k is `TP / (TP + FP + FN)`. A class absent from both the ground truth and the
@@ -83,7 +83,12 @@ class ConfusionMatrix:
         labelled = target != self.ignore_index
         in_range = (target >= 0) & (target < k)
         valid = labelled & in_range
-        counts = torch.bincount(target[valid] * k + pred[valid], minlength=k * k).reshape(k, k)
+        # Every pixel lands in a bin, the skipped ones in an extra last bin: no boolean indexing and no
+        # bincount, both of which wait for the device to learn their output size (one sync per batch).
+        cells = torch.where(valid, target * k + pred, k * k)
+        counts = torch.zeros(k * k + 1, dtype=torch.int64, device=cells.device)
+        counts.scatter_add_(0, cells, cells.new_ones(()).expand_as(cells))
+        counts = counts[: k * k].reshape(k, k)
         outside = (labelled & ~in_range).sum()
         if self.matrix is None:
             self.matrix = torch.zeros_like(counts)

@@ -27,7 +27,9 @@ from allspark_cli.data.imageio import read_image
 from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.distributed import resolve_device
 from allspark_cli.engine.inference import default_stride, segment
+from allspark_cli.engine.precision import autocast_factory, check_amp
 from allspark_cli.engine.protocol import SavedRecipe
+from allspark_cli.engine.settings import AmpMode
 from allspark_cli.engine.signals import StopRequest, ignore_stop_signals
 from allspark_cli.errors import DataError, Interrupted, SettingsError
 from allspark_cli.viz.palette import voc_palette
@@ -105,6 +107,7 @@ class Predictor:
     mode: "whole", "slide", or None (automatic, see the module docstring). crop/stride: sliding
     window size (default: the checkpoint's crop) and step (default floor(2/3 crop)).
     tta: average with the horizontally flipped image. batch_size: images per forward (equal sizes).
+    amp: autocast dtype of the forward ("off", "bf16", "fp16"; fp16 needs CUDA).
     """
 
     def __init__(
@@ -119,10 +122,13 @@ class Predictor:
         batch_size: int = 1,
         class_names: Sequence[str] | None = None,
         palette: np.ndarray | Sequence | None = None,
+        amp: AmpMode = "off",
     ) -> None:
         if batch_size < 1:
             raise SettingsError(f"batch size must be >= 1, got {batch_size}")
         self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
+        check_amp(amp, self.device)
+        self.autocast = autocast_factory(amp, self.device)
         if isinstance(checkpoint_or_model, nn.Module):
             model = checkpoint_or_model.to(self.device).eval()
             num_classes = getattr(getattr(model, "config", None), "num_classes", None)
@@ -174,10 +180,11 @@ class Predictor:
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 batch = torch.stack([normalize(images[i]) for i in chunk]).to(self.device)
-                scores = segment(
-                    self.model, batch, mode=mode, crop=self.crop, stride=self.stride, tta=self.tta,
-                    placement=PREDICT_PLACEMENT,
-                )
+                with self.autocast():
+                    scores = segment(
+                        self.model, batch, mode=mode, crop=self.crop, stride=self.stride, tta=self.tta,
+                        placement=PREDICT_PLACEMENT,
+                    )
                 labels = scores.argmax(dim=CLASS_DIM).to(torch.uint8).cpu().numpy()
                 for offset, index in enumerate(chunk):
                     masks[index] = labels[offset]

@@ -108,6 +108,14 @@ class LoopSettings(_Section):
     ohem_min_kept: int = Field(default=200_000, ge=1)
     seed: int = Field(default=0, ge=0)
     amp: AmpMode = "off"
+    tf32: bool = Field(
+        default=True,
+        description="CUDA: float32 matrix products and convolutions on TF32 tensor cores (10-bit mantissa inputs, "
+        "float32 sums); false: full float32 products, as torch's own default",
+    )
+    cudnn_benchmark: bool = Field(
+        default=True, description="CUDA: time cuDNN's convolution algorithms once for the fixed training crop"
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     log_every: int = Field(default=20, ge=1, description="iterations between metrics.jsonl lines")
     save_every: int = Field(default=0, ge=0, description="iterations between last.pt saves (0: every epoch only)")
@@ -181,4 +189,5 @@ def model_config_for(settings: TrainSettings, num_classes: int):
         memory_multiple=settings.model.memory_multiple,
         memory_tokens=tokens_for_crop(settings.data.crop),
         drop_path_rate=settings.model.drop_path_rate,
+        attention_path=settings.model.attention_path,
     )

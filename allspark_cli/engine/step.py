@@ -27,6 +27,7 @@ from torch import nn
 
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.transforms import UNLABELED_PADDING
+from allspark_cli.engine.distributed import match_gradient_layout_
 from allspark_cli.engine.losses import Criterion, cross_entropy
 from allspark_cli.engine.settings import PseudoLabelPass
 from allspark_cli.model.allspark import split_groups
@@ -58,7 +59,8 @@ class TrainForward(nn.Module):
 
     def __init__(self, segmentor: nn.Module) -> None:
         super().__init__()
-        self.segmentor = segmentor
+        # DDP wraps this module: gradients must come with their parameters' strides (no warning, no copy).
+        self.segmentor = match_gradient_layout_(segmentor)
 
     def forward(self, images_l: torch.Tensor, images_u: torch.Tensor | None, **kwargs):
         return self.segmentor.forward_train(images_l, images_u, **kwargs)

@@ -22,7 +22,7 @@ from allspark_cli.engine import distributed as D
 from allspark_cli.engine.epoch import EpochLoop, train_epoch
 from allspark_cli.engine.events import EvalInfo, StartInfo, TrainReporter, format_start
 from allspark_cli.engine.losses import build_criterion
-from allspark_cli.engine.precision import autocast_factory, check_amp, make_scaler
+from allspark_cli.engine.precision import autocast_factory, check_amp, configure_cuda_math, make_scaler
 from allspark_cli.engine.presets import PAPER_GPUS
 from allspark_cli.engine.protocol import resolve_protocol
 from allspark_cli.engine.resume import (
@@ -167,6 +167,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     main = dist.rank == 0
     reporter = reporter if main else None
     check_amp(settings.train.amp, dist.device)
+    configure_cuda_math(tf32=settings.train.tf32, cudnn_benchmark=settings.train.cudnn_benchmark)
     wanted(settings.run.tensorboard)  # `on` without the package is refused before any work
     process_groups(settings, dist.world_size)  # so is a group size that does not divide the batch
     # Data: checked before any compute; the loaders' order is a function of (seed, epoch).

@@ -71,7 +71,7 @@ def evaluate_epoch(
     """Evaluates after epoch `state['epoch']` (already advanced), updates `state` (best, history)."""
     result = evaluate_dataset(model, dataset, mode=protocol.mode, crop=protocol.crop, stride=protocol.stride,
                               batch_size=settings.eval.batch_size, device=dist.device, amp=settings.train.amp,
-                              dist=dist if dist.is_distributed else None)
+                              dist=dist if dist.is_distributed else None, workers=settings.data.workers)
     miou, pixel_accuracy = float(result.metrics.miou), float(result.metrics.pixel_accuracy)
     epoch = state["epoch"] - 1
     improved = not math.isnan(miou) and miou > state["best_miou"]

@@ -28,7 +28,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from allspark_cli.model.attention import normalized_attention_map, projected_attention
+from allspark_cli.constants import AttentionPath
+from allspark_cli.model.attention import normalized_attention_map
+from allspark_cli.model.attention_paths import labeled_attention
 from allspark_cli.model.memory import SemanticMemory, group_channels, resize_logits_to_grid
 from allspark_cli.model.products import matmul_nt
 from allspark_cli.model.scratch import ScratchPool
@@ -70,11 +72,21 @@ class ChannelSelfAttention(nn.Module):
 
 class ChannelCrossAttention(nn.Module):
     """Labeled branch: one map of width hC between the labeled query channels and the channels of
-    every source (unlabeled images or memory class groups), keys/values shared by all images."""
+    every source (unlabeled images or memory class groups), keys/values shared by all images.
+    `attention_path` picks how the map is computed (attention_paths.py; all give the same values)."""
 
-    def __init__(self, dim: int, heads: int = 2, *, attention_dropout: float = 0.1, projection_dropout: float = 0.1):
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 2,
+        *,
+        attention_dropout: float = 0.1,
+        projection_dropout: float = 0.1,
+        attention_path: AttentionPath = "auto",
+    ):
         super().__init__()
         self.attention_dropout = attention_dropout
+        self.attention_path = attention_path
         self.q = nn.Linear(dim, heads * dim, bias=False)
         self.k = nn.Linear(dim, heads * dim, bias=False)
         self.v = nn.Linear(dim, heads * dim, bias=False)
@@ -96,9 +108,10 @@ class ChannelCrossAttention(nn.Module):
         queries = self.q(tokens).transpose(1, 2)  # (B, hC, N) query channels
         dropout_p = self.attention_dropout if self.training else 0.0
         scratch = self.scratch if queries.device.type == "cpu" else None  # CUDA's allocator caches
-        # Keys and values (hC * M, N) are projected inside, where their buffers can be reused.
-        mixed = projected_attention(
-            queries, sources, self.k.weight, self.v.weight, dropout_p=dropout_p, scratch=scratch
+        # Keys and values (hC * M, N) are projected inside, where the frugal path reuses their buffers.
+        mixed = labeled_attention(
+            queries, sources, self.k.weight, self.v.weight, path=self.attention_path, dropout_p=dropout_p,
+            scratch=scratch,
         )  # (B, hC, N)
         return self.projection_dropout(self.out(mixed.transpose(1, 2)))
 
@@ -120,6 +133,7 @@ class AllSparkModule(nn.Module):
         memory_slots: S per class (a multiple of C), or None for no memory (`cca`).
         memory_tokens: N of the training crop's grid (the memory stores N-vectors).
         group_by_class: CSG on (`allspark`) or blind enqueueing (`cca+smem`).
+        attention_path: how the labeled branch's map is computed (attention_paths.py).
     """
 
     def __init__(
@@ -133,13 +147,14 @@ class AllSparkModule(nn.Module):
         group_by_class: bool = True,
         attention_dropout: float = 0.1,
         projection_dropout: float = 0.1,
+        attention_path: AttentionPath = "auto",
     ) -> None:
         super().__init__()
         self.map_in = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU())
         self.token_norm = nn.LayerNorm(dim, eps=TOKEN_NORM_EPS)
         dropouts = {"attention_dropout": attention_dropout, "projection_dropout": projection_dropout}
         self.unlabeled_attention = ChannelSelfAttention(dim, heads, **dropouts)
-        self.labeled_attention = ChannelCrossAttention(dim, heads, **dropouts)
+        self.labeled_attention = ChannelCrossAttention(dim, heads, **dropouts, attention_path=attention_path)
         self.output_norm = nn.LayerNorm(dim, eps=TOKEN_NORM_EPS)
         self.map_out = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU())
         self.group_by_class = group_by_class

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from allspark_cli.constants import AttentionPath
 from allspark_cli.model.mit import Backbone, stage_grid
 from allspark_cli.model.segmentor import MEMORY_METHODS, AllSparkSegmentor, Method
 
@@ -26,6 +27,11 @@ class ArchitectureChoices(BaseModel):
     attention_heads: int = Field(2, ge=1, le=16, description="h of the AllSpark projections")
     memory_multiple: int = Field(1, ge=1, le=16, description="memory length S = multiple x C")
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0, description="stochastic depth of the MiT blocks")
+    attention_path: AttentionPath = Field(
+        "auto",
+        description="labeled-branch attention: eager (plain autograd), sdpa (fused kernels), frugal (the "
+        "memory-lean function); auto = frugal on CPU, on CUDA eager when its maps fit in free memory, else frugal",
+    )
 
 
 class ModelConfig(ArchitectureChoices):
@@ -60,6 +66,7 @@ def build_model(config: ModelConfig) -> AllSparkSegmentor:
         attention_dropout=config.attention_dropout,
         projection_dropout=config.projection_dropout,
         decoder_dropout=config.decoder_dropout,
+        attention_path=config.attention_path,
     )
     model.config = config
     return model

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allspark_cli.constants import AttentionPath
 from allspark_cli.model.allspark import AllSparkModule
 from allspark_cli.model.head import SegFormerHead
 from allspark_cli.model.memory import SemanticMemory
@@ -41,6 +42,7 @@ class AllSparkSegmentor(nn.Module):
         attention_heads: h of the AllSpark projections.
         memory_multiple: m; each class ring holds S = m * C channels.
         memory_tokens: N of the training crop's stride-32 grid (memory methods only).
+        attention_path: how the module's labeled-branch map is computed (model/attention_paths.py).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class AllSparkSegmentor(nn.Module):
         attention_dropout: float = 0.1,
         projection_dropout: float = 0.1,
         decoder_dropout: float = 0.1,
+        attention_path: AttentionPath = "auto",
     ) -> None:
         super().__init__()
         self.method = method
@@ -73,6 +76,7 @@ class AllSparkSegmentor(nn.Module):
                 group_by_class=method == "allspark",
                 attention_dropout=attention_dropout,
                 projection_dropout=projection_dropout,
+                attention_path=attention_path,
             )
         self.head = SegFormerHead(self.backbone.dims, num_classes, head_dim, dropout=decoder_dropout)
 
