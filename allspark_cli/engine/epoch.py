@@ -19,7 +19,7 @@ from allspark_cli.engine import distributed as D
 from allspark_cli.engine.events import StepInfo, TrainReporter, format_step
 from allspark_cli.engine.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
-from allspark_cli.engine.signals import StopRequest
+from allspark_cli.signals import StopRequest
 from allspark_cli.engine.step import StepRecipe, train_step
 from allspark_cli.errors import Interrupted, SettingsError
 

@@ -35,7 +35,7 @@ from allspark_cli.engine.inference import EVAL_MODES, EvalMode, center_crop_box,
 from allspark_cli.engine.metrics import ConfusionMatrix, SegmentationMetrics
 from allspark_cli.engine.precision import autocast_factory, check_amp
 from allspark_cli.engine.predict import check_out_dir, checkpoint_setting, load_inference_checkpoint
-from allspark_cli.engine.signals import ignore_stop_signals
+from allspark_cli.signals import ignore_stop_signals
 from allspark_cli.errors import SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
 from allspark_cli.viz.confusion import confusion_figure

@@ -27,7 +27,7 @@ from allspark_cli.data.imageio import read_image
 from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.distributed import resolve_device
 from allspark_cli.engine.inference import default_stride, segment
-from allspark_cli.engine.signals import ignore_stop_signals
+from allspark_cli.signals import ignore_stop_signals
 from allspark_cli.errors import AllsparkError, DataError, SettingsError
 from allspark_cli.viz.palette import voc_palette
 

@@ -27,7 +27,7 @@ from allspark_cli.engine.presets import PAPER_GPUS
 from allspark_cli.engine.resume import capture_rng, check_resumable, restore_rng
 from allspark_cli.engine.rundir import RunFolder, environment_info, run_dir_for, run_dir_of_checkpoint
 from allspark_cli.engine.settings import TrainSettings, dump_settings_yaml, model_config_for
-from allspark_cli.engine.signals import StopRequest
+from allspark_cli.signals import StopRequest
 from allspark_cli.engine.step import TrainForward
 from allspark_cli.engine.tensorboard import open_log, wanted
 from allspark_cli.engine.train_data import (

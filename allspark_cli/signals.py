@@ -1,9 +1,12 @@
 """Graceful stop on Ctrl-C (SIGINT), SIGTERM and SIGHUP: the loop finishes its step, saves, then stops.
 
+A core module (beside errors.py and fileio.py) because both the training engine and the dataset
+builders of `data_tools` (their conversion pool) use it, and `data_tools` does not import the engine.
+
 Schedulers stop a job by signalling its whole process group (`timeout`, Slurm's scancel and time
 limit, `docker stop`, Kubernetes: SIGTERM; a closed terminal: SIGHUP; Ctrl-C: SIGINT), so the data
 loader workers receive the signal too. Workers ignore these signals (`ignore_stop_signals`, every
-DataLoader's `worker_init_fn`): only the main process decides, and the workers end when it closes
+DataLoader's `worker_init_fn`, and the initializer of prepare's conversion pool): only the main process decides, and the workers end when it closes
 its loaders, instead of dying first and turning the stop into a loader error.
 
 While installed, the first signal only sets `requested`; the training loop checks it after each
@@ -22,7 +25,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
-    """In a loader worker: leave stop signals to the main process (see the module docstring)."""
+    """In a loader or pool worker: leave stop signals to the main process (see the module docstring)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
