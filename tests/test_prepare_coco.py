@@ -115,7 +115,7 @@ def test_resume_is_identical(tmp_path: Path) -> None:
     root, _, _ = make_coco(tmp_path)
     out = tmp_path / "out"
     prepare_coco(root, out, workers=1)
-    files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and "masks" in p.parts}
+    files = {p: p.read_bytes() for p in sorted((out / "masks").glob("*.png"))}
     summary = prepare_coco(root, out, workers=2)
     assert (summary.masks_written, summary.masks_skipped) == (0, len(files))
     assert {p: p.read_bytes() for p in files} == files
@@ -145,4 +145,9 @@ def test_bad_input(tmp_path: Path, case: str) -> None:
     with pytest.raises(DataError) as error:
         prepare_coco(root, tmp_path / "out", workers=1)
     assert name in str(error.value)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out" / "dataset.yaml").exists() and not (tmp_path / "out" / "splits").exists()
+    masks = sorted((tmp_path / "out" / "masks").glob("*.png")) if (tmp_path / "out").exists() else []
+    if case in ("bad json", "missing json"):  # found before any conversion
+        assert not (tmp_path / "out").exists()
+    else:  # every other mask was converted correctly and is kept
+        assert len(masks) == 8 + 2 - 1 and name.replace(".jpg", ".png") not in {mask.name for mask in masks}
