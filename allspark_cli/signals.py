@@ -22,12 +22,36 @@ import threading
 from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Signals whose default action ends the process silently (exit 128 + n); SIGINT already raises.
+_SILENT_STOPS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
     """In a loader or pool worker: leave stop signals to the main process (see the module docstring)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, while the block runs.
+
+    For commands without a loop that stops gracefully everywhere (`prepare` outside its conversion
+    stage): the stop becomes the command's one-line "interrupted" message with exit code 130
+    instead of a silent exit 143 / 129. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in _SILENT_STOPS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class StopRequest:
