@@ -449,14 +449,14 @@ def claim_mask_folder(folder: Path, builder: str, options: Mapping[str, str], *,
         return
     if existing_masks and not overwrite:
         if recorded is None:
-            why = "has no record of the options they were made with"
+            why = "have no record of the options they were made with (made by an older version?)"
         else:
             changed = [f"{key} {recorded.get('options', {}).get(key)!r} -> {value!r}" for key, value in options.items()
                        if recorded.get("options", {}).get(key) != value] or ["format"]
             why = f"were made with other options ({', '.join(changed)})"
         raise SettingsError(
-            f"the {len(existing_masks)} masks in {folder} {why}; rerun with --overwrite to rebuild them, or use the "
-            "options they were made with or another --out folder"
+            f"the {len(existing_masks)} masks in {folder} {why}; rerun with --overwrite to rebuild them, or with the "
+            "options they were made with, or choose another --out folder"
         )
     for mask in existing_masks:
         with named_write_errors(mask):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from allspark_cli.data.manifest import load_manifest
 from allspark_cli.data.splits import read_split
-from allspark_cli.errors import DataError
+from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.viz.palette import voc_palette
 from data_tools.pascal import AUG_RATIOS, ORIGINAL_SIZES, U2PL_RATIOS, prepare_pascal
 
@@ -290,3 +290,22 @@ def test_partial_keep_then_the_rerun_converts_only_the_fixed_files(tmp_path: Pat
     assert summary.masks_skipped == len(set(SBD_ONLY) | set(VOC_TRAIN)) + len(VOC_VAL) - 2
     for mask in (out / "SegmentationClass").glob("*.png"):
         np.testing.assert_array_equal(np.array(Image.open(mask)), expected[mask.stem])
+
+
+@pytest.mark.parametrize("inside", ["voc", "sbd"])
+def test_out_inside_a_source_is_refused_and_the_source_untouched(tmp_path: Path, inside: str) -> None:
+    voc, sbd, _ = make_voc(tmp_path)
+    before = {**_tree(voc), **_tree(sbd)}
+    out = (voc if inside == "voc" else sbd) / "prepared"
+    with pytest.raises(SettingsError, match="inside the source folder --(voc|sbd)-root"):
+        prepare_pascal(voc, out, sbd_root=sbd, workers=1)
+    assert {**_tree(voc), **_tree(sbd)} == before and not out.exists()
+
+
+def test_rerun_with_another_mask_source_is_refused(tmp_path: Path) -> None:
+    voc, sbd, _ = make_voc(tmp_path)
+    out = tmp_path / "out"
+    prepare_pascal(voc, out, sbd_root=sbd, workers=1)
+    assert load_manifest(out).mask_options == {"augmented_masks": "sbd"}
+    with pytest.raises(SettingsError, match=r"augmented_masks 'sbd' -> 'none'"):
+        prepare_pascal(voc, out, workers=1)
