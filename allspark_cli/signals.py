@@ -54,6 +54,25 @@ def stop_signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def start_resource_tracker_immune_to_stops() -> None:
+    """Starts multiprocessing's resource tracker (if not running) with the stop signals blocked.
+
+    The tracker is one helper process per program, in the program's process group. It ignores
+    SIGINT and SIGTERM itself but not SIGHUP: a SIGHUP sent to the group would kill it, a new one
+    would be started, and that one prints a KeyError traceback for every semaphore of the old.
+    A blocked signal stays blocked across exec, so the tracker started here never sees SIGHUP; in
+    this process a signal that arrives meanwhile is delivered when the mask is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class StopRequest:
     def __init__(self) -> None:
         self.requested = False

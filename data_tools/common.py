@@ -44,7 +44,7 @@ from PIL import Image, UnidentifiedImageError
 
 from allspark_cli.errors import AllsparkError, DataError, Interrupted, SettingsError, WriteError
 from allspark_cli.fileio import atomic_write_bytes, encode_png
-from allspark_cli.signals import StopRequest, ignore_stop_signals
+from allspark_cli.signals import StopRequest, ignore_stop_signals, start_resource_tracker_immune_to_stops
 
 # progress(stage, done, total): called from the main process as samples finish.
 ProgressFn = Callable[[str, int, int], None]
@@ -193,6 +193,7 @@ def _run_in_pool(
     task_fn, tasks, workers: int, report: MapReport, on_done: Callable[[int], None], check: Callable[[], None]
 ) -> None:
     chunks = [tasks[start:start + CHUNK_SIZE] for start in range(0, len(tasks), CHUNK_SIZE)]
+    start_resource_tracker_immune_to_stops()
     # "spawn" because the CLI process may hold threads (torch, rich) that a fork would copy mid-lock.
     # The workers ignore stop signals: a stop sent to the whole process group reaches the main
     # process's handler, which ends the pool after the chunks in progress.
@@ -442,7 +443,7 @@ def claim_mask_folder(folder: Path, builder: str, options: Mapping[str, str], *,
     """
     record_path = folder / MASK_RECORD_NAME
     wanted = {"format": MASK_RECORD_FORMAT, "builder": builder, "options": dict(options)}
-    existing_masks = sorted(folder.glob("*.png"))
+    existing_masks = sorted(p for p in folder.glob("*.png") if p.is_file() and not p.name.startswith("."))  # no temp files
     recorded = _read_record(record_path)
     if recorded == wanted and not overwrite:
         guard.note_record(record_path, existed=True)
