@@ -5,12 +5,14 @@ builders of `data_tools` (their conversion pool) use it, and `data_tools` does n
 
 Schedulers stop a job by signalling its whole process group (`timeout`, Slurm's scancel and time
 limit, `docker stop`, Kubernetes: SIGTERM; a closed terminal: SIGHUP; Ctrl-C: SIGINT), so the data
-loader workers receive the signal too. Workers ignore these signals (`ignore_stop_signals`, every
-DataLoader's `worker_init_fn`, and the initializer of prepare's conversion pool): only the main process decides, and the workers end when it closes
-its loaders, instead of dying first and turning the stop into a loader error.
+loader workers receive the signal too. Workers ignore these signals (`ignore_stop_signals`: every
+DataLoader's `worker_init_fn`, and the initializer of prepare's conversion pool): only the main
+process decides, and the workers end when it closes its loaders or pool, instead of dying first
+and turning the stop into a loader error.
 
 While installed, the first signal only sets `requested`; the training loop checks it after each
-step (all ranks agree through an all-reduce), saves last.pt and raises Interrupted. A second
+step (all ranks agree through an all-reduce), saves last.pt and raises Interrupted; prepare's
+conversion stage checks it as results come in and stops after the chunks in progress. A second
 Ctrl-C falls back to Python's default and interrupts at once. Handlers can only be installed from
 the main thread; elsewhere (e.g. a worker thread) installing is a no-op.
 """

@@ -29,6 +29,7 @@ section 4), in the same order:
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import json
 import multiprocessing
@@ -211,7 +212,8 @@ def _run_in_pool(
                     report.add(result)
                 on_done(len(results))
             check()
-    except KeyboardInterrupt:  # a second Ctrl-C: do not wait for the chunks in progress
+    except (KeyboardInterrupt, concurrent.futures.process.BrokenProcessPool):
+        # a second Ctrl-C, or a worker killed from outside (e.g. by the OOM killer): no waiting
         executor.shutdown(wait=False, cancel_futures=True)
         raise
     except _Stopped:

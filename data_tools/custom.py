@@ -445,7 +445,7 @@ def prepare_custom(
     with guarded_output() as guard:
         guard.make_dir(out_dir)
         remove_stale_temps(converted_dir, recursive=True)
-        report = run_parallel(check_sample, tasks, stage="check", workers=workers, progress=progress)
+        report = run_parallel(check_sample, tasks, stage="check", workers=workers, progress=progress, counts_outputs=False)
         guard.keep(report.written)
         converted = {path.relative_to(out_dir).as_posix() for path in [*report.written, *report.skipped_outputs]}
         raise_if_errors(report.errors, "files")
