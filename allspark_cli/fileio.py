@@ -63,16 +63,21 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[P
                 tmp.unlink(missing_ok=True)
 
 
-def remove_stale_temps(folder: str | os.PathLike, name_pattern: str = "*") -> int:
+def remove_stale_temps(folder: str | os.PathLike, name_pattern: str = "*", *, recursive: bool = False) -> int:
     """Deletes the temporary files of `atomic_path` for targets matching `name_pattern` that a killed
-    process left in `folder` (never any other file). Returns how many were removed."""
+    process left in `folder` (in subfolders too with `recursive`; never any other file). Returns how
+    many were removed; a file that cannot be removed is a WriteError naming it."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     removed = 0
-    for path in folder.glob(f".{name_pattern}.*{TEMP_MARKER}*"):
+    pattern = f".{name_pattern}.*{TEMP_MARKER}*"
+    for path in folder.rglob(pattern) if recursive else folder.glob(pattern):
         if path.is_file():
-            path.unlink()
+            try:
+                path.unlink()
+            except OSError as error:
+                raise write_error(path, error) from None
             removed += 1
     return removed
 

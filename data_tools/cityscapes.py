@@ -5,7 +5,9 @@ and `ROOT/gtFine/{train,val}/<city>/<stem>_gtFine_labelIds.png`. Each labelIds m
 `<stem>_gtFine_labelTrainIds.png` beside it with the official id -> trainId table (DESIGN.md
 section 4; every other id, -1 included, -> 255). Writing into the user's gtFine folder is how
 Cityscapes tools work, and it is the only addition to the source folder: no existing source file
-is modified (an existing labelTrainIds file, e.g. from cityscapesscripts, counts as done).
+is modified. An existing labelTrainIds file (e.g. from cityscapesscripts, or an earlier run)
+counts as done once it decodes completely, has the size of its labelIds mask and holds train ids
+only (0..18, 255); one that fails is rebuilt from its labelIds mask, and the summary says so.
 
 Output (`OUT/`): symlinks `leftImg8bit` and `gtFine` to the source folders (so the reference's
 split lines apply unchanged with root = OUT), `splits/<1_16>/{labeled,unlabeled}.txt`,
@@ -20,36 +22,36 @@ from pathlib import Path
 import numpy as np
 
 from allspark_cli.constants import IGNORE_INDEX
-from allspark_cli.data.imageio import read_mask
+from allspark_cli.data.imageio import read_mask, read_size
 from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.classnames import CITYSCAPES_CLASSES
 from allspark_cli.errors import DataError
-from allspark_cli.fileio import write_png
 from allspark_cli.viz.palette import cityscapes_palette
+from allspark_cli.fileio import remove_stale_temps
 from data_tools.common import (
+    MAX_REPORTED_ERRORS,
     PrepareSummary,
     ProgressFn,
     TaskResult,
     check_same_size,
+    check_values,
+    convert_all,
     guarded_output,
-    is_complete,
     link_dir,
     raise_if_errors,
-    remove_stale_temps,
+    refuse_out_inside_sources,
     require_dir,
-    run_parallel,
     verify_image,
+    write_mask,
 )
 from data_tools.splits import (
     SplitOutput,
     SplitSpec,
-    check_reference_files,
     count_for_ratio,
-    import_or_draw_splits,
+    plan_train_splits,
     ratio_folder,
     ratio_name,
-    read_reference_split,
     resolve_reference_folder,
 )
 
@@ -59,6 +61,7 @@ LABEL_TO_TRAIN_ID = {
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }
 LUT_SIZE = 256
+NUM_TRAIN_IDS = len(CITYSCAPES_CLASSES)
 TRAIN_SIZE = 2975
 VAL_SIZE = 500
 RATIOS = (Fraction(1, 30), Fraction(1, 16), Fraction(1, 8), Fraction(1, 4), Fraction(1, 2))
@@ -99,15 +102,39 @@ class LabelTask:
     output: Path
 
 
+def existing_train_ids_problem(task: LabelTask) -> str | None:
+    """Why an existing labelTrainIds file cannot be trusted (None: it is valid, or absent).
+
+    Decodes it completely (a truncated file fails), compares its size with the labelIds header
+    and checks that it holds train ids only. Costs one PNG decode; see docs/prepare.md.
+    """
+    if not task.output.is_file():
+        return None
+    try:
+        train_ids = read_mask(task.output)
+        width, height, _ = read_size(task.label_ids, "labelIds mask")
+        check_same_size(train_ids.shape, (height, width), task.output, task.label_ids)
+        check_values(train_ids, NUM_TRAIN_IDS - 1, IGNORE_INDEX, task.output)
+    except DataError as error:
+        return str(error)
+    return None
+
+
 def convert_label(task: LabelTask) -> TaskResult:
-    """Checks image and labelIds mask (decodable, single channel, same size) and writes trainIds."""
-    if is_complete(task.output):
-        return TaskResult("skipped", task.output)
+    """Checks image and labelIds mask (decodable, single channel, same size) and writes trainIds.
+
+    An existing labelTrainIds file is kept when it verifies, else rebuilt (with a note)."""
+    note = None
+    if task.output.is_file():
+        problem = existing_train_ids_problem(task)
+        if problem is None:
+            return TaskResult("skipped", task.output)
+        note = problem
     image_size = verify_image(task.image)
     label_ids = read_mask(task.label_ids)
     check_same_size(label_ids.shape, image_size, task.label_ids, task.image)
-    write_png(task.output, label_ids_to_train_ids(label_ids))
-    return TaskResult("written", task.output)
+    write_mask(task.output, label_ids_to_train_ids(label_ids))
+    return TaskResult("written", task.output, note=note)
 
 
 def _stem(label_ids: Path) -> str:
@@ -143,26 +170,29 @@ def _entry(task: LabelTask, root: Path) -> SplitEntry:
     return SplitEntry(task.image.relative_to(root).as_posix(), task.output.relative_to(root).as_posix())
 
 
-def plan_splits(samples: dict[str, list[LabelTask]], root: Path, *, seed: int, splits_from: Path | None) -> SplitOutput:
-    """Training splits 1/30..1/2 of train (imported or drawn) and val."""
+def plan_splits(samples: dict[str, list[LabelTask]], root: Path, *, seed: int, reference: Path | None) -> SplitOutput:
+    """Training splits 1/30..1/2 of train (imported from the `reference` folder or drawn) and val."""
     output = SplitOutput()
     entries = {_entry(task, root).image: _entry(task, root) for tasks in samples.values() for task in tasks}
     train = [_entry(task, root).image for task in samples["train"]]
+    val = [_entry(task, root).image for task in samples["val"]]
     specs = [SplitSpec(ratio_name(r), ratio_folder(r), "train", count_for_ratio(r, len(train))) for r in RATIOS]
     if len(train) != TRAIN_SIZE:
         output.notes.append(f"train has {len(train)} images, not {TRAIN_SIZE}: split sizes follow the ratios")
     known = frozenset(path for entry in entries.values() for path in entry)
-    reference = resolve_reference_folder(splits_from, "cityscapes") if splits_from is not None else None
-    import_or_draw_splits(
-        output, specs, {"train": train}, train, entries.__getitem__,
-        seed=seed, reference=reference, known=known, strict_counts=len(train) == TRAIN_SIZE,
+    plan_train_splits(
+        output, specs, {"train": train}, train, entries.__getitem__, val,
+        seed=seed, reference=reference, known=known, strict_counts=len(train) == TRAIN_SIZE, val_size=VAL_SIZE,
     )
-    if reference is not None and (reference / "val.txt").is_file():
-        data, count = read_reference_split(reference / "val.txt", known)
-        output.add_eval("val", data, count)
-    else:
-        output.add_eval("val", [_entry(task, root) for task in samples["val"]])
     return output
+
+
+def _rebuilt_note(notes: list[str]) -> list[str]:
+    if not notes:
+        return []
+    shown = "; ".join(notes[:MAX_REPORTED_ERRORS])
+    more = f" (and {len(notes) - MAX_REPORTED_ERRORS} more)" if len(notes) > MAX_REPORTED_ERRORS else ""
+    return [f"{len(notes)} existing {TRAIN_IDS_SUFFIX} files were invalid and were rebuilt: {shown}{more}"]
 
 
 def prepare_cityscapes(
@@ -176,17 +206,15 @@ def prepare_cityscapes(
 ) -> PrepareSummary:
     """Builds the Cityscapes dataset folder `out_dir` (see the module docstring); returns what it did.
 
-    Raises DataError (exit 3) naming the file and the rule for any bad source; a failed run
-    removes the trainIds files and outputs it created.
+    Raises DataError (exit 3) naming the file and the rule for any bad source; the trainIds files
+    converted correctly stay when other files fail (the rerun continues).
     """
     samples = find_samples(root)
     root = root.absolute()
-    if splits_from is not None:
-        check_reference_files(resolve_reference_folder(splits_from, "cityscapes"),
-                              [SplitSpec(ratio_name(r), ratio_folder(r), "train", 0) for r in RATIOS])
+    reference = resolve_reference_folder(splits_from, "cityscapes") if splits_from is not None else None
+    splits = plan_splits(samples, root, seed=seed, reference=reference)  # all lists checked before any conversion
+    refuse_out_inside_sources(out_dir, {"--root": root, "--splits-from": splits_from})
     out_dir = out_dir.absolute()
-    if out_dir == root or out_dir.is_relative_to(root):
-        raise DataError(f"--out {out_dir} lies inside the Cityscapes root {root}; choose a folder outside it")
     with guarded_output() as guard:
         guard.make_dir(out_dir)
         for folder in (IMAGE_DIR, LABEL_DIR):
@@ -195,12 +223,10 @@ def prepare_cityscapes(
             for city in sorted({task.output.parent for task in tasks}):
                 remove_stale_temps(city, f"*{TRAIN_IDS_SUFFIX}")
         tasks = [task for split in SPLITS for task in samples[split]]
-        report = run_parallel(convert_label, tasks, stage="trainId masks", workers=workers, progress=progress)
-        guard.add_files(report.written)
-        raise_if_errors(report.errors, "masks")
-        splits = plan_splits(samples, root, seed=seed, splits_from=splits_from)
+        report = convert_all(convert_label, tasks, guard, stage="trainId masks", workers=workers, progress=progress)
+        splits.notes.extend(_rebuilt_note(sorted(report.notes)))
         splits.write(out_dir, guard)
-        manifest = splits.write_manifest(
+        splits.write_manifest(
             out_dir, guard,
             name="cityscapes",
             classes=list(CITYSCAPES_CLASSES),

@@ -28,36 +28,37 @@ from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.errors import DataError
-from allspark_cli.fileio import write_png
 from allspark_cli.viz.palette import voc_palette
+from allspark_cli.fileio import remove_stale_temps
 from data_tools.common import (
+    MAX_REPORTED_ERRORS,
     PrepareSummary,
     ProgressFn,
     TaskResult,
+    claim_mask_folder,
+    convert_all,
     guarded_output,
     is_complete,
     link_dir,
-    raise_if_errors,
-    remove_stale_temps,
+    refuse_out_inside_sources,
     require_dir,
     require_file,
-    run_parallel,
     verify_image,
+    write_mask,
 )
 from data_tools.splits import (
     SplitOutput,
     SplitSpec,
-    check_reference_files,
     count_for_ratio,
-    import_or_draw_splits,
+    plan_train_splits,
     ratio_folder,
     ratio_name,
-    read_reference_split,
     resolve_reference_folder,
 )
 
 CrowdMode = Literal["background", "ignore"]
 TRAIN_SIZE = 118287
+VAL_SIZE = 5000
 RATIOS = (Fraction(1, 512), Fraction(1, 256), Fraction(1, 128), Fraction(1, 64), Fraction(1, 32))
 TRAIN_CROP = 513
 MASK_DIR = "masks"
@@ -114,7 +115,7 @@ def convert_image(sample: CocoImage) -> TaskResult:
         raise DataError(
             f"image is {width}x{height} but the annotation file says {sample.width}x{sample.height}: {sample.image}"
         )
-    write_png(sample.output, paint_mask(sample))
+    write_mask(sample.output, paint_mask(sample))
     return TaskResult("written", sample.output)
 
 
@@ -140,11 +141,17 @@ def read_annotations(
     try:
         categories = sorted(content["categories"], key=lambda category: category["id"])
         class_index = {category["id"]: index for index, category in enumerate(categories, start=1)}
+        image_ids = {entry["id"] for entry in content["images"]}
         per_image: dict[int, list[tuple[int, Any, bool, int]]] = defaultdict(list)
         for annotation in content["annotations"]:
             category = annotation["category_id"]
             if category not in class_index:
                 raise DataError(f"{path}: annotation {annotation.get('id')} has unknown category_id {category}")
+            if annotation["image_id"] not in image_ids:
+                raise DataError(
+                    f"{path}: annotation {annotation.get('id')} has image_id {annotation['image_id']}, which no entry "
+                    "of its images lists"
+                )
             per_image[annotation["image_id"]].append(
                 (class_index[category], annotation["segmentation"], bool(annotation.get("iscrowd", 0)), annotation.get("id", -1))
             )
@@ -167,27 +174,38 @@ def _entry(sample: CocoImage, image_set: str) -> SplitEntry:
     return SplitEntry(f"{image_set}/{sample.image.name}", f"{MASK_DIR}/{sample.output.name}")
 
 
-def plan_splits(
-    images: dict[str, list[CocoImage]], *, seed: int, splits_from: Path | None
-) -> SplitOutput:
-    """Training splits 1/512..1/32 of train2017 (imported or drawn) and val."""
+def plan_splits(images: dict[str, list[CocoImage]], *, seed: int, reference: Path | None) -> SplitOutput:
+    """Training splits 1/512..1/32 of train2017 (imported from the `reference` folder or drawn) and val."""
     output = SplitOutput()
     entries = {_entry(s, image_set).image: _entry(s, image_set) for image_set in SETS for s in images[image_set]}
     train = [_entry(s, SETS[0]).image for s in images[SETS[0]]]
+    val = [_entry(s, SETS[1]).image for s in images[SETS[1]]]
     specs = [SplitSpec(ratio_name(r), ratio_folder(r), "train", count_for_ratio(r, len(train))) for r in RATIOS]
     if len(train) != TRAIN_SIZE:
         output.notes.append(f"train2017 has {len(train)} images, not {TRAIN_SIZE}: split sizes follow the ratios")
     known = frozenset(path for entry in entries.values() for path in entry)
-    reference = resolve_reference_folder(splits_from, "coco") if splits_from is not None else None
-    import_or_draw_splits(
-        output, specs, {"train": train}, train, entries.__getitem__,
-        seed=seed, reference=reference, known=known, strict_counts=len(train) == TRAIN_SIZE,
+    plan_train_splits(
+        output, specs, {"train": train}, train, entries.__getitem__, val,
+        seed=seed, reference=reference, known=known, strict_counts=len(train) == TRAIN_SIZE, val_size=VAL_SIZE,
     )
-    if reference is not None and (reference / "val.txt").is_file():
-        output.add_eval("val", *read_reference_split(reference / "val.txt", known))
-    else:
-        output.add_eval("val", [_entry(s, SETS[1]) for s in images[SETS[1]]])
     return output
+
+
+def _refuse_shared_file_names(images: dict[str, list[CocoImage]]) -> None:
+    """DataError naming the file names that two images of train2017/val2017 share (their masks would collide)."""
+    seen: dict[Path, str] = {}
+    shared = []
+    for image_set in SETS:
+        for sample in images[image_set]:
+            if sample.output in seen:
+                shared.append(f"{seen[sample.output]} and {image_set}/{sample.image.name}")
+            seen.setdefault(sample.output, f"{image_set}/{sample.image.name}")
+    if shared:
+        more = f" (and {len(shared) - MAX_REPORTED_ERRORS} more)" if len(shared) > MAX_REPORTED_ERRORS else ""
+        raise DataError(
+            f"{len(shared)} pairs of images share a file name stem, so their masks would collide in {MASK_DIR}/: "
+            f"{'; '.join(shared[:MAX_REPORTED_ERRORS])}{more}"
+        )
 
 
 def prepare_coco(
@@ -197,13 +215,16 @@ def prepare_coco(
     crowd: CrowdMode = "background",
     splits_from: Path | None = None,
     seed: int = 0,
+    overwrite: bool = False,
     workers: int | None = None,
     progress: ProgressFn | None = None,
 ) -> PrepareSummary:
     """Builds the COCO dataset folder `out_dir` (see the module docstring); returns what it did.
 
-    Raises DataError (exit 3) naming the file and the rule for any bad source; a failed run
-    leaves `out_dir` as it was (masks completed by earlier runs stay for resumption).
+    Raises DataError (exit 3) naming the file and the rule for any bad source; masks converted
+    correctly are kept when other files fail, so the rerun continues. SettingsError (exit 2) when
+    `out_dir` lies inside a source or holds masks made with another crowd mode (unless `overwrite`:
+    they are rebuilt).
     """
     root = require_dir(root, "COCO root (--root, the folder holding train2017, val2017 and annotations)")
     for image_set in SETS:
@@ -215,31 +236,29 @@ def prepare_coco(
         if names is not None and set_names != names:
             raise DataError(f"instances_{image_set}.json has other categories than instances_{SETS[0]}.json")
         names = set_names
-    outputs = [sample.output for samples in images.values() for sample in samples]
-    if len(set(outputs)) != len(outputs):
-        raise DataError("two images of train2017/val2017 share a file name, so their masks would collide in masks/")
-    if splits_from is not None:
-        check_reference_files(resolve_reference_folder(splits_from, "coco"),
-                              [SplitSpec(ratio_name(r), ratio_folder(r), "train", 0) for r in RATIOS])
+    _refuse_shared_file_names(images)
+    reference = resolve_reference_folder(splits_from, "coco") if splits_from is not None else None
+    splits = plan_splits(images, seed=seed, reference=reference)  # all lists checked before any conversion
+    refuse_out_inside_sources(out_dir, {"--root": root, "--splits-from": splits_from})
+    options = {"crowd": crowd}
     with guarded_output() as guard:
         guard.make_dir(out_dir / MASK_DIR)
         for image_set in SETS:
             link_dir(root / image_set, out_dir / image_set, guard)
+        claim_mask_folder(out_dir / MASK_DIR, "coco", options, overwrite=overwrite, guard=guard)
         remove_stale_temps(out_dir / MASK_DIR)
         tasks = [sample for image_set in SETS for sample in images[image_set]]
-        report = run_parallel(convert_image, tasks, stage="masks", workers=workers, progress=progress)
-        guard.add_files(report.written)
-        raise_if_errors(report.errors, "masks")
-        splits = plan_splits(images, seed=seed, splits_from=splits_from)
+        report = convert_all(convert_image, tasks, guard, stage="masks", workers=workers, progress=progress)
         splits.write(out_dir, guard)
         classes = [BACKGROUND, *names]
-        manifest = splits.write_manifest(
+        splits.write_manifest(
             out_dir, guard,
             name="coco",
             classes=classes,
             palette=voc_palette(len(classes)),
             eval_mode="whole",
             train_crop=TRAIN_CROP,
+            mask_options=options,
         )
     return PrepareSummary(
         name="coco",

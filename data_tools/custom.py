@@ -1,31 +1,45 @@
 """`allspark prepare custom`: a dataset.yaml and split lists for your own images and masks.
 
-Inputs: a folder of images, a folder of masks (single-channel PNGs, palette or grey, one per image
-with the same stem, values 0..K-1 or 255 ignore), optionally a folder of unlabeled images, and a
-classes file (one class name a line, line i = class id i). Optional palette file: one colour a
-line as `R G B`, `R,G,B` or `#rrggbb`, one per class (default: the VOC colours).
+Inputs: a folder of images and a folder of masks (searched recursively; a mask has its image's
+path relative to the folder, with `.png`: `images/site1/a.jpg` <-> `masks/site1/a.png`), and a
+classes file (one class name a line, line i = class id i). Masks are single-channel PNGs
+(palette or grey, values 0..K-1 or 255 ignore) or colour (RGB) PNGs, converted through the
+palette file: one colour a line as `R G B`, `R,G,B` or `#rrggbb`, one per class (default: the
+VOC colours, for display).
 
-Every file is checked (images decode, masks are single channel, the size of their image, values
-within the classes) before anything is written. Nothing is copied: `OUT/images`, `OUT/masks` and
-`OUT/unlabeled` are symlinks to the given folders (root = OUT).
+The validation set is one of
+- fixed by folders: `val_images_dir` + `val_masks_dir` (mmsegmentation's `img_dir/val` +
+  `ann_dir/val`; `mmseg_folders` reads that layout), exactly those images, none in training;
+- fixed by lists: `val_list` (and optionally `train_list`), lines naming images of the image
+  folder (`a`, `a.jpg`, `site1/a.jpg` or `images/site1/a.jpg`; a mask column is allowed);
+- drawn: `val_ratio` of the images with masks (at least one), seeded.
+Of the training images with masks, `ratio` (or `count`) are labeled; the others, the images of
+the image folder without a mask (with `unlabeled_from_images`) and every image of
+`unlabeled_dir` are unlabeled. `full` labels every training image with a mask.
 
-Splits (`OUT/splits/`): `val.txt` holds `val_ratio` of the masked images (at least one); of the
-rest, `ratio` (or `count`) are labeled and the others, plus every unlabeled image, unlabeled.
-`full` labels every training image (no unlabeled list). All draws are seeded.
+Every file is checked (images decode, masks are the size of their image, values within the
+classes) and no image may play two roles (val and training, labeled and unlabeled: the same file
+through two folders is refused, naming it). Nothing is copied: `OUT/images`, `OUT/masks`,
+`OUT/unlabeled`, `OUT/val_images`, `OUT/val_masks` are symlinks to the given folders (root = OUT);
+converted colour masks are written to `OUT/converted/<masks|val_masks>/<name>.png`.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+import numpy as np
 
 from allspark_cli.constants import IGNORE_INDEX
-from allspark_cli.data.imageio import read_mask
+from allspark_cli.data.imageio import read_mask, read_size
 from allspark_cli.data.manifest import MANIFEST_NAME
-from allspark_cli.data.splits import SplitEntry
+from allspark_cli.data.splits import SplitEntry, read_split
 from allspark_cli.errors import DataError, SettingsError
+from allspark_cli.fileio import encode_png, remove_stale_temps
 from allspark_cli.viz.palette import voc_palette
 from data_tools.common import (
+    MAX_REPORTED_ERRORS,
     PrepareSummary,
     ProgressFn,
     TaskResult,
@@ -34,10 +48,12 @@ from data_tools.common import (
     guarded_output,
     link_dir,
     raise_if_errors,
+    refuse_out_inside_sources,
     require_dir,
     require_file,
     run_parallel,
     verify_image,
+    write_output,
 )
 from data_tools.splits import SplitOutput, count_for_ratio, draw_labeled, parse_ratio, ratio_folder, ratio_name
 
@@ -47,45 +63,119 @@ DEFAULT_RATIO = "1/8"
 DEFAULT_VAL_RATIO = "1/10"
 DEFAULT_TRAIN_CROP = 513
 FULL_SPLIT = "full"
-LINKS = {"images": "images", "masks": "masks", "unlabeled": "unlabeled"}
+# Link names inside OUT (the first column of the split lines); converted colour masks go to CONVERTED_DIR.
+IMAGES_LINK, MASKS_LINK, UNLABELED_LINK = "images", "masks", "unlabeled"
+VAL_IMAGES_LINK, VAL_MASKS_LINK = "val_images", "val_masks"
+CONVERTED_DIR = "converted"
+# mmsegmentation's custom dataset layout: ROOT/img_dir/{train,val}, ROOT/ann_dir/{train,val}.
+MMSEG_IMAGES, MMSEG_MASKS, MMSEG_TRAIN, MMSEG_VAL = "img_dir", "ann_dir", "train", "val"
 COLOUR_CHANNELS = 3
+COLOUR_MODES = frozenset({"RGB", "RGBA"})
+BYTE_BITS = 8
 _HEX_COLOUR = re.compile(r"^#?([0-9a-fA-F]{6})$")
+Colour = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
 class SampleCheck:
-    """Check one image (and its mask when `mask` is given) against `num_classes`."""
+    """Check one image (and its mask when `mask` is given) against `num_classes`.
+
+    `palette`: the class colours (the --palette file) a colour mask is converted through, None
+    when no palette file was given; `converted`: where the converted class ids of a colour mask go.
+    """
 
     image: Path
     mask: Path | None
     num_classes: int
+    palette: tuple[Colour, ...] | None = None
+    converted: Path | None = None
+
+
+def _pack(colours: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 RGB -> (...) int32 0xRRGGBB, so colours compare as single numbers."""
+    colours = colours.astype(np.int32)
+    return (colours[..., 0] << (2 * BYTE_BITS)) | (colours[..., 1] << BYTE_BITS) | colours[..., 2]
+
+
+def colours_to_classes(rgb: np.ndarray, palette: tuple[Colour, ...], path: Path) -> np.ndarray:
+    """(H, W, 3) colour mask -> (H, W) uint8 class ids (class i has colour palette[i]).
+
+    DataError naming the file and the colours that the palette lacks, or the colours the palette
+    repeats (the class of such a colour would be ambiguous)."""
+    keys = _pack(np.array(palette, dtype=np.uint8))
+    unique_keys, counts = np.unique(keys, return_counts=True)
+    if (counts > 1).any():
+        repeated = ", ".join(f"#{key:06x}" for key in unique_keys[counts > 1])
+        raise DataError(f"the --palette repeats the colour(s) {repeated}, so colour masks cannot be converted: {path}")
+    order = np.argsort(keys)
+    packed = _pack(rgb)
+    position = np.clip(np.searchsorted(keys[order], packed), 0, len(keys) - 1)
+    known = keys[order][position] == packed
+    if not known.all():
+        unknown = np.unique(packed[~known])
+        shown = ", ".join(f"#{key:06x}" for key in unknown[:MAX_REPORTED_ERRORS])
+        more = f" (and {len(unknown) - MAX_REPORTED_ERRORS} more)" if len(unknown) > MAX_REPORTED_ERRORS else ""
+        raise DataError(f"colour mask holds {len(unknown)} colour(s) that the --palette lacks: {shown}{more}: {path}")
+    return order[position].astype(np.uint8)
+
+
+def _read_colour_mask(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise DataError(f"mask cannot be decoded ({error}): {path}") from None
 
 
 def check_sample(task: SampleCheck) -> TaskResult:
-    """Image decodes; mask is single channel, the image's size, values 0..K-1 or 255."""
+    """Image decodes; mask is the image's size with values 0..K-1 or 255 (a colour mask: colours of
+    the palette, written as class ids to `task.converted` unless an identical file is there)."""
     image_size = verify_image(task.image)
-    if task.mask is not None:
+    if task.mask is None:
+        return TaskResult("checked")
+    mode = read_size(task.mask, "mask")[2]
+    if mode not in COLOUR_MODES:
         mask = read_mask(task.mask)
         check_same_size(mask.shape, image_size, task.mask, task.image)
         check_values(mask, task.num_classes - 1, IGNORE_INDEX, task.mask)
-    return TaskResult("checked")
+        return TaskResult("checked")
+    if task.palette is None or task.converted is None:
+        raise DataError(f"mask is a colour image (mode {mode}); give --palette (one colour per class) to convert it: {task.mask}")
+    mask = colours_to_classes(_read_colour_mask(task.mask), task.palette, task.mask)
+    check_same_size(mask.shape, image_size, task.mask, task.image)
+    data = encode_png(mask, np.array(task.palette, dtype=np.uint8))
+    if task.converted.is_file() and task.converted.read_bytes() == data:
+        return TaskResult("skipped", task.converted)
+    write_output(task.converted, data)
+    return TaskResult("written", task.converted)
 
 
 def read_classes(path: Path) -> list[str]:
-    """Class names, one a line (blank lines skipped); DataError when missing, empty or repeated."""
+    """Class names, one a line (line i = class i); DataError when missing, empty, repeated, or with a
+    blank line between names (it would shift every later class id)."""
     require_file(path, "classes file")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not names:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()  # trailing blank lines are harmless
+    if not lines:
         raise DataError(f"classes file is empty: {path}")
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    blank = [str(number) for number, line in enumerate(lines, start=1) if not line]
+    if blank:
+        raise DataError(
+            f"{path}: line(s) {', '.join(blank)} are blank; line i names class i, so a blank line would shift the "
+            "class ids after it: remove it or name the class"
+        )
+    repeated = sorted({name for name in lines if lines.count(name) > 1})
     if repeated:
         raise DataError(f"classes file names {', '.join(repeated)} more than once: {path}")
-    if len(names) > IGNORE_INDEX:
-        raise DataError(f"classes file lists {len(names)} classes; at most {IGNORE_INDEX} fit in 8-bit masks: {path}")
-    return names
+    if len(lines) > IGNORE_INDEX:
+        raise DataError(f"classes file lists {len(lines)} classes; at most {IGNORE_INDEX} fit in 8-bit masks: {path}")
+    return lines
 
 
-def _parse_colour(text: str, path: Path, number: int) -> tuple[int, int, int]:
+def _parse_colour(text: str, path: Path, number: int) -> Colour:
     match = _HEX_COLOUR.match(text)
     if match:
         value = int(match.group(1), 16)
@@ -100,7 +190,7 @@ def _parse_colour(text: str, path: Path, number: int) -> tuple[int, int, int]:
     return colour  # type: ignore[return-value]
 
 
-def read_palette(path: Path | None, num_classes: int) -> list[tuple[int, int, int]]:
+def read_palette(path: Path | None, num_classes: int) -> list[Colour]:
     """One RGB colour per class from `path`, or the VOC colours when no file is given."""
     if path is None:
         return [tuple(int(v) for v in colour) for colour in voc_palette(num_classes)]
@@ -111,25 +201,102 @@ def read_palette(path: Path | None, num_classes: int) -> list[tuple[int, int, in
     return [_parse_colour(text, path, number) for number, text in lines]
 
 
-def _images_in(folder: Path) -> dict[str, Path]:
+def _visible_files(folder: Path, suffixes: frozenset[str]) -> list[Path]:
+    """Files with one of `suffixes` in `folder` and its subfolders, hidden files and folders skipped."""
+    return sorted(
+        path for path in folder.rglob("*")
+        if path.is_file() and path.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
+def _key(path: Path, folder: Path) -> str:
+    """A sample's name: its path relative to its folder, without suffix ('site1/a')."""
+    return path.relative_to(folder).with_suffix("").as_posix()
+
+
+def images_in(folder: Path, option: str) -> dict[str, Path]:
+    """key -> image of `folder` (recursive); DataError when two images share a key or there are none."""
     images: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            if path.stem in images:
-                raise DataError(f"two images share the stem {path.stem!r}: {images[path.stem].name}, {path.name} in {folder}")
-            images[path.stem] = path
+    for path in _visible_files(folder, IMAGE_SUFFIXES):
+        key = _key(path, folder)
+        if key in images:
+            raise DataError(f"two images share the name {key!r}: {images[key].name}, {path.name} in {path.parent}")
+        images[key] = path
     if not images:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {option} {folder}")
     return images
 
 
-def pair_masks(images: dict[str, Path], masks_dir: Path) -> dict[str, Path]:
-    """stem -> mask path; DataError naming images without a mask and masks without an image."""
-    masks = {path.stem: path for path in sorted(masks_dir.glob(f"*{MASK_SUFFIX}"))}
-    problems = [f"{images[stem].name} has no mask {stem}{MASK_SUFFIX} in {masks_dir}" for stem in images if stem not in masks]
-    problems += [f"mask {masks[stem]} has no image" for stem in masks if stem not in images]
+def masks_in(folder: Path) -> dict[str, Path]:
+    return {_key(path, folder): path for path in _visible_files(folder, frozenset({MASK_SUFFIX}))}
+
+
+def pair_masks(images: dict[str, Path], masks: dict[str, Path], masks_dir: Path, *, allow_unmasked: bool) -> list[str]:
+    """Keys of the images without a mask (allowed with `allow_unmasked`); DataError naming images
+    without a mask (otherwise) and masks without an image."""
+    unmasked = [key for key in images if key not in masks]
+    problems = [] if allow_unmasked else [f"{images[key].name} has no mask {key}{MASK_SUFFIX} in {masks_dir}" for key in unmasked]
+    problems += [f"mask {masks[key]} has no image" for key in masks if key not in images]
+    if unmasked and not allow_unmasked:
+        problems.append("(use --unlabeled-from-images to make images without a mask unlabeled)")
     raise_if_errors(problems, "image/mask pairings")
-    return masks
+    return unmasked
+
+
+def mmseg_folders(root: Path) -> tuple[Path, Path, Path, Path]:
+    """(images, masks, val images, val masks) of mmsegmentation's `img_dir/{train,val}` + `ann_dir/{train,val}`."""
+    root = require_dir(root, "mmsegmentation dataset folder (--mmseg-root)")
+    return tuple(  # type: ignore[return-value]
+        require_dir(root / kind / split, f"mmsegmentation folder {kind}/{split} (expected under --mmseg-root)")
+        for split in (MMSEG_TRAIN, MMSEG_VAL) for kind in (MMSEG_IMAGES, MMSEG_MASKS)
+    )
+
+
+def _list_keys(path: Path, option: str, pool: dict[str, Path]) -> list[str]:
+    """Keys named by a split list: each line's first column is an image of the image folder, as a
+    key ('site1/a'), with its suffix, or behind one more folder ('images/site1/a.jpg'); a name that
+    is unique in the folder may be given alone ('a'). DataError naming every line matching nothing."""
+    require_file(path, f"{option} file")
+    by_stem: dict[str, list[str]] = {}
+    for key in pool:
+        by_stem.setdefault(PurePosixPath(key).name, []).append(key)
+    keys, unknown = [], []
+    for entry in read_split(path):
+        name = PurePosixPath(entry.image)
+        if name.suffix.lower() in IMAGE_SUFFIXES:
+            name = name.with_suffix("")
+        candidates = [name.as_posix(), PurePosixPath(*name.parts[1:]).as_posix() if len(name.parts) > 1 else None]
+        match = next((candidate for candidate in candidates if candidate in pool), None)
+        if match is None and len(by_stem.get(name.name, [])) == 1:
+            match = by_stem[name.name][0]
+        if match is None:
+            unknown.append(entry.image)
+        else:
+            keys.append(match)
+    if unknown:
+        shown = ", ".join(unknown[:MAX_REPORTED_ERRORS])
+        more = f" (and {len(unknown) - MAX_REPORTED_ERRORS} more)" if len(unknown) > MAX_REPORTED_ERRORS else ""
+        raise DataError(f"{option} {path}: {len(unknown)} line(s) name no image with a mask of the image folder: {shown}{more}")
+    return sorted(set(keys))
+
+
+def _refuse_shared_files(roles: dict[str, dict[str, Path]], hint: str = "") -> None:
+    """DataError naming the files that two roles (e.g. --images and --unlabeled) both hold."""
+    owner: dict[Path, str] = {}
+    shared: dict[tuple[str, str], list[str]] = {}
+    for role, files in roles.items():
+        for path in files.values():
+            resolved = path.resolve()
+            if resolved in owner and owner[resolved] != role:
+                shared.setdefault((owner[resolved], role), []).append(path.name)
+            owner.setdefault(resolved, role)
+    if shared:
+        parts = []
+        for (first, second), names in shared.items():
+            more = f" and {len(names) - MAX_REPORTED_ERRORS} more" if len(names) > MAX_REPORTED_ERRORS else ""
+            parts.append(f"{len(names)} file(s) are in both {first} and {second}: {', '.join(names[:MAX_REPORTED_ERRORS])}{more}")
+        raise DataError("; ".join(parts) + hint)
 
 
 def _labeled_count(ratio: str | None, count: int | None, available: int) -> tuple[str, str, int]:
@@ -144,17 +311,73 @@ def _labeled_count(ratio: str | None, count: int | None, available: int) -> tupl
     return ratio_name(fraction), ratio_folder(fraction), count_for_ratio(fraction, available)
 
 
+@dataclass(frozen=True)
+class CustomSources:
+    """The folders of a custom dataset, as given or derived from --mmseg-root."""
+
+    images: Path
+    masks: Path
+    val_images: Path | None = None
+    val_masks: Path | None = None
+    unlabeled: Path | None = None
+
+    def links(self) -> dict[str, Path]:
+        folders = {IMAGES_LINK: self.images, MASKS_LINK: self.masks, UNLABELED_LINK: self.unlabeled,
+                   VAL_IMAGES_LINK: self.val_images, VAL_MASKS_LINK: self.val_masks}
+        return {link: folder for link, folder in folders.items() if folder is not None}
+
+
+def resolve_sources(
+    images_dir: Path | None, masks_dir: Path | None, *, mmseg_root: Path | None, val_images_dir: Path | None,
+    val_masks_dir: Path | None, unlabeled_dir: Path | None, val_list: Path | None, train_list: Path | None,
+    val_ratio: str | None,
+) -> CustomSources:
+    """The folders to read, after checking that the options describe one validation set (SettingsError)."""
+    if mmseg_root is not None:
+        if any(option is not None for option in (images_dir, masks_dir, val_images_dir, val_masks_dir)):
+            raise SettingsError("give --mmseg-root or --images/--masks/--val-images/--val-masks, not both")
+        images_dir, masks_dir, val_images_dir, val_masks_dir = mmseg_folders(mmseg_root)
+    if images_dir is None or masks_dir is None:
+        raise SettingsError("give --images and --masks (or --mmseg-root)")
+    if (val_images_dir is None) != (val_masks_dir is None):
+        raise SettingsError("give --val-images and --val-masks together")
+    fixed = [name for name, given in (("--val-images", val_images_dir), ("--val-list", val_list),
+                                      ("--val-ratio", val_ratio)) if given is not None]
+    if len(fixed) > 1:
+        raise SettingsError(f"the validation set comes from one of --val-images, --val-list or --val-ratio; got {', '.join(fixed)}")
+    if train_list is not None and val_list is None:
+        raise SettingsError("--train-list needs --val-list (images in neither list are left out)")
+    images = require_dir(images_dir, "image folder (--images)")
+    if val_images_dir is None and all((images / split).is_dir() for split in (MMSEG_TRAIN, MMSEG_VAL)):
+        raise SettingsError(
+            f"--images {images_dir} holds {MMSEG_TRAIN}/ and {MMSEG_VAL}/ folders: give --val-images and --val-masks "
+            "(or --mmseg-root), else the val images would be drawn into training"
+        )
+    return CustomSources(
+        images, require_dir(masks_dir, "mask folder (--masks)"),
+        None if val_images_dir is None else require_dir(val_images_dir, "val image folder (--val-images)"),
+        None if val_masks_dir is None else require_dir(val_masks_dir, "val mask folder (--val-masks)"),
+        None if unlabeled_dir is None else require_dir(unlabeled_dir, "unlabeled image folder (--unlabeled)"),
+    )
+
+
 def prepare_custom(
-    images_dir: Path,
-    masks_dir: Path,
+    images_dir: Path | None,
+    masks_dir: Path | None,
     classes_file: Path,
     out_dir: Path,
     *,
     unlabeled_dir: Path | None = None,
+    unlabeled_from_images: bool = False,
+    val_images_dir: Path | None = None,
+    val_masks_dir: Path | None = None,
+    mmseg_root: Path | None = None,
+    train_list: Path | None = None,
+    val_list: Path | None = None,
     palette_file: Path | None = None,
     ratio: str | None = None,
     count: int | None = None,
-    val_ratio: str = DEFAULT_VAL_RATIO,
+    val_ratio: str | None = None,
     seed: int = 0,
     name: str | None = None,
     train_crop: int = DEFAULT_TRAIN_CROP,
@@ -162,42 +385,98 @@ def prepare_custom(
     progress: ProgressFn | None = None,
 ) -> PrepareSummary:
     """Checks a custom dataset and writes its splits and `dataset.yaml` into `out_dir` (see module docstring)."""
+    sources = resolve_sources(
+        images_dir, masks_dir, mmseg_root=mmseg_root, val_images_dir=val_images_dir, val_masks_dir=val_masks_dir,
+        unlabeled_dir=unlabeled_dir, val_list=val_list, train_list=train_list, val_ratio=val_ratio,
+    )
     classes = read_classes(classes_file)
     palette = read_palette(palette_file, len(classes))
-    images = _images_in(require_dir(images_dir, "image folder (--images)"))
-    masks = pair_masks(images, require_dir(masks_dir, "mask folder (--masks)"))
-    extra = _images_in(require_dir(unlabeled_dir, "unlabeled image folder (--unlabeled)")) if unlabeled_dir else {}
-    if len(images) < 2:
-        raise DataError(f"need at least 2 images with masks (one for val, one for training), found {len(images)} in {images_dir}")
-    tasks = [SampleCheck(images[stem], masks[stem], len(classes)) for stem in images]
-    tasks += [SampleCheck(path, None, len(classes)) for path in extra.values()]
-    report = run_parallel(check_sample, tasks, stage="check", workers=workers, progress=progress)
-    raise_if_errors(report.errors, "files")
+    refuse_out_inside_sources(out_dir, {f"--{link.replace('_', '-')}": folder for link, folder in sources.links().items()})
+    images = images_in(sources.images, "--images")
+    masks = masks_in(sources.masks)
+    unmasked = set(pair_masks(images, masks, sources.masks, allow_unmasked=unlabeled_from_images))
+    masked = sorted(key for key in images if key not in unmasked)
+    extra = images_in(sources.unlabeled, "--unlabeled") if sources.unlabeled else {}
+    val_images = images_in(sources.val_images, "--val-images") if sources.val_images else {}
+    val_masks = masks_in(sources.val_masks) if sources.val_masks else {}
+    if sources.val_images:
+        pair_masks(val_images, val_masks, sources.val_masks, allow_unmasked=False)
+    _refuse_shared_files(
+        {"--images": images, "--val-images": val_images, "--unlabeled": extra},
+        " (for images of --images without a mask use --unlabeled-from-images)" if extra else "",
+    )
+    _refuse_shared_files({"--masks": masks, "--val-masks": val_masks})
 
-    stems = sorted(images)
-    val_count = min(count_for_ratio(parse_ratio(val_ratio), len(stems)), len(stems) - 1)
-    val = set(draw_labeled(stems, val_count, seed=seed, family="val"))
-    train = [stem for stem in stems if stem not in val]
+    notes = []
+    masked_pool = {key: images[key] for key in masked}
+    if sources.val_images:
+        val, train = [], masked
+    elif val_list is not None:
+        val = _list_keys(val_list, "--val-list", masked_pool)
+        train = masked if train_list is None else _list_keys(train_list, "--train-list", masked_pool)
+        both = sorted(set(val) & set(train))
+        if train_list is not None and both:
+            raise DataError(f"{len(both)} image(s) are in both --train-list and --val-list: {', '.join(both[:MAX_REPORTED_ERRORS])}")
+        train = [key for key in train if key not in set(val)]
+        left_out = len(masked) - len(train) - len(val)
+        if left_out:
+            notes.append(f"{left_out} images with masks are in neither --train-list nor --val-list: left out")
+    else:
+        if len(masked) < 2:
+            raise DataError(f"need at least 2 images with masks (one for val, one for training), found {len(masked)} in {sources.images}")
+        val_count = min(count_for_ratio(parse_ratio(val_ratio or DEFAULT_VAL_RATIO), len(masked)), len(masked) - 1)
+        val = sorted(draw_labeled(masked, val_count, seed=seed, family="val"))
+        train = [key for key in masked if key not in set(val)]
+    if not train:
+        raise DataError(f"no training images with masks left in {sources.images} once the val images are taken out")
     split_name, folder, labeled_count = _labeled_count(ratio, count, len(train))
     labeled = set(draw_labeled(train, labeled_count, seed=seed, family="labeled"))
 
-    def entry(stem: str) -> SplitEntry:
-        return SplitEntry(f"{LINKS['images']}/{images[stem].name}", f"{LINKS['masks']}/{masks[stem].name}")
-
-    splits = SplitOutput()
-    unlabeled = [entry(stem) for stem in train if stem not in labeled]
-    unlabeled += [SplitEntry(f"{LINKS['unlabeled']}/{path.name}", None) for path in extra.values()]
-    splits.add_train(split_name, folder, [entry(stem) for stem in sorted(labeled)], unlabeled)
-    splits.add_train(FULL_SPLIT, FULL_SPLIT, [entry(stem) for stem in train], None)
-    splits.add_eval("val", [entry(stem) for stem in sorted(val)])
-
     out_dir = out_dir.absolute()
+    converted_dir = out_dir / CONVERTED_DIR
+    colours = tuple(palette) if palette_file is not None else None
+    tasks = [SampleCheck(images[key], masks[key], len(classes), colours, converted_dir / MASKS_LINK / f"{key}{MASK_SUFFIX}")
+             for key in [*val, *train]]  # val is empty when val comes from --val-images
+    tasks += [SampleCheck(val_images[key], val_masks[key], len(classes), colours,
+                          converted_dir / VAL_MASKS_LINK / f"{key}{MASK_SUFFIX}") for key in sorted(val_images)]
+    tasks += [SampleCheck(images[key], None, len(classes)) for key in sorted(unmasked)]
+    tasks += [SampleCheck(path, None, len(classes)) for path in extra.values()]
     with guarded_output() as guard:
         guard.make_dir(out_dir)
-        sources = {"images": images_dir, "masks": masks_dir, "unlabeled": unlabeled_dir}
-        for key, source in sources.items():
-            if source is not None:
-                link_dir(source, out_dir / LINKS[key], guard)
+        remove_stale_temps(converted_dir, recursive=True)
+        report = run_parallel(check_sample, tasks, stage="check", workers=workers, progress=progress, counts_outputs=False)
+        guard.keep(report.written)
+        converted = {path.relative_to(out_dir).as_posix() for path in [*report.written, *report.skipped_outputs]}
+        raise_if_errors(report.errors, "files")
+
+        def mask_of(link: str, key: str, mask: Path, folder: Path) -> str:
+            relpath = f"{CONVERTED_DIR}/{link}/{key}{MASK_SUFFIX}"
+            return relpath if relpath in converted else f"{link}/{mask.relative_to(folder).as_posix()}"
+
+        def entry(key: str) -> SplitEntry:
+            return SplitEntry(f"{IMAGES_LINK}/{images[key].relative_to(sources.images).as_posix()}",
+                              mask_of(MASKS_LINK, key, masks[key], sources.masks))
+
+        def val_entry(key: str) -> SplitEntry:
+            if not sources.val_images:
+                return entry(key)
+            return SplitEntry(f"{VAL_IMAGES_LINK}/{val_images[key].relative_to(sources.val_images).as_posix()}",
+                              mask_of(VAL_MASKS_LINK, key, val_masks[key], sources.val_masks))
+
+        splits = SplitOutput(notes=notes)
+        unlabeled = [entry(key) for key in train if key not in labeled]
+        unlabeled += [SplitEntry(f"{IMAGES_LINK}/{images[key].relative_to(sources.images).as_posix()}", None)
+                      for key in sorted(unmasked)]
+        unlabeled += [SplitEntry(f"{UNLABELED_LINK}/{path.relative_to(sources.unlabeled).as_posix()}", None)
+                      for path in extra.values()]
+        splits.add_train(split_name, folder, [entry(key) for key in sorted(labeled)], unlabeled)
+        splits.add_train(FULL_SPLIT, FULL_SPLIT, [entry(key) for key in train], None)
+        splits.add_eval("val", [val_entry(key) for key in (sorted(val_images) if sources.val_images else val)])
+        splits.check_no_leaks()
+        if converted:
+            splits.notes.append(f"{len(converted)} colour masks converted to class ids through the --palette in {converted_dir}")
+        for link, source in sources.links().items():
+            link_dir(source, out_dir / link, guard)
         splits.write(out_dir, guard)
         manifest = splits.write_manifest(
             out_dir, guard,
@@ -210,7 +489,8 @@ def prepare_custom(
     return PrepareSummary(
         name=manifest.name,
         manifest_path=out_dir / MANIFEST_NAME,
-        samples_checked=report.checked,
+        masks_written=len(report.written),
+        samples_checked=len(tasks),
         split_sizes=splits.sizes,
         notes=splits.notes,
     )

@@ -28,33 +28,33 @@ from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.classnames import VOC_CLASSES
 from allspark_cli.errors import DataError, SettingsError
-from allspark_cli.fileio import atomic_write_bytes, write_png
 from allspark_cli.viz.palette import voc_palette
+from allspark_cli.fileio import remove_stale_temps
 from data_tools.common import (
     PrepareSummary,
     ProgressFn,
     TaskResult,
     check_same_size,
     check_values,
+    claim_mask_folder,
+    convert_all,
     guarded_output,
     is_complete,
     link_dir,
-    raise_if_errors,
-    remove_stale_temps,
+    refuse_out_inside_sources,
     require_dir,
     require_file,
-    run_parallel,
     verify_image,
+    write_mask,
+    write_output,
 )
 from data_tools.splits import (
     SplitOutput,
     SplitSpec,
-    check_reference_files,
     count_for_ratio,
-    import_or_draw_splits,
+    plan_train_splits,
     ratio_folder,
     ratio_name,
-    read_reference_split,
     resolve_reference_folder,
     scaled_count,
 )
@@ -110,9 +110,9 @@ def convert_mask(task: MaskTask) -> TaskResult:
     check_same_size(mask.shape, image_size, task.source, task.image)
     check_values(mask, MAX_CLASS_ID, IGNORE_INDEX, task.source)
     if task.kind == "voc" and read_size(task.source, "mask")[2] == "P":
-        atomic_write_bytes(task.output, task.source.read_bytes())  # VOC masks stay byte-identical
+        write_output(task.output, task.source.read_bytes())  # VOC masks stay byte-identical
     else:
-        write_png(task.output, mask, palette=voc_palette())
+        write_mask(task.output, mask, palette=voc_palette())
     return TaskResult("written", task.output)
 
 
@@ -188,12 +188,13 @@ def split_specs(num_voc_train: int, num_aug: int) -> tuple[list[SplitSpec], list
         SplitSpec(str(size), str(size), "voc-train", scaled_count(size, VOC_TRAIN_SIZE, num_voc_train))
         for size in ORIGINAL_SIZES
     ]
-    for family, ratios in (("aug", AUG_RATIOS), ("u2pl", U2PL_RATIOS)):
-        prefix = "" if family == "aug" else "u2pl/"
-        specs += [
-            SplitSpec(f"{family}-{ratio_name(r)}", f"{prefix}{ratio_folder(r)}", family, count_for_ratio(r, num_aug))
-            for r in ratios
-        ]
+    specs += [SplitSpec(f"aug-{ratio_name(r)}", ratio_folder(r), "aug", count_for_ratio(r, num_aug)) for r in AUG_RATIOS]
+    # Ours nest the U2PL family in a folder; the reference and UniMatch publish `u2pl_1_16`.
+    specs += [
+        SplitSpec(f"u2pl-{ratio_name(r)}", f"u2pl/{ratio_folder(r)}", "u2pl", count_for_ratio(r, num_aug),
+                  published_folders=(f"u2pl_{ratio_folder(r)}",))
+        for r in U2PL_RATIOS
+    ]
     notes = []
     scaled = [f"{size}->{spec.count}" for size, spec in zip(ORIGINAL_SIZES, specs) if spec.count != size]
     if scaled:
@@ -203,29 +204,23 @@ def split_specs(num_voc_train: int, num_aug: int) -> tuple[list[SplitSpec], list
     return specs, notes
 
 
-def plan_splits(
-    sources: PascalSources, *, seed: int, splits_from: Path | None
-) -> SplitOutput:
-    """All training splits and val, imported from `splits_from` or drawn with `seed`."""
+def plan_splits(sources: PascalSources, *, seed: int, reference: Path | None) -> SplitOutput:
+    """All training splits and val, imported from the `reference` folder or drawn with `seed`."""
     output = SplitOutput()
     specs, notes = split_specs(len(sources.voc_train), len(sources.aug))
     output.notes.extend((*sources.notes, *notes))
     known = frozenset(path for sample in sources.masks for path in _entry(sample))
-    reference = resolve_reference_folder(splits_from, "pascal") if splits_from is not None else None
-    full_size = len(sources.aug) == AUG_SET_SIZE
     pools = {"voc-train": sources.voc_train, "aug": sources.aug, "u2pl": sources.aug}
-    import_or_draw_splits(
-        output, specs, pools, sources.aug, _entry,
-        seed=seed, reference=reference, known=known, strict_counts=full_size,
+    plan_train_splits(
+        output, specs, pools, sources.aug, _entry, sources.val,
+        seed=seed, reference=reference, known=known, strict_counts=len(sources.aug) == AUG_SET_SIZE, val_size=VAL_SIZE,
     )
-    if reference is not None and (reference / "val.txt").is_file():
-        data, count = read_reference_split(reference / "val.txt", known)
-        if full_size and count != VAL_SIZE:
-            raise DataError(f"{reference / 'val.txt'} has {count} samples, expected {VAL_SIZE}")
-        output.add_eval("val", data, count)
-    else:
-        output.add_eval("val", [_entry(sample) for sample in sources.val])
     return output
+
+
+def _augmented_masks_option(sbd_root: Path | None, aug_masks: Path | None) -> str:
+    """Where the non-VOC masks come from: the option recorded with the masks (it determines them)."""
+    return "sbd" if sbd_root is not None else "aug" if aug_masks is not None else "none"
 
 
 def prepare_pascal(
@@ -236,40 +231,44 @@ def prepare_pascal(
     aug_masks: Path | None = None,
     splits_from: Path | None = None,
     seed: int = 0,
+    overwrite: bool = False,
     workers: int | None = None,
     progress: ProgressFn | None = None,
 ) -> PrepareSummary:
     """Builds the Pascal dataset folder `out_dir` (see the module docstring); returns what it did.
 
-    Raises DataError (exit 3) naming the file and the rule for any bad source; a failed run
-    leaves `out_dir` as it was (masks completed by earlier runs stay for resumption).
+    Raises DataError (exit 3) naming the file and the rule for any bad source (before any mask is
+    converted where it can: layout, reference lists); masks converted correctly are kept when
+    other files fail, so the rerun continues. SettingsError (exit 2) when `out_dir` lies inside a
+    source or holds masks made with other options (unless `overwrite`: they are rebuilt).
     """
     reference = resolve_reference_folder(splits_from, "pascal") if splits_from is not None else None
     sources = find_sources(voc_root, sbd_root, aug_masks)
-    if reference is not None:  # fail on a wrong reference folder before hours of conversion
-        check_reference_files(reference, split_specs(len(sources.voc_train), len(sources.aug))[0])
+    splits = plan_splits(sources, seed=seed, reference=reference)  # all lists checked before any conversion
+    refuse_out_inside_sources(out_dir, {"--voc-root": voc_root, "--sbd-root": sbd_root, "--aug-masks": aug_masks,
+                                        "--splits-from": splits_from})
     out_dir = out_dir.absolute()
     voc = voc_root.absolute()
+    options = {"augmented_masks": _augmented_masks_option(sbd_root, aug_masks)}
     with guarded_output() as guard:
         guard.make_dir(out_dir / MASK_DIR)
         link_dir(voc / IMAGE_DIR, out_dir / IMAGE_DIR, guard)
+        claim_mask_folder(out_dir / MASK_DIR, "pascal", options, overwrite=overwrite, guard=guard)
         remove_stale_temps(out_dir / MASK_DIR)
         tasks = [
             MaskTask(path, kind, voc / IMAGE_DIR / f"{sample}.jpg", out_dir / MASK_DIR / f"{sample}.png")
             for sample, (kind, path) in sorted(sources.masks.items())
         ]
-        report = run_parallel(convert_mask, tasks, stage="masks", workers=workers, progress=progress)
-        guard.add_files(report.written)
-        raise_if_errors(report.errors, "masks")
-        splits = plan_splits(sources, seed=seed, splits_from=splits_from)
+        report = convert_all(convert_mask, tasks, guard, stage="masks", workers=workers, progress=progress)
         splits.write(out_dir, guard)
-        manifest = splits.write_manifest(
+        splits.write_manifest(
             out_dir, guard,
             name="pascal",
             classes=list(VOC_CLASSES),
             palette=voc_palette(len(VOC_CLASSES)),
             eval_mode="whole",
             train_crop=TRAIN_CROP,
+            mask_options=options,
         )
     return PrepareSummary(
         name="pascal",

@@ -128,3 +128,28 @@ def test_pascal_passes_options_to_the_builder(tmp_path: Path, monkeypatch: pytes
     assert received["voc_root"] == Path("voc") and received["aug_masks"] == Path("aug")
     assert received["splits_from"] == tmp_path / "refs" and received["seed"] == 3 and received["sbd_root"] is None
     assert "10490" in result.output and "a note" in result.output
+
+
+def test_check_lists_problems_uncut_in_an_80_column_log(tmp_path: Path) -> None:
+    sources = _custom_sources(tmp_path)
+    long_stem = "site_with_a_long_name_" + "x" * 50
+    (tmp_path / "images" / "s3.png").rename(tmp_path / "images" / f"{long_stem}.png")
+    (tmp_path / "masks" / "s3.png").rename(tmp_path / "masks" / f"{long_stem}.png")
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["prepare", "custom", *sources, "--out", str(out), "-j", "1"]).exit_code == 0
+    Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(tmp_path / "masks" / f"{long_stem}.png")
+    result = runner.invoke(app, ["prepare", "check", str(out), "-j", "1"], env={"COLUMNS": "80"})
+    assert result.exit_code == 3, result.output
+    assert any(line.startswith(f"masks/{long_stem}.png: ") for line in result.output.splitlines()), result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert error and "run 'allspark prepare check'" not in error[0] and "listed above" in error[0]
+
+
+def test_option_change_and_out_inside_a_source_are_usage_errors(tmp_path: Path) -> None:
+    sources = _custom_sources(tmp_path)
+    result = runner.invoke(app, ["prepare", "custom", *sources, "--out", str(tmp_path / "masks" / "out")])
+    assert result.exit_code == 2, result.output
+    assert "inside the source folder --masks" in result.output
+    result = runner.invoke(app, ["prepare", "custom", *sources, "--val-ratio", "1/4", "--val-list", str(tmp_path / "x.txt"),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--val-list, --val-ratio" in result.output

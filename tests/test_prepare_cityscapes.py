@@ -9,7 +9,7 @@ from PIL import Image
 
 from allspark_cli.data.manifest import load_manifest
 from allspark_cli.data.splits import read_split
-from allspark_cli.errors import DataError
+from allspark_cli.errors import DataError, SettingsError
 from data_tools.cityscapes import prepare_cityscapes
 
 # The official table, typed in from DESIGN.md section 4 (cityscapesscripts is not installed).
@@ -112,12 +112,43 @@ def test_bad_input(tmp_path: Path, case: str) -> None:
         prepare_cityscapes(root, tmp_path / "out", workers=1)
     assert path.name in str(error.value)
     assert not (tmp_path / "out").exists()
-    assert _sources(root) == before  # the trainIds written before the failure were removed again
+    after = _sources(root)  # the trainIds converted correctly stay (the rerun skips them); nothing else changed
+    assert {name: after[name] for name in before} == before
+    added = set(after) - set(before)
+    assert all(name.endswith("_gtFine_labelTrainIds.png") for name in added)
+    if case in ("missing image", "no masks"):  # layout checks: before any conversion
+        assert not added
+    else:
+        assert len(added) == len(labels) - 1
 
 
 def test_missing_root_and_out_inside_root(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="Cityscapes root .*does not exist"):
         prepare_cityscapes(tmp_path / "nope", tmp_path / "out")
     root, _ = make_cityscapes(tmp_path)
-    with pytest.raises(DataError, match="inside the Cityscapes root"):
+    before = _sources(root)
+    with pytest.raises(SettingsError, match="inside the source folder --root"):
         prepare_cityscapes(root, root / "prepared")
+    assert _sources(root) == before
+
+
+@pytest.mark.parametrize("case", ["truncated", "value 77", "other size", "colour"])
+def test_invalid_existing_train_ids_are_rebuilt_not_trusted(tmp_path: Path, case: str) -> None:
+    root, labels = make_cityscapes(tmp_path)
+    prepare_cityscapes(root, tmp_path / "out", workers=1)
+    label_path = sorted(labels)[5]
+    train_ids = label_path.with_name(label_path.name.replace("labelIds", "labelTrainIds"))
+    good = train_ids.read_bytes()
+    if case == "truncated":
+        train_ids.write_bytes(good[: len(good) // 2])
+    elif case == "value 77":
+        Image.fromarray(np.full((HEIGHT, WIDTH), 77, np.uint8)).save(train_ids)
+    elif case == "other size":
+        Image.fromarray(np.zeros((HEIGHT, WIDTH + 1), np.uint8)).save(train_ids)
+    else:
+        Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(train_ids)
+    summary = prepare_cityscapes(root, tmp_path / "out", workers=1)
+    assert (summary.masks_written, summary.masks_skipped) == (1, len(labels) - 1)
+    assert train_ids.read_bytes() == good
+    assert any("1 existing _gtFine_labelTrainIds.png files were invalid and were rebuilt" in note and train_ids.name in note
+               for note in summary.notes)

@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 
 from allspark_cli.data.manifest import load_manifest
 from allspark_cli.data.splits import read_split
-from allspark_cli.errors import DataError
+from allspark_cli.errors import DataError, SettingsError
 from data_tools.coco import prepare_coco
 
 HEIGHT, WIDTH = 20, 24
@@ -115,7 +115,7 @@ def test_resume_is_identical(tmp_path: Path) -> None:
     root, _, _ = make_coco(tmp_path)
     out = tmp_path / "out"
     prepare_coco(root, out, workers=1)
-    files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and "masks" in p.parts}
+    files = {p: p.read_bytes() for p in sorted((out / "masks").glob("*.png"))}
     summary = prepare_coco(root, out, workers=2)
     assert (summary.masks_written, summary.masks_skipped) == (0, len(files))
     assert {p: p.read_bytes() for p in files} == files
@@ -145,4 +145,60 @@ def test_bad_input(tmp_path: Path, case: str) -> None:
     with pytest.raises(DataError) as error:
         prepare_coco(root, tmp_path / "out", workers=1)
     assert name in str(error.value)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out" / "dataset.yaml").exists() and not (tmp_path / "out" / "splits").exists()
+    masks = sorted((tmp_path / "out" / "masks").glob("*.png")) if (tmp_path / "out").exists() else []
+    if case in ("bad json", "missing json"):  # found before any conversion
+        assert not (tmp_path / "out").exists()
+    else:  # every other mask was converted correctly and is kept
+        assert len(masks) == 8 + 2 - 1 and name.replace(".jpg", ".png") not in {mask.name for mask in masks}
+
+
+def test_rerun_with_another_crowd_mode_is_refused_or_rebuilt(tmp_path: Path) -> None:
+    root, _, expected_ignore = make_coco(tmp_path)
+    out = tmp_path / "out"
+    prepare_coco(root, out, workers=1)
+    assert load_manifest(out).mask_options == {"crowd": "background"}
+    before = {p.name: p.read_bytes() for p in (out / "masks").glob("*.png")}
+    with pytest.raises(SettingsError, match=r"10 masks in .*masks were made with other options \(crowd 'background' -> 'ignore'\).*--overwrite"):
+        prepare_coco(root, out, crowd="ignore", workers=1)
+    assert {p.name: p.read_bytes() for p in (out / "masks").glob("*.png")} == before  # nothing touched
+    summary = prepare_coco(root, out, crowd="ignore", overwrite=True, workers=1)
+    assert summary.masks_written == len(expected_ignore)
+    for stem, mask in expected_ignore.items():
+        np.testing.assert_array_equal(np.array(Image.open(out / "masks" / f"{stem}.png")), mask)
+    assert load_manifest(out).mask_options == {"crowd": "ignore"}
+    assert prepare_coco(root, out, crowd="ignore", workers=1).masks_skipped == len(expected_ignore)
+
+
+def test_masks_without_a_record_are_not_trusted(tmp_path: Path) -> None:
+    root, _, _ = make_coco(tmp_path)
+    out = tmp_path / "out"
+    prepare_coco(root, out, workers=1)
+    (out / "masks" / ".allspark-masks.json").unlink()  # as built by a version that recorded nothing
+    with pytest.raises(SettingsError, match="have no record of the options"):
+        prepare_coco(root, out, workers=1)
+
+
+@pytest.mark.parametrize("inside", ["", "prepared", "train2017/sub"])
+def test_out_inside_the_coco_root_is_refused(tmp_path: Path, inside: str) -> None:
+    root, _, _ = make_coco(tmp_path)
+    before = sorted(root.rglob("*"))
+    with pytest.raises(SettingsError, match="inside the source folder --root"):
+        prepare_coco(root, root / inside, workers=1)
+    assert sorted(root.rglob("*")) == before
+
+
+def test_unknown_image_id_and_shared_file_names_are_named(tmp_path: Path) -> None:
+    root, _, _ = make_coco(tmp_path)
+    json_path = root / "annotations" / "instances_train2017.json"
+    content = json.loads(json_path.read_text())
+    content["annotations"][0]["image_id"] = 999
+    json_path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"annotation 1 has image_id 999, which no entry"):
+        prepare_coco(root, tmp_path / "out", workers=1)
+    content["annotations"][0]["image_id"] = 1
+    content["images"][0]["file_name"] = "000000001001.jpg"  # the name of the first val image
+    (root / "train2017" / "000000000001.jpg").rename(root / "train2017" / "000000001001.jpg")
+    json_path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"share a file name stem.*train2017/000000001001.jpg and val2017/000000001001.jpg"):
+        prepare_coco(root, tmp_path / "out", workers=1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from allspark_cli.data.manifest import load_manifest
 from allspark_cli.data.splits import read_split
-from allspark_cli.errors import DataError
+from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.viz.palette import voc_palette
 from data_tools.pascal import AUG_RATIOS, ORIGINAL_SIZES, U2PL_RATIOS, prepare_pascal
 
@@ -158,25 +159,31 @@ def test_splits_from_imports_byte_identical(tmp_path: Path) -> None:
         assert (out / "splits" / reference.relative_to(tmp_path / "reference/pascal")).read_bytes() == reference.read_bytes()
 
 
-def test_splits_from_lists_every_missing_file(tmp_path: Path) -> None:
+def test_splits_from_lists_every_incomplete_split(tmp_path: Path) -> None:
     voc, sbd, _ = make_voc(tmp_path)
-    (tmp_path / "reference/pascal/92").mkdir(parents=True)
-    (tmp_path / "reference/pascal/92/labeled.txt").write_text("JPEGImages/2007_000000.jpg SegmentationClass/2007_000000.png\n")
-    with pytest.raises(DataError, match=r"92/unlabeled.txt.*u2pl/1_4/labeled.txt") as error:
+    line = "JPEGImages/2007_000000.jpg SegmentationClass/2007_000000.png\n"
+    for folder, filename in (("92", "labeled.txt"), ("u2pl_1_4", "unlabeled.txt")):
+        (tmp_path / "reference/pascal" / folder).mkdir(parents=True)
+        (tmp_path / "reference/pascal" / folder / filename).write_text(line)
+    with pytest.raises(DataError, match=r"lacks 2 file\(s\): 92/unlabeled.txt, u2pl_1_4/labeled.txt"):
         prepare_pascal(voc, tmp_path / "out", sbd_root=sbd, splits_from=tmp_path / "reference", workers=1)
-    assert "183/labeled.txt" in str(error.value)
     assert not (tmp_path / "out").exists()
 
 
-def test_split_line_pointing_nowhere(tmp_path: Path) -> None:
+def test_split_lines_pointing_nowhere_are_all_named_before_any_conversion(tmp_path: Path) -> None:
     voc, sbd, _ = make_voc(tmp_path)
     prepare_pascal(voc, tmp_path / "drawn", sbd_root=sbd, workers=1)
     _write_reference(tmp_path / "reference", tmp_path / "drawn")
-    bad = tmp_path / "reference/pascal/1_8/labeled.txt"
-    bad.write_text(bad.read_text() + "JPEGImages/missing.jpg SegmentationClass/missing.png\n")
-    with pytest.raises(DataError, match=r"1_8/labeled.txt:\d+: JPEGImages/missing.jpg does not exist"):
+    for folder, missing in (("1_8", "missing_a"), ("u2pl/1_4", "missing_b"), ("92", "missing_a")):
+        bad = tmp_path / "reference/pascal" / folder / "unlabeled.txt"
+        bad.write_text(bad.read_text() + f"JPEGImages/{missing}.jpg SegmentationClass/{missing}.png\n")
+    with pytest.raises(DataError) as error:
         prepare_pascal(voc, tmp_path / "out", sbd_root=sbd, splits_from=tmp_path / "reference", workers=1)
-    assert not (tmp_path / "out").exists()
+    message = str(error.value)
+    assert "name 4 file(s) that the dataset lacks" in message  # each missing path once, with where it is first named
+    assert re.search(r"JPEGImages/missing_a.jpg \(92/unlabeled.txt:\d+\)", message)
+    assert re.search(r"SegmentationClass/missing_b.png \(u2pl/1_4/unlabeled.txt:\d+\)", message)
+    assert not (tmp_path / "out").exists()  # refused before converting any mask
 
 
 def test_resume_skips_and_output_is_identical(tmp_path: Path) -> None:
@@ -228,13 +235,22 @@ def _corrupt(voc: Path, sbd: Path, case: str) -> Path:
     ["corrupt jpeg", "truncated png", "truncated mat", "rgb mask", "other size", "value outside classes",
      "missing mat", "empty list"],
 )
-def test_bad_input_names_the_file_and_writes_nothing(tmp_path: Path, case: str) -> None:
-    voc, sbd, _ = make_voc(tmp_path)
+def test_bad_input_names_the_file_and_keeps_only_correct_masks(tmp_path: Path, case: str) -> None:
+    voc, sbd, expected = make_voc(tmp_path)
     path = _corrupt(voc, sbd, case)
+    out = tmp_path / "out"
     with pytest.raises(DataError) as error:
-        prepare_pascal(voc, tmp_path / "out", sbd_root=sbd, workers=1)
+        prepare_pascal(voc, out, sbd_root=sbd, workers=1)
     assert path.name in str(error.value)
-    assert not (tmp_path / "out").exists()
+    if case in ("missing mat", "empty list"):  # found by the layout checks: nothing is written
+        assert not out.exists()
+        return
+    kept = sorted((out / "SegmentationClass").glob("*.png"))
+    assert f"{len(kept)} masks are complete and kept" in str(error.value)
+    assert len(kept) == len(set(SBD_ONLY) | set(VOC_TRAIN)) + len(VOC_VAL) - 1  # all but the bad one
+    for mask in kept:
+        np.testing.assert_array_equal(np.array(Image.open(mask)), expected[mask.stem])
+    assert not (out / "dataset.yaml").exists() and not (out / "splits").exists() and not (out / "JPEGImages").exists()
 
 
 def test_wrong_layout_and_missing_root(tmp_path: Path) -> None:
@@ -257,3 +273,39 @@ def test_failed_rerun_keeps_earlier_complete_output(tmp_path: Path) -> None:
     after = _tree(out)
     assert set(after) == set(before) - {f"SegmentationClass/{SBD_ONLY[1]}.png"}
     assert os.path.islink(out / "JPEGImages")
+
+
+def test_partial_keep_then_the_rerun_converts_only_the_fixed_files(tmp_path: Path) -> None:
+    voc, sbd, expected = make_voc(tmp_path)
+    broken = [_corrupt(voc, sbd, "corrupt jpeg"), _corrupt(voc, sbd, "truncated mat")]
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"^2 masks failed: .*") as error:
+        prepare_pascal(voc, out, sbd_root=sbd, workers=2)
+    assert all(path.name in str(error.value) for path in broken)  # every bad file at once
+    make_voc(tmp_path / "fixed")  # the same sources, unbroken
+    for path in broken:
+        path.write_bytes((tmp_path / "fixed" / path.relative_to(tmp_path)).read_bytes())
+    summary = prepare_pascal(voc, out, sbd_root=sbd, workers=1)
+    assert summary.masks_written == 2
+    assert summary.masks_skipped == len(set(SBD_ONLY) | set(VOC_TRAIN)) + len(VOC_VAL) - 2
+    for mask in (out / "SegmentationClass").glob("*.png"):
+        np.testing.assert_array_equal(np.array(Image.open(mask)), expected[mask.stem])
+
+
+@pytest.mark.parametrize("inside", ["voc", "sbd"])
+def test_out_inside_a_source_is_refused_and_the_source_untouched(tmp_path: Path, inside: str) -> None:
+    voc, sbd, _ = make_voc(tmp_path)
+    before = {**_tree(voc), **_tree(sbd)}
+    out = (voc if inside == "voc" else sbd) / "prepared"
+    with pytest.raises(SettingsError, match="inside the source folder --(voc|sbd)-root"):
+        prepare_pascal(voc, out, sbd_root=sbd, workers=1)
+    assert {**_tree(voc), **_tree(sbd)} == before and not out.exists()
+
+
+def test_rerun_with_another_mask_source_is_refused(tmp_path: Path) -> None:
+    voc, sbd, _ = make_voc(tmp_path)
+    out = tmp_path / "out"
+    prepare_pascal(voc, out, sbd_root=sbd, workers=1)
+    assert load_manifest(out).mask_options == {"augmented_masks": "sbd"}
+    with pytest.raises(SettingsError, match=r"augmented_masks 'sbd' -> 'none'"):
+        prepare_pascal(voc, out, workers=1)

@@ -42,10 +42,7 @@ def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """AllSpark semi-supervised semantic segmentation toolkit."""
-    from allspark_cli.engine.signals import interrupt_on_stop_signals
-
     ctx.obj = {"debug": debug}
-    interrupt_on_stop_signals()
 
 
 # Help panels of `allspark --help`, in the order of a project's life.

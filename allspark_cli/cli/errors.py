@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 
 from allspark_cli.errors import AllsparkError
 from allspark_cli.fileio import write_error
+from allspark_cli.signals import stop_signals_interrupt
 
 INTERNAL_ERROR_EXIT = 1
 SETTINGS_EXIT = 2
@@ -75,7 +76,10 @@ class ErrorReportingGroup(TyperGroup):
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            # A stop outside the loops that stop gracefully (startup, dataset checks) ends as the
+            # one-line "interrupted", exit 130, instead of a silent 143.
+            with stop_signals_interrupt():
+                return super().invoke(ctx)
         except _PASS_THROUGH:
             raise
         except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - the one boundary

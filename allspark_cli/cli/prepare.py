@@ -2,7 +2,8 @@
 
 Each sub-command calls one builder of `data_tools` with a progress callback, then prints a
 summary table; `check` renders the CheckReport of `allspark_cli.data.check`. Bad data raises
-DataError (exit 3) and the one error boundary in `cli/errors.py` prints it.
+DataError (exit 3) and the one error boundary in `cli/errors.py` prints it. A stop signal
+(SIGINT, SIGTERM, SIGHUP) anywhere in a build ends it with exit 130 and the resume hint.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from allspark_cli.cli.options import SeedOption
+from allspark_cli.errors import Interrupted
+from allspark_cli.signals import stop_signals_interrupt
 
 if TYPE_CHECKING:
     from allspark_cli.data.check import CheckReport
@@ -40,9 +43,24 @@ PrepareWorkersOption = Annotated[
 SplitsFromOption = Annotated[
     Path | None,
     # No `exists=True`: a missing folder is bad data (exit 3, named by the builder), not bad usage.
-    typer.Option("--splits-from", help="Folder of reference split files (<name>/labeled.txt, unlabeled.txt) to import as they are.",
-                 show_default=False),
+    typer.Option("--splits-from", help="Folder of reference split files (<name>/labeled.txt, unlabeled.txt; the published "
+                 "folders as they are, or a subset of them) to import byte for byte.", show_default=False),
 ]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Rebuild every mask of --out (needed when the options that determine the masks changed).")
+]
+
+
+@contextmanager
+def _resumable() -> Iterator[None]:
+    """A stop signal outside the conversion stage (which stops on its own) ends the build with the hint."""
+    from data_tools.common import RESUME_HINT
+
+    try:
+        with stop_signals_interrupt():
+            yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {RESUME_HINT}") from None
 
 
 @contextmanager
@@ -85,14 +103,15 @@ def pascal(
     aug_masks: Annotated[Path | None, typer.Option("--aug-masks", help="SegmentationClassAug folder (instead of --sbd-root).", show_default=False)] = None,
     splits_from: SplitsFromOption = None,
     seed: SeedOption = None,
+    overwrite: OverwriteOption = False,
     workers: PrepareWorkersOption = None,
 ) -> None:
     """Pascal VOC 2012 + SBD: the 10,582-image augmented masks, every reference split, val."""
     from data_tools.pascal import prepare_pascal
 
-    with _progress_bar() as progress:
+    with _resumable(), _progress_bar() as progress:
         summary = prepare_pascal(voc_root, out, sbd_root=sbd_root, aug_masks=aug_masks, splits_from=splits_from,
-                                 seed=seed or 0, workers=workers, progress=progress)
+                                 seed=seed or 0, overwrite=overwrite, workers=workers, progress=progress)
     _show_summary(summary)
 
 
@@ -107,7 +126,7 @@ def cityscapes(
     """Cityscapes: *_gtFine_labelTrainIds.png beside each labelIds mask, splits 1/30..1/2, val."""
     from data_tools.cityscapes import prepare_cityscapes
 
-    with _progress_bar() as progress:
+    with _resumable(), _progress_bar() as progress:
         summary = prepare_cityscapes(root, out, splits_from=splits_from, seed=seed or 0, workers=workers, progress=progress)
     _show_summary(summary)
 
@@ -121,28 +140,35 @@ def coco(
     ] = "background",
     splits_from: SplitsFromOption = None,
     seed: SeedOption = None,
+    overwrite: OverwriteOption = False,
     workers: PrepareWorkersOption = None,
 ) -> None:
     """COCO 2017: 81-class masks from the instance annotations, splits 1/512..1/32, val."""
     from data_tools.coco import prepare_coco
 
-    with _progress_bar() as progress:
-        summary = prepare_coco(root, out, crowd=crowd, splits_from=splits_from, seed=seed or 0, workers=workers,
-                               progress=progress)
+    with _resumable(), _progress_bar() as progress:
+        summary = prepare_coco(root, out, crowd=crowd, splits_from=splits_from, seed=seed or 0, overwrite=overwrite,
+                               workers=workers, progress=progress)
     _show_summary(summary)
 
 
 @prepare_app.command("custom")
 def custom(
-    images: Annotated[Path, typer.Option("--images", help="Folder of images that have masks.")],
-    masks: Annotated[Path, typer.Option("--masks", help="Folder of single-channel PNG masks, same stems as the images.")],
     classes: Annotated[Path, typer.Option("--classes", help="Text file: one class name a line (line i = class id i).")],
     out: OutOption,
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of training images (subfolders included).", show_default=False)] = None,
+    masks: Annotated[Path | None, typer.Option("--masks", help="Folder of PNG masks, named like their images (a.jpg -> a.png).", show_default=False)] = None,
+    val_images: Annotated[Path | None, typer.Option("--val-images", help="Folder of the fixed validation images (none of them in training).", show_default=False)] = None,
+    val_masks: Annotated[Path | None, typer.Option("--val-masks", help="Folder of the masks of --val-images.", show_default=False)] = None,
+    mmseg_root: Annotated[Path | None, typer.Option("--mmseg-root", help="mmsegmentation layout: img_dir/{train,val} + ann_dir/{train,val} (instead of the four folders).", show_default=False)] = None,
+    train_list: Annotated[Path | None, typer.Option("--train-list", help="Text file naming the training images of --images, one a line (with --val-list).", show_default=False)] = None,
+    val_list: Annotated[Path | None, typer.Option("--val-list", help="Text file naming the validation images of --images, one a line.", show_default=False)] = None,
     unlabeled: Annotated[Path | None, typer.Option("--unlabeled", help="Folder of images without masks.", show_default=False)] = None,
-    palette: Annotated[Path | None, typer.Option("--palette", help="Text file: one colour 'R G B' or '#rrggbb' per class.", show_default=False)] = None,
+    unlabeled_from_images: Annotated[bool, typer.Option("--unlabeled-from-images", help="Images of --images without a mask are unlabeled (instead of an error).")] = False,
+    palette: Annotated[Path | None, typer.Option("--palette", help="Text file: one colour 'R G B' or '#rrggbb' per class; colour (RGB) masks are converted through it.", show_default=False)] = None,
     ratio: Annotated[str | None, typer.Option("--ratio", help="Labeled share of the training images, e.g. 1/8 (default).", show_default=False)] = None,
     count: Annotated[int | None, typer.Option("--count", min=1, help="Labeled training images (instead of --ratio).", show_default=False)] = None,
-    val_ratio: Annotated[str, typer.Option("--val-ratio", help="Share of the masked images held out for val.")] = "1/10",
+    val_ratio: Annotated[str | None, typer.Option("--val-ratio", help="Share of the masked images drawn for val (default 1/10) when val is not fixed.", show_default=False)] = None,
     name: Annotated[str | None, typer.Option("--name", help="Dataset name (default: the --out folder name).", show_default=False)] = None,
     seed: SeedOption = None,
     workers: PrepareWorkersOption = None,
@@ -150,10 +176,12 @@ def custom(
     """Your own images and masks: checks every file, writes splits and dataset.yaml."""
     from data_tools.custom import prepare_custom
 
-    with _progress_bar() as progress:
-        summary = prepare_custom(images, masks, classes, out, unlabeled_dir=unlabeled, palette_file=palette, ratio=ratio,
-                                 count=count, val_ratio=val_ratio, seed=seed or 0, name=name, workers=workers,
-                                 progress=progress)
+    with _resumable(), _progress_bar() as progress:
+        summary = prepare_custom(images, masks, classes, out, unlabeled_dir=unlabeled,
+                                 unlabeled_from_images=unlabeled_from_images, val_images_dir=val_images,
+                                 val_masks_dir=val_masks, mmseg_root=mmseg_root, train_list=train_list,
+                                 val_list=val_list, palette_file=palette, ratio=ratio, count=count, val_ratio=val_ratio,
+                                 seed=seed or 0, name=name, workers=workers, progress=progress)
     _show_summary(summary)
 
 
@@ -205,12 +233,11 @@ def _show_report(report: CheckReport) -> None:
     if report.ok:
         console.print("[green]no problems found[/]")
         return
-    problems = Table(title=f"{len(report.problems)} problem(s)")
-    for column in ("file", "rule", "detail"):
-        problems.add_column(column)
+    # One plain line a problem, never cut: logs are often 80 columns wide and the file name matters.
+    console.print(f"[bold red]{len(report.problems)} problem(s)[/] (file: rule: detail)")
     for problem in report.problems[:MAX_PROBLEM_ROWS]:
-        problems.add_row(problem.file, problem.rule, problem.detail)
-    console.print(problems)
+        line = f"{problem.file}: {problem.rule}" + (f": {problem.detail}" if problem.detail else "")
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
     if len(report.problems) > MAX_PROBLEM_ROWS:
         rules = ", ".join(f"{rule}: {n}" for rule, n in report.rule_counts().items())
         console.print(f"... and {len(report.problems) - MAX_PROBLEM_ROWS} more ({rules})")
@@ -228,7 +255,7 @@ def check(
     with _progress_bar() as progress:
         report = check_dataset(dataset, fast=fast, workers=workers, progress=lambda done, total: progress("check", done, total))
     _show_report(report)
-    raise_if_problems(report)
+    raise_if_problems(report, listed=True)
 
 
 def register(app: typer.Typer) -> None:

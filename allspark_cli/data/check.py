@@ -269,14 +269,18 @@ def check_dataset(
     return report
 
 
-def raise_if_problems(report: CheckReport) -> None:
-    """Raises DataError with a one-line summary naming the first offending files; no-op when ok."""
+def raise_if_problems(report: CheckReport, *, listed: bool = False) -> None:
+    """Raises DataError with a one-line summary naming the first offending files; no-op when ok.
+
+    `listed`: the caller has just shown every problem (`prepare check`), so the line does not send
+    the user to `prepare check` for the full list."""
     if report.ok:
         return
     shown = "; ".join(f"{p.file} ({p.rule})" for p in report.problems[:SUMMARY_FILES])
     more = len(report.problems) - SUMMARY_FILES
     tail = f"; and {more} more" if more > 0 else ""
+    hint = " (listed above)" if listed else " (run 'allspark prepare check' for the full list)"
     raise DataError(
         f"dataset '{report.manifest.name}' at {report.manifest.root} has {len(report.problems)} problem(s): "
-        f"{shown}{tail} (run 'allspark prepare check' for the full list)"
+        f"{shown}{tail}{hint}"
     )

@@ -50,6 +50,9 @@ class DatasetManifest(BaseModel):
     eval_crop: int | None = Field(default=None, gt=0)
     eval_stride: int | None = Field(default=None, gt=0)
     train_crop: int = Field(gt=0)
+    # The `allspark prepare` options that determined the masks (e.g. coco `crowd: ignore`), for
+    # the record; None for datasets whose masks no option changes.
+    mask_options: dict[str, str] | None = None
 
     @model_validator(mode="after")
     def _check_consistency(self) -> DatasetManifest:
@@ -144,6 +147,8 @@ def write_manifest(manifest: DatasetManifest, path: str | os.PathLike) -> None:
     root = Path(os.path.normpath(root.absolute()))
     stored_root = root.relative_to(folder).as_posix() if root.is_relative_to(folder) else root.as_posix()
     data = manifest.model_dump(mode="json")
+    if data["mask_options"] is None:
+        del data["mask_options"]  # only builders with mask options write the field
     data["root"] = stored_root or "."
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
     atomic_write_text(path, text)

@@ -24,7 +24,7 @@ from allspark_cli.engine import distributed as D
 from allspark_cli.engine.events import StepInfo, TrainReporter, format_step
 from allspark_cli.engine.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
-from allspark_cli.engine.signals import StopRequest
+from allspark_cli.signals import StopRequest
 from allspark_cli.engine.tensorboard import TensorBoardLog
 from allspark_cli.engine.train_data import Loaders
 from allspark_cli.engine.step import StepRecipe, train_step

@@ -37,7 +37,7 @@ from allspark_cli.engine.precision import autocast_factory, check_amp, cudnn_ben
 from allspark_cli.engine.predict import check_out_dir, load_inference_checkpoint
 from allspark_cli.engine.protocol import EvalProtocol, resolve_protocol
 from allspark_cli.engine.settings import AmpMode
-from allspark_cli.engine.signals import StopRequest, ignore_stop_signals
+from allspark_cli.signals import StopRequest, ignore_stop_signals
 from allspark_cli.errors import Interrupted, SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
 from allspark_cli.viz.confusion import confusion_figure

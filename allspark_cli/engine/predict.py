@@ -30,7 +30,7 @@ from allspark_cli.engine.inference import default_stride, segment
 from allspark_cli.engine.precision import autocast_factory, check_amp
 from allspark_cli.engine.protocol import SavedRecipe
 from allspark_cli.engine.settings import AmpMode
-from allspark_cli.engine.signals import StopRequest, ignore_stop_signals
+from allspark_cli.signals import StopRequest, ignore_stop_signals
 from allspark_cli.errors import DataError, Interrupted, SettingsError
 from allspark_cli.viz.palette import voc_palette
 

@@ -39,7 +39,7 @@ from allspark_cli.engine.rundir import (
 )
 from allspark_cli.engine.settings import TrainSettings, model_config_for
 from allspark_cli.engine.settings_layers import dump_settings_yaml
-from allspark_cli.engine.signals import StopRequest
+from allspark_cli.signals import StopRequest
 from allspark_cli.engine.step import TrainForward
 from allspark_cli.engine.tensorboard import open_log, wanted
 from allspark_cli.engine.train_data import (

@@ -19,7 +19,7 @@ from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, load_mani
 from allspark_cli.engine.distributed import DistInfo, barrier
 from allspark_cli.engine.sampling import LABELED_STREAM, UNLABELED_STREAM, EpochBatchSampler
 from allspark_cli.engine.settings import TrainSettings
-from allspark_cli.engine.signals import ignore_stop_signals
+from allspark_cli.signals import ignore_stop_signals
 from allspark_cli.errors import SettingsError
 
 # Builds a dataset whose manifest is missing, into the given folder; `notify(text)` may be told
