@@ -109,9 +109,9 @@ class LoopSettings(_Section):
     seed: int = Field(default=0, ge=0)
     amp: AmpMode = "off"
     tf32: bool = Field(
-        default=True,
-        description="CUDA: float32 matrix products and convolutions on TF32 tensor cores (10-bit mantissa inputs, "
-        "float32 sums); false: full float32 products, as torch's own default",
+        default=False,
+        description="CUDA: float32 matrix products on TF32 tensor cores (10-bit mantissa inputs, float32 sums); "
+        "false (the reference's torch 1.12 default): full float32 products. Convolutions keep torch's default (TF32)",
     )
     cudnn_benchmark: bool = Field(
         default=True, description="CUDA: time cuDNN's convolution algorithms once for the fixed training crop"
