@@ -1,19 +1,23 @@
 """Atomic file output: write to a temporary name beside the target, then rename.
 
 An interrupted write (Ctrl-C, kill -9, full disk) never leaves a half-written file under the final
-name, and an existing file is replaced only by a complete new one.
+name, and an existing file is replaced only by a complete new one. PNG masks are encoded here too:
+8-bit palette PNGs with zlib directly, because OpenCV cannot write indexed PNGs.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from allspark_cli.errors import DataError, WriteError
+from allspark_cli.labels import full_palette
 
 
 _DEFAULT_FILE_MODE = 0o666
@@ -91,6 +95,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_palette_png(mask: np.ndarray, colors: np.ndarray | list) -> bytes:
+    """8-bit indexed PNG bytes of a (H, W) uint8 mask with the given class colours."""
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"palette PNGs take a (H, W) uint8 mask, got {mask.shape} {mask.dtype}")
+    height, width = mask.shape
+    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8-bit, colour type 3 (indexed)
+    rows = np.concatenate([np.zeros((height, 1), dtype=np.uint8), mask], axis=1)  # filter byte 0 per row
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"PLTE", full_palette(colors).tobytes()),
+            _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+
+
 def encode_png(array: np.ndarray, palette: np.ndarray | None = None) -> bytes:
     """PNG bytes of a uint8 array: (H, W) single channel, or (H, W, 3) RGB.
 
@@ -102,8 +128,6 @@ def encode_png(array: np.ndarray, palette: np.ndarray | None = None) -> bytes:
     if array.dtype != np.uint8:
         raise ValueError(f"encode_png expects uint8, got {array.dtype}")
     if palette is not None:
-        from allspark_cli.viz.palette import encode_palette_png
-
         return encode_palette_png(array, palette)
     data = array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
     ok, buffer = cv2.imencode(".png", data)

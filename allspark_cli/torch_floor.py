@@ -3,7 +3,7 @@
 The floor is set by the newest of the torch APIs the code calls (each line: the API, where, and the
 release that introduced it):
 - `torch.serialization.safe_globals` (reference checkpoints with numpy scalars, model/checkpoint.py): 2.5;
-- `torch.OutOfMemoryError`, device-independent (engine/train.py): 2.5;
+- `torch.OutOfMemoryError`, device-independent (engine/training/train.py): 2.5;
 - `torch.get_autocast_dtype(device_type)` / `torch.is_autocast_enabled(device_type)`
   (model/attention.py): 2.4;
 - `torch.amp.GradScaler(device_type)` (engine/precision.py): 2.3.

@@ -25,7 +25,7 @@ import torch
 from allspark_cli.data.datasets import LabeledDataset, UnlabeledDataset
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.fileio import write_png
-from allspark_cli.viz.palette import voc_palette
+from allspark_cli.labels import voc_palette
 
 PASCAL_SIZES = ((500, 375), (375, 500), (500, 333), (500, 400))  # typical VOC (width, height)
 JPEG_QUALITY = 90

@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import Dataset
 
 from allspark_cli.data.transforms import normalize
-from allspark_cli.engine.evaluate import evaluate_dataset
-from allspark_cli.engine.inference import segment
-from allspark_cli.engine.predict import Predictor
+from allspark_cli.engine.inference.evaluate import evaluate_dataset
+from allspark_cli.engine.inference.inference import segment
+from allspark_cli.engine.inference.predict import Predictor
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
 
 SIZE = 512

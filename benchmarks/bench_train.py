@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from allspark_cli.engine.losses import build_criterion
+from allspark_cli.engine.training.losses import build_criterion
 from allspark_cli.engine.precision import autocast_factory
-from allspark_cli.engine.step import StepRecipe, TrainForward, train_step
+from allspark_cli.engine.training.step import StepRecipe, TrainForward, train_step
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
 
 DEMO_CLASSES = 7  # the demo dataset's K (CPU row)

@@ -41,10 +41,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the tiny dataset of the tests
 
-from allspark_cli.engine.losses import OhemCrossEntropy, build_criterion  # noqa: E402
-from allspark_cli.engine.metrics import ConfusionMatrix  # noqa: E402
+from allspark_cli.engine.training.losses import OhemCrossEntropy, build_criterion  # noqa: E402
+from allspark_cli.engine.inference.metrics import ConfusionMatrix  # noqa: E402
 from allspark_cli.engine.precision import autocast_factory, configure_cuda_math  # noqa: E402
-from allspark_cli.engine.step import StepRecipe, TrainForward, train_step  # noqa: E402
+from allspark_cli.engine.training.step import StepRecipe, TrainForward, train_step  # noqa: E402
 from allspark_cli.model.allspark import AllSparkModule, ChannelCrossAttention  # noqa: E402
 from allspark_cli.model.attention import normalized_attention_map  # noqa: E402
 from allspark_cli.model.attention_paths import labeled_attention  # noqa: E402

@@ -25,9 +25,9 @@ from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.imageio import read_mask, read_size
 from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
-from allspark_cli.classnames import CITYSCAPES_CLASSES
+from allspark_cli.labels import CITYSCAPES_CLASSES
 from allspark_cli.errors import DataError
-from allspark_cli.viz.palette import cityscapes_palette
+from allspark_cli.labels import cityscapes_palette
 from allspark_cli.fileio import remove_stale_temps
 from data_tools.common import (
     MAX_REPORTED_ERRORS,

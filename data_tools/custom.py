@@ -37,7 +37,7 @@ from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry, read_split
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import encode_png, remove_stale_temps
-from allspark_cli.viz.palette import voc_palette
+from allspark_cli.labels import voc_palette
 from data_tools.common import (
     MAX_REPORTED_ERRORS,
     PrepareSummary,

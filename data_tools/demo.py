@@ -37,7 +37,7 @@ from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, TrainSpli
 from allspark_cli.data.splits import SplitEntry, write_split
 from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_write_bytes, atomic_write_text
-from allspark_cli.viz.palette import encode_palette_png
+from allspark_cli.fileio import encode_palette_png
 
 DEMO_CLASSES = ("background", "disc", "square", "triangle", "ring", "star", "cross")
 DEMO_PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180))

@@ -14,8 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
-from allspark_cli.engine import ablate as ablate_module
-from allspark_cli.engine import epoch as epoch_module
+from allspark_cli.engine.training import ablate as ablate_module
+from allspark_cli.engine.training import epoch as epoch_module
 from allspark_cli.model.checkpoint import read_checkpoint
 from train_fixtures import make_dataset, tiny_layer
 

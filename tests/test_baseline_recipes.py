@@ -15,10 +15,10 @@ from allspark_cli.data.manifest import (
     write_manifest,
 )
 from allspark_cli.engine.distributed import DistInfo
-from allspark_cli.engine.presets import find_preset
-from allspark_cli.engine.sampling import EpochBatchSampler
+from allspark_cli.engine.training.presets import find_preset
+from allspark_cli.engine.training.sampling import EpochBatchSampler
 from allspark_cli.engine.settings_layers import build_settings
-from allspark_cli.engine.train_data import build_loaders
+from allspark_cli.engine.training.train_data import build_loaders
 from allspark_cli.errors import SettingsError
 
 PASCAL_UNLABELED = 10_582 - 92  # the pascal-92 split: 92 labeled, the rest of the augmented set unlabeled

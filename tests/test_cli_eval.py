@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from allspark_cli.cli.app import app
 from allspark_cli.data.datasets import build_eval_dataset
 from allspark_cli.data.manifest import DatasetManifest, TrainSplit, load_manifest, write_manifest
-from allspark_cli.engine.evaluate import evaluate_dataset
+from allspark_cli.engine.inference.evaluate import evaluate_dataset
 from allspark_cli.model.checkpoint import load_model, save_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
 

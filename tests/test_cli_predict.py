@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from allspark_cli.cli.app import app
 from allspark_cli.model.checkpoint import save_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
-from allspark_cli.viz.palette import voc_palette
+from allspark_cli.labels import voc_palette
 
 torch.set_num_threads(1)
 CROP = 64

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
-from allspark_cli.engine import train as engine_train
+from allspark_cli.engine.training import train as engine_train
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.model.checkpoint import save_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model
@@ -167,7 +167,7 @@ def test_rich_reporter_shows_the_banner_bar_and_miou() -> None:
     from rich.console import Console
 
     from allspark_cli.cli.train import RichReporter
-    from allspark_cli.engine import events
+    from allspark_cli.engine.training import events
 
     stream = io.StringIO()
     reporter = RichReporter(Console(file=stream, force_terminal=True, width=160))

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from train_fixtures import make_dataset, tiny_layer
 
 from allspark_cli.engine.settings_layers import build_settings
-from allspark_cli.engine.train import train
+from allspark_cli.engine.training.train import train
 
 WORLD_SIZE = 2
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from allspark_cli.engine.evaluate import evaluate_dataset
-from allspark_cli.engine.metrics import ConfusionMatrix
+from allspark_cli.engine.inference.evaluate import evaluate_dataset
+from allspark_cli.engine.inference.metrics import ConfusionMatrix
 
 NUM_CLASSES = 4
 SIZES = [(24, 32), (24, 32), (40, 28), (24, 32), (33, 33), (40, 28), (24, 32)]

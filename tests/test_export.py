@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
-from allspark_cli.engine import export as export_module
-from allspark_cli.engine.export import TORCHSCRIPT_METADATA, ExportCheckError, export_checkpoint
+from allspark_cli.engine.inference import export as export_module
+from allspark_cli.engine.inference.export import TORCHSCRIPT_METADATA, ExportCheckError, export_checkpoint
 from allspark_cli.model.checkpoint import load_model, save_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model
 

@@ -14,9 +14,9 @@ from train_fixtures import make_dataset, tiny_layer
 from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
-from allspark_cli.engine import epoch as epoch_module
+from allspark_cli.engine.training import epoch as epoch_module
 from allspark_cli.engine.settings_layers import build_settings
-from allspark_cli.engine.train import train
+from allspark_cli.engine.training.train import train
 from allspark_cli.errors import Interrupted, WriteError
 from allspark_cli.model import checkpoint as checkpoint_module
 from allspark_cli.model.checkpoint import read_checkpoint, save_torch_file
@@ -107,7 +107,7 @@ def test_a_resumed_run_whose_saves_fail_exits_6_with_last_and_best_intact(stoppe
 
 def test_a_full_disk_outside_checkpoints_is_a_write_error_too(stopped_run: Path, monkeypatch) -> None:
     """A log line or metrics record that hits a full disk: exit 6, not an internal error."""
-    from allspark_cli.engine.rundir import RunFolder
+    from allspark_cli.engine.training.rundir import RunFolder
 
     def full(self, line: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path / "train.log"))

@@ -1,8 +1,49 @@
-"""Dependencies run one way: the core never imports the CLI or typer (STYLE.md habit 1)."""
+"""Dependencies run one way (STYLE.md habit 1): cli -> engine -> model / data / viz -> the core
+modules (errors, fileio, labels, signals, constants); `data_tools` (the dataset builders) sits
+beside the engine and is reached from the CLI only. Checked twice: statically on every import
+statement, and by importing everything below the CLI (typer and the CLI must stay unloaded)."""
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# package folder -> the packages its modules must never import
+FORBIDDEN = {
+    "allspark_cli/engine": ("allspark_cli.cli", "data_tools", "typer"),
+    "allspark_cli/model": ("allspark_cli.cli", "allspark_cli.engine", "allspark_cli.viz", "allspark_cli.data", "data_tools"),
+    "allspark_cli/data": ("allspark_cli.cli", "allspark_cli.engine", "allspark_cli.viz", "data_tools"),
+    "allspark_cli/viz": ("allspark_cli.cli", "allspark_cli.engine", "data_tools"),
+    "data_tools": ("allspark_cli.cli", "allspark_cli.engine", "allspark_cli.viz", "typer"),
+}
+CORE_MODULES = ("errors", "fileio", "labels", "signals", "constants")
+
+
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
+
+
+@pytest.mark.parametrize("folder", list(FORBIDDEN))
+def test_no_import_runs_upwards(folder: str) -> None:
+    bad = [f"{path.relative_to(ROOT)} imports {name}" for path in sorted((ROOT / folder).rglob("*.py"))
+           for name in _imports(path) if name.startswith(FORBIDDEN[folder])]
+    assert bad == []
+
+
+def test_core_modules_import_only_each_other() -> None:
+    bad = [f"{module} imports {name}" for module in CORE_MODULES for name in _imports(ROOT / f"allspark_cli/{module}.py")
+           if name.startswith("allspark_cli.") and name.removeprefix("allspark_cli.") not in CORE_MODULES]
+    assert bad == []
 
 
 def test_core_packages_do_not_import_typer_or_the_cli():
@@ -12,8 +53,8 @@ def test_core_packages_do_not_import_typer_or_the_cli():
         "import pkgutil, importlib, allspark_cli\n"
         "for pkg in ('allspark_cli.model', 'allspark_cli.data', 'allspark_cli.engine', 'allspark_cli.viz', 'data_tools'):\n"
         "    module = importlib.import_module(pkg)\n"
-        "    for info in pkgutil.iter_modules(module.__path__):\n"
-        "        importlib.import_module(f'{pkg}.{info.name}')\n"
+        "    for info in pkgutil.walk_packages(module.__path__, pkg + '.'):\n"
+        "        importlib.import_module(info.name)\n"
         "from allspark_cli import load_model\n"
         "bad = [m for m in sys.modules if m == 'typer' or m.startswith('allspark_cli.cli')]\n"
         "assert not bad, bad\n"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from allspark_cli.engine.inference import (
+from allspark_cli.engine.inference.inference import (
     center_crop_box,
     default_stride,
     predict_slide,

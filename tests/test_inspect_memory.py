@@ -20,8 +20,8 @@ from allspark_cli.data.imageio import read_image
 from allspark_cli.data.manifest import DatasetManifest, TrainSplit, write_manifest
 from allspark_cli.data.splits import SplitEntry, read_split, write_split
 from allspark_cli.data.transforms import normalize
-from allspark_cli.engine.inspect_memory import inspect_memory
-from allspark_cli.engine.memory_pictures import token_grid
+from allspark_cli.engine.inspection.inspect_memory import inspect_memory
+from allspark_cli.engine.inspection.memory_pictures import token_grid
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.model.checkpoint import read_checkpoint, save_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from allspark_cli.engine.metrics import ConfusionMatrix, metrics_from_confusion
+from allspark_cli.engine.inference.metrics import ConfusionMatrix, metrics_from_confusion
 
 # 4 classes: 0 and 1 present, 2 only predicted (a false positive), 3 absent from both;
 # the last two pixels are ignore (255) and must not count whatever is predicted there.

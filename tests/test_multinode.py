@@ -31,7 +31,7 @@ PROBE = '''
 import os
 if os.environ.get("ALLSPARK_TEST_MEMORY_DIR"):
     import torch
-    from allspark_cli.engine import train as engine
+    from allspark_cli.engine.training import train as engine
 
     def _train_and_dump(settings, _train=engine.train, **kwargs):
         result = _train(settings, **kwargs)

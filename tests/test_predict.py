@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from allspark_cli.engine.predict import Predictor, predict_folder
-from allspark_cli.engine.sources import collect_images, output_stems
+from allspark_cli.engine.inference.predict import Predictor, predict_folder
+from allspark_cli.engine.inference.sources import collect_images, output_stems
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.model.checkpoint import save_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop

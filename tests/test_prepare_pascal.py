@@ -13,7 +13,7 @@ from PIL import Image
 from allspark_cli.data.manifest import load_manifest
 from allspark_cli.data.splits import read_split
 from allspark_cli.errors import DataError, SettingsError
-from allspark_cli.viz.palette import voc_palette
+from allspark_cli.labels import voc_palette
 from data_tools.pascal import AUG_RATIOS, ORIGINAL_SIZES, U2PL_RATIOS, prepare_pascal
 
 HEIGHT, WIDTH = 12, 16

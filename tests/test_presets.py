@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from allspark_cli.engine.presets import (
+from allspark_cli.engine.training.presets import (
     PRESET_DIR,
     file_stem_for,
     find_preset,

@@ -13,10 +13,10 @@ import torch
 import yaml
 from train_fixtures import make_dataset, tiny_layer
 
-from allspark_cli.engine import epoch as epoch_module
-from allspark_cli.engine.resume import capture_rng, restore_rng, resume_base
+from allspark_cli.engine.training import epoch as epoch_module
+from allspark_cli.engine.training.resume import capture_rng, restore_rng, resume_base
 from allspark_cli.engine.settings_layers import build_settings
-from allspark_cli.engine.train import train
+from allspark_cli.engine.training.train import train
 from allspark_cli.errors import Interrupted, SettingsError
 from allspark_cli.model.checkpoint import load_model, read_checkpoint, save_checkpoint
 

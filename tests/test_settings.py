@@ -105,7 +105,7 @@ def test_an_architecture_value_out_of_range_is_refused_before_the_dataset_is_ope
                                                                                     fragment: str) -> None:
     """The model section shares ModelConfig's declarations: one bound, checked with the settings.
     The manifest path does not exist, so reaching the dataset would fail with another message."""
-    from allspark_cli.engine.train import train
+    from allspark_cli.engine.training.train import train
 
     layer = {"data": {"manifest": str(tmp_path / "missing.yaml"), "split": "1/8"}}
     with pytest.raises(SettingsError, match=fragment):

@@ -56,7 +56,7 @@ PREDICT_SIZE = 160  # large enough that the stop arrives while images remain
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from allspark_cli.engine.settings_layers import build_settings
-    from allspark_cli.engine.train import train
+    from allspark_cli.engine.training.train import train
 
     root = tmp_path_factory.mktemp("stop")
     manifest = make_dataset(root / "data", num_val=6)
@@ -96,7 +96,7 @@ def test_predict_stopped_by_its_group_exits_130_and_a_rerun_continues(tiny_check
 
 def test_eval_stopped_exits_with_nothing_written(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """SIGTERM while `allspark eval` runs: Interrupted after the current batch, no eval folder."""
-    from allspark_cli.engine.evaluate import evaluate_checkpoint
+    from allspark_cli.engine.inference.evaluate import evaluate_checkpoint
     from allspark_cli.errors import Interrupted
 
     def stop_after_first(done: int, total: int) -> None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from allspark_cli.engine.losses import OhemCrossEntropy
-from allspark_cli.engine.metrics import ConfusionMatrix
+from allspark_cli.engine.training.losses import OhemCrossEntropy
+from allspark_cli.engine.inference.metrics import ConfusionMatrix
 
 IGNORE = 255
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from train_fixtures import make_dataset, tiny_layer
 
-from allspark_cli.engine import tensorboard as tensorboard_module
+from allspark_cli.engine.training import tensorboard as tensorboard_module
 from allspark_cli.engine.settings_layers import build_settings
-from allspark_cli.engine.train import train
+from allspark_cli.engine.training.train import train
 from allspark_cli.errors import EnvError
 from allspark_cli.viz.plots import smoothed, validation_mosaic
 

@@ -13,17 +13,17 @@ from train_fixtures import make_dataset, tiny_layer
 
 from allspark_cli.data.datasets import build_eval_dataset
 from allspark_cli.data.manifest import load_manifest
-from allspark_cli.engine import epoch as epoch_module
-from allspark_cli.engine import train as train_module
-from allspark_cli.engine.evaluate import evaluate_dataset
-from allspark_cli.engine.losses import OhemCrossEntropy, cross_entropy
-from allspark_cli.engine.rundir import run_dir_for
-from allspark_cli.engine.sampling import EpochBatchSampler
+from allspark_cli.engine.training import epoch as epoch_module
+from allspark_cli.engine.training import train as train_module
+from allspark_cli.engine.inference.evaluate import evaluate_dataset
+from allspark_cli.engine.training.losses import OhemCrossEntropy, cross_entropy
+from allspark_cli.engine.training.rundir import run_dir_for
+from allspark_cli.engine.training.sampling import EpochBatchSampler
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.settings_layers import build_settings
-from allspark_cli.engine.step import StepRecipe, pseudo_labels
-from allspark_cli.engine.epoch import poly_lr
-from allspark_cli.engine.train import train
+from allspark_cli.engine.training.step import StepRecipe, pseudo_labels
+from allspark_cli.engine.training.epoch import poly_lr
+from allspark_cli.engine.training.train import train
 from allspark_cli.errors import ResourceError, SettingsError
 from allspark_cli.model.checkpoint import load_model, read_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model

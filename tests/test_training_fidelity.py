@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from allspark_cli.engine.losses import OhemCrossEntropy, build_criterion
-from allspark_cli.engine.step import StepRecipe, TrainForward, grouped_loss, pseudo_labels, train_step
+from allspark_cli.engine.training.losses import OhemCrossEntropy, build_criterion
+from allspark_cli.engine.training.step import StepRecipe, TrainForward, grouped_loss, pseudo_labels, train_step
 from allspark_cli.model.allspark import AllSparkModule
 from allspark_cli.model.checkpoint import _with_default_provenance, read_checkpoint
 from allspark_cli.model.config import build_model

@@ -1,5 +1,5 @@
 """`allspark ablate`: the paper's Table 5 (sup, semi, cca, cca+smem, allspark) x seeds on a preset,
-one recipe for all, then a table of mean ± std (engine/ablate.py)."""
+one recipe for all, then a table of mean ± std (engine/training/ablate.py)."""
 from __future__ import annotations
 
 import sys
@@ -25,15 +25,15 @@ from allspark_cli.cli.options import (
 )
 from allspark_cli.cli.prepare import dataset_builder_for
 from allspark_cli.cli.train import RichReporter
-from allspark_cli.engine import events
-from allspark_cli.engine.ablate import (
+from allspark_cli.engine.training import events
+from allspark_cli.engine.training.ablate import (
     DEFAULT_NAME,
     RUNS_DIR,
     Ablation,
     ablate,
     run_name,
 )
-from allspark_cli.engine.presets import find_preset
+from allspark_cli.engine.training.presets import find_preset
 from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.segmentor import METHODS

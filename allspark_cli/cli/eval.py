@@ -14,7 +14,7 @@ from allspark_cli.cli.options import AmpOption, BatchSizeOption, DataOption, Dev
 from allspark_cli.data.manifest import EvalMode
 
 if TYPE_CHECKING:
-    from allspark_cli.engine.evaluate import EvalReport
+    from allspark_cli.engine.inference.evaluate import EvalReport
 
 NOT_AVAILABLE = "n/a"
 DEFAULT_WORKERS = 2
@@ -76,7 +76,7 @@ def eval_command(
 
     --batch-size (default 1) batches images of equal size; the numbers do not change.
     """
-    from allspark_cli.engine.evaluate import evaluate_checkpoint
+    from allspark_cli.engine.inference.evaluate import evaluate_checkpoint
 
     console = Console()
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -1,4 +1,4 @@
-"""`allspark export CHECKPOINT --format onnx|torchscript`: the inference graph, checked (engine/export.py)."""
+"""`allspark export CHECKPOINT --format onnx|torchscript`: the inference graph, checked (engine/inference/export.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from allspark_cli.engine.export import DEFAULT_OPSET, ExportFormat, export_checkpoint
+from allspark_cli.engine.inference.export import DEFAULT_OPSET, ExportFormat, export_checkpoint
 
 
 def export_command(

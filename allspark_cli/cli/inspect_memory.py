@@ -47,7 +47,7 @@ def inspect_memory_command(
     from rich.table import Table
 
     # Imported here so that `allspark --help` does not load torch.
-    from allspark_cli.engine.inspect_memory import DEFAULT_MAX_CHANNELS, default_out_dir, inspect_memory
+    from allspark_cli.engine.inspection.inspect_memory import DEFAULT_MAX_CHANNELS, default_out_dir, inspect_memory
 
     err = Console(stderr=True)
     summary = inspect_memory(

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from allspark_cli.cli.options import AmpOption, BatchSizeOption, DeviceOption, NameOption, WorkersOption
-from allspark_cli.engine.predict import PredictMode
+from allspark_cli.engine.inference.predict import PredictMode
 
 RUNS_ROOT = Path("runs")
 DEFAULT_WORKERS = 2
@@ -51,7 +51,7 @@ def predict_command(
 
     --batch-size (default 1) batches images of equal size.
     """
-    from allspark_cli.engine.predict import Predictor, predict_folder, predict_out_dir
+    from allspark_cli.engine.inference.predict import Predictor, predict_folder, predict_out_dir
     from allspark_cli.errors import DataError
 
     console = Console()

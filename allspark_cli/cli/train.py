@@ -33,11 +33,11 @@ from allspark_cli.cli.options import (
     WorkersOption,
 )
 from allspark_cli.cli.prepare import dataset_builder_for
-from allspark_cli.engine import events
-from allspark_cli.engine import train as engine
+from allspark_cli.engine.training import events
+from allspark_cli.engine.training import train as engine
 from allspark_cli.engine.distributed import launched_rank
-from allspark_cli.engine.presets import find_preset, list_presets
-from allspark_cli.engine.resume import resume_base
+from allspark_cli.engine.training.presets import find_preset, list_presets
+from allspark_cli.engine.training.resume import resume_base
 from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.mit import Backbone

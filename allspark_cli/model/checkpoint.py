@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from allspark_cli.classnames import default_class_names
+from allspark_cli.labels import default_class_names
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_path
 from allspark_cli.model.config import ModelConfig, build_model
@@ -30,7 +30,7 @@ from allspark_cli.model.memory import NEVER_WRITTEN
 from allspark_cli.model.mit import variant_for
 from allspark_cli.model.segmentor import AllSparkSegmentor
 from allspark_cli.model.weights import ours_from_reference, torch_load_safely
-from allspark_cli.viz.palette import voc_palette
+from allspark_cli.labels import voc_palette
 
 FORMAT_NAME = "allspark-checkpoint"
 FORMAT_VERSION = 1

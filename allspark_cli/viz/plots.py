@@ -17,7 +17,8 @@ import numpy as np
 from allspark_cli.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from allspark_cli.fileio import atomic_path, write_png
 from allspark_cli.viz.overlay import draw_legend, legend_height
-from allspark_cli.viz.palette import colorize, full_palette
+from allspark_cli.labels import full_palette
+from allspark_cli.viz.palette import colorize
 
 CURVES = (("loss_x", "labeled loss"), ("loss_u", "unlabeled loss"), ("miou", "val mIoU (%)"), ("lr", "backbone lr"))
 FIGURE_SIZE = (10.0, 6.0)

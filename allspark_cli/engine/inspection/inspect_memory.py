@@ -11,7 +11,7 @@ What is drawn (paper figures 5-7, DESIGN.md section 1):
   count matches the memory's).
 
 This module opens the checkpoint, chooses the classes and writes the report; the pictures are
-engine/memory_pictures.py's. Reference checkpoints carry no provenance and no fill information;
+engine/inspection/memory_pictures.py's. Reference checkpoints carry no provenance and no fill information;
 the page says so.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from allspark_cli.data.imageio import read_image
-from allspark_cli.engine.memory_pictures import (
+from allspark_cli.engine.inspection.memory_pictures import (
     STAGE4_STRIDE,
     ClassMemoryStats,
     ImageInspection,
@@ -34,8 +34,8 @@ from allspark_cli.engine.memory_pictures import (
     token_grid,
     write_provenance_csv,
 )
-from allspark_cli.engine.protocol import SavedRecipe
-from allspark_cli.engine.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, WEIGHTS_DIR
+from allspark_cli.engine.inference.protocol import SavedRecipe
+from allspark_cli.engine.training.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, WEIGHTS_DIR
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
 from allspark_cli.model.checkpoint import Checkpoint, load_for_inference

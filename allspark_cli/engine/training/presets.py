@@ -25,7 +25,7 @@ from allspark_cli.errors import SettingsError
 from allspark_cli.model.segmentor import Method
 
 # presets/ sits at the repository (or installed source) root, beside the package.
-PRESET_DIR = Path(__file__).resolve().parents[2] / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[3] / "presets"  # allspark_cli/engine/training/ -> root
 PRESET_DIR_ENV = "ALLSPARK_PRESET_DIR"
 # Display order of --list-presets: the paper's tables, then the demo; within a family by labels.
 FAMILY_ORDER = ("pascal", "pascal-aug", "pascal-u2pl", "cityscapes", "coco", "demo")

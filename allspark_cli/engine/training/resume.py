@@ -114,7 +114,7 @@ def check_unchanged(saved: dict[str, Any], now: dict[str, Any], *, checkpoint: s
 
 def _read_resumable(checkpoint_path: Path):
     """The checkpoint to resume; an unreadable one is reported with the save to fall back on."""
-    from allspark_cli.engine.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT
+    from allspark_cli.engine.training.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT
     from allspark_cli.model.checkpoint import read_checkpoint
 
     try:
@@ -147,7 +147,7 @@ def resume_base(path: str | Path) -> tuple[Path | None, dict[str, Any]]:
     SettingsError when the path is not a run folder (or a checkpoint inside one), or the checkpoint
     carries no settings; the saved settings become the lowest layer of the resumed run's settings.
     """
-    from allspark_cli.engine.rundir import (
+    from allspark_cli.engine.training.rundir import (
         CONFIG_FILE,
         LAST_CHECKPOINT,
         WEIGHTS_DIR,

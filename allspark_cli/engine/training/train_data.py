@@ -3,7 +3,7 @@
 `open_dataset` builds a missing dataset through the builder the caller passes (the CLI passes
 `allspark prepare demo`'s for the demo presets), loads and checks
 the manifest (fast check, bad data refused before compute is spent); the evaluation protocol is
-engine/protocol.py's. `build_loaders` makes the two deterministic loaders (see engine/sampling.py).
+engine/inference/protocol.py's. `build_loaders` makes the two deterministic loaders (see engine/training/sampling.py).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from allspark_cli.data.datasets import EvalDataset, TrainDatasets, build_eval_dataset, build_train_datasets
 from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, load_manifest
 from allspark_cli.engine.distributed import DistInfo, barrier
-from allspark_cli.engine.sampling import LABELED_STREAM, UNLABELED_STREAM, EpochBatchSampler
+from allspark_cli.engine.training.sampling import LABELED_STREAM, UNLABELED_STREAM, EpochBatchSampler
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.signals import ignore_stop_signals
 from allspark_cli.errors import SettingsError
@@ -33,7 +33,7 @@ class Loaders(NamedTuple):
     samplers: tuple[EpochBatchSampler, ...]
     datasets: TrainDatasets
     iterations_per_epoch: int
-    groups: int  # equal groups of each process's batch (see engine/step.py)
+    groups: int  # equal groups of each process's batch (see engine/training/step.py)
 
 
 def manifest_path(settings: TrainSettings) -> Path:
@@ -67,7 +67,7 @@ def open_dataset(
 
 
 def process_groups(settings: TrainSettings, world_size: int) -> int:
-    """Groups of each process's batch (engine/step.py); SettingsError when the group size does not
+    """Groups of each process's batch (engine/training/step.py); SettingsError when the group size does not
     divide the per-process batch (or the processes the global batch). Needs no data: `train` checks
     it before opening the dataset."""
     if settings.train.batch_size % world_size:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from allspark_cli.data.manifest import load_manifest
-from allspark_cli.engine.rundir import RunFolder
+from allspark_cli.engine.training.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
-from allspark_cli.engine.train import train
-from allspark_cli.engine.train_data import DatasetBuilder, manifest_path
+from allspark_cli.engine.training.train import train
+from allspark_cli.engine.training.train_data import DatasetBuilder, manifest_path
 from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_path, atomic_write_text
 from allspark_cli.model.checkpoint import read_checkpoint

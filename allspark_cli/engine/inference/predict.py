@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from allspark_cli.classnames import default_class_names
+from allspark_cli.labels import default_class_names
 from allspark_cli.data.imageio import read_image
 from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.distributed import resolve_device
-from allspark_cli.engine.inference import default_stride, segment
+from allspark_cli.engine.inference.inference import default_stride, segment
 from allspark_cli.engine.precision import autocast_factory, check_amp
-from allspark_cli.engine.protocol import SavedRecipe
+from allspark_cli.engine.inference.protocol import SavedRecipe
 from allspark_cli.engine.settings import AmpMode
 from allspark_cli.signals import StopRequest, ignore_stop_signals
 from allspark_cli.errors import DataError, Interrupted, SettingsError
-from allspark_cli.viz.palette import voc_palette
+from allspark_cli.labels import voc_palette
 
 PredictMode = Literal["whole", "slide"]
 SaveKind = Literal["mask", "color", "overlay"]
@@ -223,7 +223,7 @@ OPACITY_RANGE = (0.0, 1.0)  # image only .. colours only
 def predict_out_dir(runs_root: Path, name: str | None) -> Path:
     """`<runs_root>/predict/<name>`; without a name the first free of exp, exp2, ... (a given name
     is reused, so re-running with the same name resumes)."""
-    from allspark_cli.engine.rundir import run_dir_for
+    from allspark_cli.engine.training.rundir import run_dir_for
 
     return run_dir_for(runs_root, "predict", name, exist_ok=True)
 
@@ -301,7 +301,7 @@ def predict_folder(
     """
     import time
 
-    from allspark_cli.engine.sources import collect_images, output_stems
+    from allspark_cli.engine.inference.sources import collect_images, output_stems
 
     if not save:
         raise SettingsError(f"nothing to save: pick at least one of {', '.join(SAVE_KINDS)}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from allspark_cli.data.manifest import DatasetManifest, EvalMode
-from allspark_cli.engine.inference import EVAL_MODES, default_stride
+from allspark_cli.engine.inference.inference import EVAL_MODES, default_stride
 from allspark_cli.errors import SettingsError
 
 # The window of a checkpoint that records no crop (a reference checkpoint): the crop of the

@@ -13,10 +13,10 @@ from torch import nn
 
 from allspark_cli.data.manifest import DatasetManifest
 from allspark_cli.engine.distributed import DistInfo
-from allspark_cli.engine.evaluate import evaluate_dataset
-from allspark_cli.engine.inference import segment
-from allspark_cli.engine.protocol import EvalProtocol
-from allspark_cli.engine.rundir import RunFolder
+from allspark_cli.engine.inference.evaluate import evaluate_dataset
+from allspark_cli.engine.inference.inference import segment
+from allspark_cli.engine.inference.protocol import EvalProtocol
+from allspark_cli.engine.training.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.fileio import write_png
 from allspark_cli.viz.plots import plot_results, validation_mosaic

@@ -26,7 +26,7 @@ class StartInfo:
     world_size: int
     global_batch: int
     per_process_batch: int
-    group_size: int  # images of each kind per group (see engine/step.py)
+    group_size: int  # images of each kind per group (see engine/training/step.py)
     lr: float
     head_lr: float
     amp: str

@@ -31,11 +31,11 @@ from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.datasets import build_eval_dataset
 from allspark_cli.data.manifest import MANIFEST_NAME, load_manifest
 from allspark_cli.engine.distributed import resolve_device
-from allspark_cli.engine.inference import EvalMode, center_crop_box, segment
-from allspark_cli.engine.metrics import ConfusionMatrix, SegmentationMetrics
+from allspark_cli.engine.inference.inference import EvalMode, center_crop_box, segment
+from allspark_cli.engine.inference.metrics import ConfusionMatrix, SegmentationMetrics
 from allspark_cli.engine.precision import autocast_factory, check_amp, cudnn_benchmark_off
-from allspark_cli.engine.predict import check_out_dir, load_inference_checkpoint
-from allspark_cli.engine.protocol import EvalProtocol, resolve_protocol
+from allspark_cli.engine.inference.predict import check_out_dir, load_inference_checkpoint
+from allspark_cli.engine.inference.protocol import EvalProtocol, resolve_protocol
 from allspark_cli.engine.settings import AmpMode
 from allspark_cli.signals import StopRequest, ignore_stop_signals
 from allspark_cli.errors import Interrupted, SettingsError

@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from allspark_cli.engine import distributed as D
-from allspark_cli.engine.events import StepInfo, TrainReporter, format_step
-from allspark_cli.engine.rundir import RunFolder
+from allspark_cli.engine.training.events import StepInfo, TrainReporter, format_step
+from allspark_cli.engine.training.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.signals import StopRequest
-from allspark_cli.engine.tensorboard import TensorBoardLog
-from allspark_cli.engine.train_data import Loaders
-from allspark_cli.engine.step import StepRecipe, train_step
+from allspark_cli.engine.training.tensorboard import TensorBoardLog
+from allspark_cli.engine.training.train_data import Loaders
+from allspark_cli.engine.training.step import StepRecipe, train_step
 from allspark_cli.errors import Interrupted, SettingsError
 
 

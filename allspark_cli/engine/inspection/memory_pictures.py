@@ -1,4 +1,4 @@
-"""The pictures of `inspect-memory` (engine/inspect_memory.py): one memory grid per class with the
+"""The pictures of `inspect-memory` (engine/inspection/inspect_memory.py): one memory grid per class with the
 source image of every slot, the provenance table, and per input image the features before/after
 the AllSpark module and the attention each query channel puts on each class slot of the memory.
 
@@ -24,7 +24,7 @@ from allspark_cli.data.imageio import read_image
 from allspark_cli.data.manifest import load_manifest
 from allspark_cli.data.splits import SplitEntry, read_split
 from allspark_cli.data.transforms import normalize
-from allspark_cli.engine.protocol import SavedRecipe
+from allspark_cli.engine.inference.protocol import SavedRecipe
 from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_write_text, write_png
 from allspark_cli.model.checkpoint import Checkpoint

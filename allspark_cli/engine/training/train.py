@@ -19,19 +19,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from allspark_cli.engine import distributed as D
-from allspark_cli.engine.epoch import EpochLoop, train_epoch
-from allspark_cli.engine.events import EvalInfo, StartInfo, TrainReporter, format_start
-from allspark_cli.engine.losses import build_criterion
+from allspark_cli.engine.training.epoch import EpochLoop, train_epoch
+from allspark_cli.engine.training.events import EvalInfo, StartInfo, TrainReporter, format_start
+from allspark_cli.engine.training.losses import build_criterion
 from allspark_cli.engine.precision import autocast_factory, check_amp, configure_cuda_math, make_scaler
-from allspark_cli.engine.presets import PAPER_GPUS
-from allspark_cli.engine.protocol import resolve_protocol
-from allspark_cli.engine.resume import (
+from allspark_cli.engine.training.presets import PAPER_GPUS
+from allspark_cli.engine.inference.protocol import resolve_protocol
+from allspark_cli.engine.training.resume import (
     capture_rng,
     check_resumable,
     check_unchanged,
     restore_rng,
 )
-from allspark_cli.engine.rundir import (
+from allspark_cli.engine.training.rundir import (
     RunFolder,
     environment_info,
     run_dir_for,
@@ -40,9 +40,9 @@ from allspark_cli.engine.rundir import (
 from allspark_cli.engine.settings import TrainSettings, model_config_for
 from allspark_cli.engine.settings_layers import dump_settings_yaml
 from allspark_cli.signals import StopRequest
-from allspark_cli.engine.step import TrainForward
-from allspark_cli.engine.tensorboard import open_log, wanted
-from allspark_cli.engine.train_data import (
+from allspark_cli.engine.training.step import TrainForward
+from allspark_cli.engine.training.tensorboard import open_log, wanted
+from allspark_cli.engine.training.train_data import (
     DatasetBuilder,
     build_loaders,
     eval_dataset,
@@ -50,7 +50,7 @@ from allspark_cli.engine.train_data import (
     open_dataset,
     process_groups,
 )
-from allspark_cli.engine.train_eval import evaluate_epoch
+from allspark_cli.engine.training.train_eval import evaluate_epoch
 from allspark_cli.errors import Interrupted, ResourceError, SettingsError
 from allspark_cli.model.checkpoint import read_checkpoint, save_checkpoint
 from allspark_cli.model.config import build_model

@@ -28,7 +28,7 @@ from torch import nn
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.transforms import UNLABELED_PADDING
 from allspark_cli.engine.distributed import match_gradient_layout_
-from allspark_cli.engine.losses import Criterion, cross_entropy
+from allspark_cli.engine.training.losses import Criterion, cross_entropy
 from allspark_cli.engine.settings import PseudoLabelPass
 from allspark_cli.model.allspark import split_groups
 

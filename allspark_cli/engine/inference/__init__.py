@@ -1,0 +1,1 @@
+"""Inference: the evaluation protocol, `eval`, `predict` and `export` of checkpoints."""

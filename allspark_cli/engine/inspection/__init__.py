@@ -1,0 +1,1 @@
+"""Inspection: `inspect-memory`, pictures of what the Semantic Memory holds."""
