@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from allspark_cli.engine.inference.predict import Predictor, predict_folder
+from allspark_cli.engine.inference.predict import Predictor
+from allspark_cli.engine.inference.predict_folder import predict_folder
 from allspark_cli.engine.inference.sources import collect_images, output_stems
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.model.checkpoint import save_checkpoint

@@ -14,7 +14,7 @@ from allspark_cli.cli.options import AmpOption, BatchSizeOption, DataOption, Dev
 from allspark_cli.data.manifest import EvalMode
 
 if TYPE_CHECKING:
-    from allspark_cli.engine.inference.evaluate import EvalReport
+    from allspark_cli.engine.inference.eval_report import EvalReport
 
 NOT_AVAILABLE = "n/a"
 DEFAULT_WORKERS = 2

@@ -51,7 +51,8 @@ def predict_command(
 
     --batch-size (default 1) batches images of equal size.
     """
-    from allspark_cli.engine.inference.predict import Predictor, predict_folder, predict_out_dir
+    from allspark_cli.engine.inference.predict import Predictor
+    from allspark_cli.engine.inference.predict_folder import predict_folder, predict_out_dir
     from allspark_cli.errors import DataError
 
     console = Console()

@@ -12,17 +12,12 @@ into the eval folder (metrics.json, per_class.csv, confusion.png; every file ato
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -31,41 +26,30 @@ from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.datasets import build_eval_dataset
 from allspark_cli.data.manifest import MANIFEST_NAME, load_manifest
 from allspark_cli.engine.distributed import resolve_device
+from allspark_cli.engine.inference.eval_report import (
+    EvalReport,
+    EvalResult,
+    default_eval_dir,
+    write_eval_folder,
+)
 from allspark_cli.engine.inference.inference import EvalMode, center_crop_box, segment
-from allspark_cli.engine.inference.metrics import ConfusionMatrix, SegmentationMetrics
-from allspark_cli.engine.precision import autocast_factory, check_amp, cudnn_benchmark_off
-from allspark_cli.engine.inference.predict import check_out_dir, load_inference_checkpoint
-from allspark_cli.engine.inference.protocol import EvalProtocol, resolve_protocol
+from allspark_cli.engine.inference.metrics import ConfusionMatrix
+from allspark_cli.engine.inference.protocol import resolve_protocol
+from allspark_cli.engine.inference.shared import (
+    ProgressCallback,
+    check_out_dir,
+    load_inference_checkpoint,
+)
+from allspark_cli.engine.precision import (
+    autocast_factory,
+    check_amp,
+    cudnn_benchmark_off,
+)
 from allspark_cli.engine.settings import AmpMode
-from allspark_cli.signals import StopRequest, ignore_stop_signals
 from allspark_cli.errors import Interrupted, SettingsError
-from allspark_cli.fileio import atomic_write_text, write_png
-from allspark_cli.viz.confusion import confusion_figure
+from allspark_cli.signals import StopRequest, ignore_stop_signals
 
 CLASS_DIM = 1
-
-# progress(done, total): images evaluated so far by this process, out of its share of the split.
-ProgressCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Outcome of one evaluation (identical on every DDP rank after the reduction).
-
-    confusion: (K, K) int64, rows = ground truth, columns = prediction, ignore pixels excluded.
-    out_of_range_pixels: labelled pixels whose mask value was not a class id of the model (skipped).
-    num_images / seconds: over all ranks / this rank's wall time of the loop.
-    """
-
-    metrics: SegmentationMetrics
-    confusion: np.ndarray
-    num_images: int
-    seconds: float
-    out_of_range_pixels: int = 0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.num_images / self.seconds if self.seconds > 0 else float("nan")
 
 
 def _keep_samples(batch: list[Any]) -> list[Any]:
@@ -185,75 +169,6 @@ def _global_count(count: int, dist: Any | None, device: torch.device) -> int:
     total = torch.tensor([count], dtype=torch.int64, device=getattr(dist, "device", device))
     torch.distributed.all_reduce(total)
     return int(total.item())
-
-
-# Files of the eval folder.
-METRICS_FILE = "metrics.json"
-PER_CLASS_FILE = "per_class.csv"
-CONFUSION_FILE = "confusion.png"
-PER_CLASS_COLUMNS = ("class_id", "name", "iou", "accuracy", "gt_pixels", "predicted_pixels")
-RUN_WEIGHTS_DIR = "weights"
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    """What `evaluate_checkpoint` did: the result, the protocol, the class names and the folder written."""
-
-    result: EvalResult
-    split: str
-    protocol: EvalProtocol
-    tta: bool
-    class_names: list[str]
-    out_dir: Path
-    manifest_path: Path
-
-
-def default_eval_dir(checkpoint: Path, split: str, runs_root: Path) -> Path:
-    """`<run>/eval/<split>` for a checkpoint in a run's weights/ folder, else `<runs_root>/eval/<stem>`."""
-    checkpoint = Path(checkpoint).resolve()
-    if checkpoint.parent.name == RUN_WEIGHTS_DIR:
-        return checkpoint.parent.parent / "eval" / split
-    return Path(runs_root) / "eval" / checkpoint.stem
-
-
-def write_eval_folder(report: EvalReport, checkpoint: Path, source: str) -> None:
-    """metrics.json, per_class.csv and confusion.png of `report` into `report.out_dir` (atomic writes)."""
-    result, names = report.result, report.class_names
-    gt_pixels = result.confusion.sum(axis=1).tolist()
-    predicted_pixels = result.confusion.sum(axis=0).tolist()
-    metrics = result.metrics.to_dict()
-    classes = [
-        {"class_id": k, "name": name, "iou": metrics["iou"][k], "accuracy": metrics["accuracy"][k],
-         "gt_pixels": gt_pixels[k], "predicted_pixels": predicted_pixels[k]}
-        for k, name in enumerate(names)
-    ]
-    document = {
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "checkpoint_source": source,
-        "manifest": str(report.manifest_path),
-        "split": report.split,
-        **asdict(report.protocol),
-        "tta": report.tta,
-        "num_images": result.num_images,
-        "miou": metrics["miou"],
-        "pixel_accuracy": metrics["pixel_accuracy"],
-        "images_per_second": round(result.images_per_second, 3),
-        "out_of_range_pixels": result.out_of_range_pixels,
-        "classes": classes,
-        "confusion": result.confusion.tolist(),
-    }
-    atomic_write_text(report.out_dir / METRICS_FILE, json.dumps(document, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PER_CLASS_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({**row, "iou": _csv_float(row["iou"]), "accuracy": _csv_float(row["accuracy"])} for row in classes)
-    atomic_write_text(report.out_dir / PER_CLASS_FILE, buffer.getvalue())
-    title = f"{Path(checkpoint).name} on {report.split}: mIoU {result.metrics.miou:.2f}"
-    write_png(report.out_dir / CONFUSION_FILE, confusion_figure(result.confusion, names, title))
-
-
-def _csv_float(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def evaluate_checkpoint(

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from allspark_cli.engine.training.presets import PAPER_GPUS
+
 SECONDS_PER_MINUTE = 60
 
 
@@ -132,3 +134,25 @@ class PlainReporter:
 
     def close(self) -> None:
         return None
+
+
+# The paper's per-kind global batch and lr by dataset (DESIGN.md section 3), for the banner.
+PAPER_RECIPES = {"pascal": (8, 0.001), "cityscapes": (8, 0.005), "coco": (16, 0.001)}
+
+
+def start_info(settings, run_dir, dist, loaders, start_iteration, notes) -> StartInfo:
+    """The banner of a run: its recipe, data and device, beside the paper's recipe for the dataset."""
+    family = (settings.preset or "").split("-")[0]
+    paper_batch, paper_lr = PAPER_RECIPES.get(family, (None, None))
+    unlabeled = loaders.datasets.unlabeled
+    return StartInfo(
+        run_dir=run_dir, preset=settings.preset, method=settings.model.method, backbone=settings.model.backbone,
+        device=str(dist.device), world_size=dist.world_size, global_batch=settings.train.batch_size,
+        per_process_batch=settings.train.batch_size // dist.world_size,
+        group_size=settings.train.batch_size // dist.world_size // loaders.groups, lr=settings.optim.lr,
+        head_lr=settings.optim.lr * settings.optim.head_lr_multiplier, amp=settings.train.amp,
+        epochs=settings.train.epochs, iterations_per_epoch=loaders.iterations_per_epoch,
+        labeled_images=len(loaders.datasets.labeled.entries),
+        unlabeled_images=len(unlabeled) if unlabeled is not None else 0, start_iteration=start_iteration,
+        paper_batch=paper_batch, paper_lr=paper_lr, paper_gpus=PAPER_GPUS if paper_batch else None, notes=notes,
+    )

@@ -19,12 +19,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from allspark_cli.engine import distributed as D
-from allspark_cli.engine.training.epoch import EpochLoop, train_epoch
-from allspark_cli.engine.training.events import EvalInfo, StartInfo, TrainReporter, format_start
-from allspark_cli.engine.training.losses import build_criterion
-from allspark_cli.engine.precision import autocast_factory, check_amp, configure_cuda_math, make_scaler
-from allspark_cli.engine.training.presets import PAPER_GPUS
 from allspark_cli.engine.inference.protocol import resolve_protocol
+from allspark_cli.engine.precision import (
+    autocast_factory,
+    check_amp,
+    configure_cuda_math,
+    make_scaler,
+)
+from allspark_cli.engine.settings import TrainSettings, model_config_for
+from allspark_cli.engine.settings_layers import dump_settings_yaml
+from allspark_cli.engine.training.epoch import EpochLoop, train_epoch
+from allspark_cli.engine.training.events import (
+    EvalInfo,
+    TrainReporter,
+    format_start,
+    start_info,
+)
+from allspark_cli.engine.training.losses import build_criterion
 from allspark_cli.engine.training.resume import (
     capture_rng,
     check_resumable,
@@ -37,9 +48,6 @@ from allspark_cli.engine.training.rundir import (
     run_dir_for,
     run_dir_of_checkpoint,
 )
-from allspark_cli.engine.settings import TrainSettings, model_config_for
-from allspark_cli.engine.settings_layers import dump_settings_yaml
-from allspark_cli.signals import StopRequest
 from allspark_cli.engine.training.step import TrainForward
 from allspark_cli.engine.training.tensorboard import open_log, wanted
 from allspark_cli.engine.training.train_data import (
@@ -55,9 +63,8 @@ from allspark_cli.errors import Interrupted, ResourceError, SettingsError
 from allspark_cli.model.checkpoint import read_checkpoint, save_checkpoint
 from allspark_cli.model.config import build_model
 from allspark_cli.model.weights import load_pretrained_backbone
+from allspark_cli.signals import StopRequest
 
-# The paper's per-kind global batch and lr by dataset (DESIGN.md section 3), for the banner.
-PAPER_RECIPES = {"pascal": (8, 0.001), "cityscapes": (8, 0.005), "coco": (16, 0.001)}
 NO_RUN = Path()
 
 
@@ -114,23 +121,6 @@ def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimiz
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-
-
-def _start_info(settings, run_dir, dist, loaders, start_iteration, notes) -> StartInfo:
-    family = (settings.preset or "").split("-")[0]
-    paper_batch, paper_lr = PAPER_RECIPES.get(family, (None, None))
-    unlabeled = loaders.datasets.unlabeled
-    return StartInfo(
-        run_dir=run_dir, preset=settings.preset, method=settings.model.method, backbone=settings.model.backbone,
-        device=str(dist.device), world_size=dist.world_size, global_batch=settings.train.batch_size,
-        per_process_batch=settings.train.batch_size // dist.world_size,
-        group_size=settings.train.batch_size // dist.world_size // loaders.groups, lr=settings.optim.lr,
-        head_lr=settings.optim.lr * settings.optim.head_lr_multiplier, amp=settings.train.amp,
-        epochs=settings.train.epochs, iterations_per_epoch=loaders.iterations_per_epoch,
-        labeled_images=len(loaders.datasets.labeled.entries),
-        unlabeled_images=len(unlabeled) if unlabeled is not None else 0, start_iteration=start_iteration,
-        paper_batch=paper_batch, paper_lr=paper_lr, paper_gpus=PAPER_GPUS if paper_batch else None, notes=notes,
-    )
 
 
 def _oom_error(settings: TrainSettings, dist: D.DistInfo) -> ResourceError:
@@ -242,13 +232,13 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
             for change in resume_changes:
                 run_folder.log(f"note: resumed with a changed setting (--force): {change}")
     D.barrier()
-    start_info = _start_info(settings, run_folder.path, dist, loaders, state["iteration"], notes)
+    banner = start_info(settings, run_folder.path, dist, loaders, state["iteration"], notes)
     if main:
-        run_folder.log(format_start(start_info))
+        run_folder.log(format_start(banner))
         for note in notes:
             run_folder.log(f"note: {note}")
     if reporter is not None:
-        reporter.start(start_info)
+        reporter.start(banner)
 
     def save(path: Path, *, finished: bool = False) -> None:
         if not main:
