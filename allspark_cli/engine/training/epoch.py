@@ -15,20 +15,20 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from allspark_cli.engine import distributed as D
+from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.training.events import StepInfo, TrainReporter, format_step
 from allspark_cli.engine.training.rundir import RunFolder
-from allspark_cli.engine.settings import TrainSettings
-from allspark_cli.signals import StopRequest
+from allspark_cli.engine.training.state import TrainState
+from allspark_cli.engine.training.step import StepRecipe, train_step
 from allspark_cli.engine.training.tensorboard import TensorBoardLog
 from allspark_cli.engine.training.train_data import Loaders
-from allspark_cli.engine.training.step import StepRecipe, train_step
 from allspark_cli.errors import Interrupted, SettingsError
+from allspark_cli.signals import StopRequest
 
 
 def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
@@ -52,7 +52,7 @@ class EpochLoop:
     loaders: Loaders
     run_folder: RunFolder
     reporter: TrainReporter | None
-    state: dict[str, Any]  # epoch, batch, iteration, best/last mIoU, history: what last.pt stores
+    state: TrainState
     stop: StopRequest
     save: Callable[[Path], None]
     total_iterations: int
@@ -96,7 +96,7 @@ def _read_flags(loop: EpochLoop, flags: torch.Tensor, epoch: int, iteration: int
     finite (the weights after it are not saved); True when a stop was requested."""
     nonfinite, stop = flags.tolist()
     if nonfinite > 0:
-        saved = loop.state.get("saved_iteration")
+        saved = loop.state.saved_iteration
         where = (f"the last good state is in {loop.run_folder.last} (iteration {saved})" if saved is not None
                  else "no state was saved before it")
         raise SettingsError(
@@ -144,7 +144,7 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
         loop.scaler.scale(losses.total).backward()
         loop.scaler.step(loop.optimizer)
         loop.scaler.update()
-        state.update(iteration=iteration + 1, batch=batch_index + 1, epoch=epoch)
+        state.iteration, state.batch, state.epoch = iteration + 1, batch_index + 1, epoch
         loss_u = losses.loss_u if losses.loss_u is not None else torch.zeros((), device=dist.device)
         step_losses = torch.stack([losses.total.detach(), losses.loss_x, loss_u]).float()
         window.add(step_losses)

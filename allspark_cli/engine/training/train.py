@@ -8,7 +8,6 @@ non-finite loss saves the last good state and stops; CUDA OOM becomes ResourceEr
 """
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from allspark_cli.engine.training.rundir import (
     run_dir_for,
     run_dir_of_checkpoint,
 )
+from allspark_cli.engine.training.state import TrainState
 from allspark_cli.engine.training.step import TrainForward
 from allspark_cli.engine.training.tensorboard import open_log, wanted
 from allspark_cli.engine.training.train_data import (
@@ -191,22 +191,21 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     total_iterations = settings.train.epochs * per_epoch
     gather = D.all_gather_cat if dist.is_distributed else None
     # Explicit resume.
-    state: dict[str, Any] = {"epoch": 0, "batch": 0, "iteration": 0, "best_miou": -math.inf, "best_epoch": -1,
-                             "last_miou": math.nan, "history": []}
+    state = TrainState()
     if checkpoint is not None:
         segmentor.load_state_dict(checkpoint.state_dict)
         saved = checkpoint.train_state
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
-        state.update({key: saved[key] for key in state})
+        state = TrainState.from_checkpoint(saved)
         if saved.get("rng") is not None and dist.rank == 0:
             restore_rng(saved["rng"])
         else:  # only rank 0's RNG is saved; the others get a fresh, position-dependent seed
-            torch.manual_seed(settings.train.seed + dist.rank + state["iteration"])
-        if state["epoch"] >= settings.train.epochs:
-            raise SettingsError(f"--resume: the run already reached epoch {state['epoch']} of {settings.train.epochs}")
+            torch.manual_seed(settings.train.seed + dist.rank + state.iteration)
+        if state.epoch >= settings.train.epochs:
+            raise SettingsError(f"--resume: the run already reached epoch {state.epoch} of {settings.train.epochs}")
         run_dir = run_dir_of_checkpoint(resume)
-        state["saved_iteration"] = state["iteration"]
+        state.saved_iteration = state.iteration
     else:
         torch.manual_seed(settings.train.seed + dist.rank)  # dropout differs across ranks
         preset_folder = (settings.preset or "custom").replace("/", "_")
@@ -226,13 +225,13 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                           env=environment_info(device=dist.device, world_size=dist.world_size, seed=settings.train.seed))
         # A resumed run drops the steps it redoes; a run started again in its folder (killed before
         # its first save, or --exist-ok) drops all the old ones.
-        run_folder.truncate_metrics(state["iteration"])
+        run_folder.truncate_metrics(state.iteration)
         if checkpoint is not None:
-            run_folder.log(f"resumed from {resume} at iteration {state['iteration']}")
+            run_folder.log(f"resumed from {resume} at iteration {state.iteration}")
             for change in resume_changes:
                 run_folder.log(f"note: resumed with a changed setting (--force): {change}")
     D.barrier()
-    banner = start_info(settings, run_folder.path, dist, loaders, state["iteration"], notes)
+    banner = start_info(settings, run_folder.path, dist, loaders, state.iteration, notes)
     if main:
         run_folder.log(format_start(banner))
         for note in notes:
@@ -243,13 +242,13 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     def save(path: Path, *, finished: bool = False) -> None:
         if not main:
             return
-        train_state = {**state, "finished": finished, "epochs": settings.train.epochs,
+        train_state = {**state.stored(), "finished": finished, "epochs": settings.train.epochs,
                        "world_size": dist.world_size, "batch_size": settings.train.batch_size,
                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng()}
         save_checkpoint(path, segmentor, class_names=manifest.classes, palette=manifest.palette,
                         settings=settings.to_dict(), train_state=train_state)
         if path == run_folder.last:
-            state["saved_iteration"] = state["iteration"]  # named by the non-finite-loss error
+            state.saved_iteration = state.iteration  # named by the non-finite-loss error
 
     stop = StopRequest()
     tensorboard = open_log(settings.run.tensorboard, run_folder.path, main)
@@ -257,10 +256,10 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                      run_folder, reporter, state, stop, save, total_iterations, tensorboard)
     try:
         with stop.installed():
-            for epoch in range(state["epoch"], settings.train.epochs):
-                start_batch = state["batch"] if epoch == state["epoch"] else 0
+            for epoch in range(state.epoch, settings.train.epochs):
+                start_batch = state.batch if epoch == state.epoch else 0
                 epoch_losses, lr = train_epoch(loop, epoch, start_batch)
-                state.update(epoch=epoch + 1, batch=0)
+                state.epoch, state.batch = epoch + 1, 0
                 last_epoch = epoch + 1 == settings.train.epochs
                 if (epoch + 1) % settings.eval.every == 0 or last_epoch:
                     result = evaluate_epoch(segmentor, val_set, settings, protocol, dist, manifest, run_folder, state,
@@ -268,8 +267,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                     if main and result.improved:  # with its state: resumable if last.pt is ever lost
                         save(run_folder.best, finished=last_epoch)
                     if reporter is not None:
-                        reporter.evaluated(EvalInfo(epoch, result.miou, result.pixel_accuracy, state["best_miou"],
-                                                    state["best_epoch"], result.seconds))
+                        reporter.evaluated(EvalInfo(epoch, result.miou, result.pixel_accuracy, state.best_miou,
+                                                    state.best_epoch, result.seconds))
                 save(run_folder.last, finished=last_epoch)
                 stop_now = D.all_reduce_(torch.tensor([float(stop.requested)], device=dist.device))
                 if stop_now.item() > 0 and not last_epoch:  # a signal during the evaluation
@@ -286,6 +285,6 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
             reporter.close()
         if tensorboard is not None:
             tensorboard.close()
-    return RunResult(run_dir=run_folder.path, best_miou=state["best_miou"], best_epoch=state["best_epoch"],
-                     last_miou=state["last_miou"], epochs_done=state["epoch"], iterations=state["iteration"],
-                     finished=state["epoch"] >= settings.train.epochs, history=list(state["history"]), model=segmentor)
+    return RunResult(run_dir=run_folder.path, best_miou=state.best_miou, best_epoch=state.best_epoch,
+                     last_miou=state.last_miou, epochs_done=state.epoch, iterations=state.iteration,
+                     finished=state.epoch >= settings.train.epochs, history=list(state.history), model=segmentor)

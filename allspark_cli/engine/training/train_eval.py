@@ -6,7 +6,7 @@ The published number is the best validation mIoU over the epochs (DESIGN.md sect
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -16,8 +16,9 @@ from allspark_cli.engine.distributed import DistInfo
 from allspark_cli.engine.inference.evaluate import evaluate_dataset
 from allspark_cli.engine.inference.inference import segment
 from allspark_cli.engine.inference.protocol import EvalProtocol
-from allspark_cli.engine.training.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
+from allspark_cli.engine.training.rundir import RunFolder
+from allspark_cli.engine.training.state import TrainState
 from allspark_cli.fileio import write_png
 from allspark_cli.viz.plots import plot_results, validation_mosaic
 
@@ -61,35 +62,35 @@ def evaluate_epoch(
     dist: DistInfo,
     manifest: DatasetManifest,
     run_folder: RunFolder,
-    state: dict[str, Any],
+    state: TrainState,
     *,
     lr: float,
     main: bool,
     losses: dict[str, float] | None = None,
     tensorboard=None,
 ) -> EpochEval:
-    """Evaluates after epoch `state['epoch']` (already advanced), updates `state` (best, history)."""
+    """Evaluates after epoch `state.epoch` (already advanced), updates `state` (best, history)."""
     result = evaluate_dataset(model, dataset, mode=protocol.mode, crop=protocol.crop, stride=protocol.stride,
                               batch_size=settings.eval.batch_size, device=dist.device, amp=settings.train.amp,
                               dist=dist if dist.is_distributed else None, workers=settings.data.workers)
     miou, pixel_accuracy = float(result.metrics.miou), float(result.metrics.pixel_accuracy)
-    epoch = state["epoch"] - 1
-    improved = not math.isnan(miou) and miou > state["best_miou"]
+    epoch = state.epoch - 1
+    improved = not math.isnan(miou) and miou > state.best_miou
     if improved:
-        state["best_miou"], state["best_epoch"] = miou, epoch
-    state["last_miou"] = miou
-    row = {"epoch": epoch + 1, "iteration": state["iteration"], "lr": lr, **_last_losses(losses),
+        state.best_miou, state.best_epoch = miou, epoch
+    state.last_miou = miou
+    row = {"epoch": epoch + 1, "iteration": state.iteration, "lr": lr, **_last_losses(losses),
            "miou": miou, "pixel_accuracy": pixel_accuracy, "iou": [float(v) for v in result.metrics.iou]}
-    state["history"] = [*state["history"], row]
+    state.history = [*state.history, row]
     if main:
-        run_folder.write_results(state["history"])
+        run_folder.write_results(state.history)
         run_folder.log(f"epoch {epoch + 1}: mIoU {miou:.2f} pixel accuracy {pixel_accuracy:.2f}")
-        plot_results(state["history"], run_folder.plots / RESULTS_PLOT, steps=run_folder.read_metrics())
+        plot_results(state.history, run_folder.plots / RESULTS_PLOT, steps=run_folder.read_metrics())
         samples = _mosaic(model, dataset, settings, protocol, dist.device)
         mosaic = validation_mosaic(samples, manifest.palette, manifest.classes) if samples else None
         if mosaic is not None:
             write_png(run_folder.plots / MOSAIC_PLOT, mosaic)
         if tensorboard is not None:
-            tensorboard.evaluation(state["iteration"], miou=miou, pixel_accuracy=pixel_accuracy,
+            tensorboard.evaluation(state.iteration, miou=miou, pixel_accuracy=pixel_accuracy,
                                    iou=list(result.metrics.iou), class_names=list(manifest.classes), mosaic=mosaic)
     return EpochEval(miou, pixel_accuracy, improved, result.seconds)
