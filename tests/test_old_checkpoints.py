@@ -1,7 +1,7 @@
 """Checkpoints written before the settings and model-config changes still load (issue #15): a run
 whose files are rewritten in the layout of release 0.1 (no group, pseudo-label, padding, epoch,
-baseline, TensorBoard, TF32/cuDNN or attention-path settings; no `attention_path` in the model
-config) is evaluated, predicted with, inspected and resumed."""
+baseline, TensorBoard, TF32/cuDNN or attention-path settings; no `attention_path` or `memory_grid` in the
+model config, no settings version) is evaluated, predicted with, inspected and resumed."""
 from __future__ import annotations
 
 import os
@@ -27,7 +27,7 @@ runner = CliRunner()
 NEW_SETTINGS = {"train": ("group_size", "pseudo_label_pass", "unlabeled_padding", "epoch_length", "baseline_recipe",
                           "tf32", "cudnn_benchmark"),
                 "run": ("tensorboard",), "model": ("attention_path",)}
-NEW_MODEL_CONFIG = ("attention_path",)
+NEW_MODEL_CONFIG = ("attention_path", "memory_grid")
 STOP_AT_ITERATION = 3  # the last step of epoch 2 of 3: best.pt from epoch 1, last.pt at iteration 4
 
 
@@ -38,6 +38,7 @@ def _as_release_0_1(path: Path) -> None:
             content["settings"][section].pop(key, None)
     for key in NEW_MODEL_CONFIG:
         content["model_config"].pop(key, None)
+    content.pop("settings_version", None)
     torch.save(content, path)
 
 
@@ -89,3 +90,18 @@ def test_an_old_run_resumes_after_its_unrecorded_settings_are_accepted(old_run: 
     assert "train.pseudo_label_pass: (unset) -> group" in " ".join(refused.output.split())
     _ok(["train", "--resume", str(old_run), "--force"])
     assert read_checkpoint(old_run / "weights" / "last.pt").train_state["finished"]
+
+
+def test_checkpoints_record_their_settings_version_and_a_newer_one_is_refused(old_run: Path) -> None:
+    from allspark_cli.engine.settings import SETTINGS_VERSION
+
+    last = old_run / "weights" / "last.pt"
+    assert read_checkpoint(last).settings_version == 1  # the 0.1 layout stores none
+    _ok(["train", "--resume", str(old_run), "--force"])
+    assert read_checkpoint(last).settings_version == SETTINGS_VERSION
+    content = torch.load(last, map_location="cpu", weights_only=True)
+    content["train_state"]["finished"] = False
+    content["settings_version"] = SETTINGS_VERSION + 1
+    torch.save(content, last)
+    result = runner.invoke(app, ["train", "--resume", str(old_run)])
+    assert result.exit_code == 3 and "newer than this allspark's" in " ".join(result.output.split())

@@ -95,7 +95,9 @@ def test_model_config_builder_uses_the_crop_for_memory_tokens() -> None:
     settings = build_settings(base=BASE, sets=["model.backbone=b0", "model.head_dim=32"])
     config = model_config_for(settings, num_classes=21)
     assert (config.backbone, config.head_dim, config.num_classes, config.method) == ("b0", 32, 21, "allspark")
-    assert config.memory_tokens == 17 * 17  # 513 -> stride-32 grid of 17 x 17
+    assert config.memory_tokens == 17 * 17 and config.memory_grid == (17, 17)  # 513 -> stride-32 grid of 17 x 17
+    with pytest.raises(ValueError, match="does not hold memory_tokens"):
+        type(config).model_validate({**config.model_dump(), "memory_grid": (16, 17)})
 
 
 @pytest.mark.parametrize(("setting", "fragment"), [("model.memory_multiple=17", "model.memory_multiple"),

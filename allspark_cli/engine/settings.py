@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from allspark_cli.data.manifest import EvalMode
 from allspark_cli.model.config import ArchitectureChoices
 
+# The layout of the settings tree as stored in checkpoints. 1: written before the number was stored
+# (release 0.1 up to the settings of issue #15), the same keys minus those added since; 2: this tree.
+SETTINGS_VERSION = 2
 MIN_CROP = 32  # the stride-32 stage needs at least one token
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 
@@ -178,7 +181,7 @@ class TrainSettings(_Section):
 
 def model_config_for(settings: TrainSettings, num_classes: int):
     """The one builder from settings to `allspark_cli.model.config.ModelConfig`."""
-    from allspark_cli.model.config import ModelConfig, tokens_for_crop
+    from allspark_cli.model.config import ModelConfig, grid_for_crop, tokens_for_crop
 
     return ModelConfig(
         backbone=settings.model.backbone,
@@ -188,6 +191,7 @@ def model_config_for(settings: TrainSettings, num_classes: int):
         attention_heads=settings.model.attention_heads,
         memory_multiple=settings.model.memory_multiple,
         memory_tokens=tokens_for_crop(settings.data.crop),
+        memory_grid=grid_for_crop(settings.data.crop),
         drop_path_rate=settings.model.drop_path_rate,
         attention_path=settings.model.attention_path,
     )

@@ -6,7 +6,8 @@ This toolkit's format is a dict with only tensors and plain Python values, so it
     {"format": "allspark-checkpoint", "format_version": 1,
      "model_config": ModelConfig as a dict, "model": state dict (memory buffers included),
      "class_names": [...], "palette": [[r, g, b], ...],
-     "settings": resolved settings dict ({} when none), "train_state": dict or None}
+     "settings": resolved settings dict ({} when none), "settings_version": int (absent before it
+     was stored: version 1), "train_state": dict or None}
 
 It is written atomically (temporary file + rename). Checkpoints of the reference code load too:
 their architecture is inferred from the weights (MiT widths and depths, classes, module heads,
@@ -48,6 +49,7 @@ class Checkpoint:
     class_names: list[str]
     palette: list[list[int]]
     settings: dict[str, Any] = field(default_factory=dict)
+    settings_version: int = 1  # the layout of `settings` (engine/settings.py SETTINGS_VERSION)
     train_state: dict[str, Any] | None = None
     source: Literal["allspark", "reference"] = "allspark"
 
@@ -67,6 +69,7 @@ def save_checkpoint(
     class_names: list[str],
     palette: list | None = None,
     settings: dict[str, Any] | None = None,
+    settings_version: int = 1,
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Atomically writes `model` (an AllSparkSegmentor built by build_model) and its context."""
@@ -82,6 +85,7 @@ def save_checkpoint(
         "class_names": list(class_names),
         "palette": [list(map(int, c)) for c in (palette if palette is not None else voc_palette(config.num_classes))],
         "settings": settings or {},
+        "settings_version": settings_version,
         "train_state": train_state,
     }
     save_torch_file(path, payload)
@@ -164,6 +168,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 class_names=list(content["class_names"]),
                 palette=[list(c) for c in content["palette"]],
                 settings=content.get("settings") or {},
+                settings_version=int(content.get("settings_version", 1)),
                 train_state=content.get("train_state"),
             )
         except (KeyError, TypeError, ValueError) as error:  # pydantic's ValidationError is a ValueError

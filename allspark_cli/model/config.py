@@ -8,10 +8,16 @@ from allspark_cli.model.mit import Backbone, stage_grid
 from allspark_cli.model.segmentor import MEMORY_METHODS, AllSparkSegmentor, Method
 
 
+def grid_for_crop(crop: int | tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of the stride-32 grid for a training crop (513 -> (17, 17))."""
+    height, width = (crop, crop) if isinstance(crop, int) else crop
+    return stage_grid(height), stage_grid(width)
+
+
 def tokens_for_crop(crop: int | tuple[int, int]) -> int:
     """N = h*w of the stride-32 grid for a training crop (513 -> 17 x 17 = 289)."""
-    height, width = (crop, crop) if isinstance(crop, int) else crop
-    return stage_grid(height) * stage_grid(width)
+    height, width = grid_for_crop(crop)
+    return height * width
 
 
 class ArchitectureChoices(BaseModel):
@@ -41,6 +47,9 @@ class ModelConfig(ArchitectureChoices):
 
     num_classes: int = Field(21, ge=2, le=1024)
     memory_tokens: int = Field(0, ge=0, description="N of the training crop's stride-32 grid")
+    memory_grid: tuple[int, int] | None = Field(
+        None, description="(h, w) of that grid, h * w = N (None in checkpoints written before it was stored)"
+    )
     attention_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     projection_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     decoder_dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -49,6 +58,8 @@ class ModelConfig(ArchitectureChoices):
     def _check(self) -> ModelConfig:
         if self.method in MEMORY_METHODS and self.memory_tokens < 1:
             raise ValueError(f"method {self.method!r} needs memory_tokens >= 1 (tokens_for_crop(training crop))")
+        if self.memory_grid is not None and self.memory_grid[0] * self.memory_grid[1] != self.memory_tokens:
+            raise ValueError(f"memory_grid {self.memory_grid} does not hold memory_tokens = {self.memory_tokens}")
         return self
 
 

@@ -149,7 +149,8 @@ def inspect_memory(
     chosen = _select_classes(info.class_names, classes)
     memory = model.memory
     saved = SavedRecipe.from_settings(info.settings)
-    grid = token_grid(memory.tokens, saved.train_crop)
+    # The memory's own (h, w); checkpoints written before it was stored: from the saved crop.
+    grid = info.model_config.memory_grid or token_grid(memory.tokens, saved.train_crop)
     provenance = resolve_provenance(saved, info.source, Path(image_root) if image_root else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats, rows = class_pictures(memory, info, chosen, grid, max_channels, provenance, out_dir, report)

@@ -154,6 +154,7 @@ def resume_base(path: str | Path) -> tuple[Path | None, dict[str, Any]]:
         checkpoint_to_resume,
         run_dir_of_checkpoint,
     )
+    from allspark_cli.engine.settings import SETTINGS_VERSION
     from allspark_cli.engine.settings_layers import read_settings_file
 
     folder = Path(path)
@@ -164,6 +165,9 @@ def resume_base(path: str | Path) -> tuple[Path | None, dict[str, Any]]:
     checkpoint_path = checkpoint_to_resume(path)
     run_dir_of_checkpoint(checkpoint_path)
     checkpoint = _read_resumable(checkpoint_path)
+    if checkpoint.settings_version > SETTINGS_VERSION:
+        raise DataError(f"{checkpoint_path}: its settings (version {checkpoint.settings_version}) are newer than this "
+                        f"allspark's (version {SETTINGS_VERSION}); upgrade allspark to resume it")
     if not checkpoint.settings or checkpoint.train_state is None:
         raise SettingsError(f"{checkpoint_path} holds no training settings/state; only a run's last.pt can be resumed")
     return checkpoint_path, dict(checkpoint.settings)

@@ -25,7 +25,7 @@ from allspark_cli.engine.precision import (
     configure_cuda_math,
     make_scaler,
 )
-from allspark_cli.engine.settings import TrainSettings, model_config_for
+from allspark_cli.engine.settings import SETTINGS_VERSION, TrainSettings, model_config_for
 from allspark_cli.engine.settings_layers import dump_settings_yaml
 from allspark_cli.engine.training.epoch import EpochLoop, train_epoch
 from allspark_cli.engine.training.events import (
@@ -246,7 +246,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                        "world_size": dist.world_size, "batch_size": settings.train.batch_size,
                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng()}
         save_checkpoint(path, segmentor, class_names=manifest.classes, palette=manifest.palette,
-                        settings=settings.to_dict(), train_state=train_state)
+                        settings=settings.to_dict(), settings_version=SETTINGS_VERSION, train_state=train_state)
         if path == run_folder.last:
             state.saved_iteration = state.iteration  # named by the non-finite-loss error
 
