@@ -23,7 +23,6 @@ import numpy as np
 
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.imageio import read_mask, read_size
-from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.labels import CITYSCAPES_CLASSES
 from allspark_cli.errors import DataError
@@ -236,11 +235,4 @@ def prepare_cityscapes(
             eval_stride=EVAL_STRIDE,
             train_crop=TRAIN_CROP,
         )
-    return PrepareSummary(
-        name="cityscapes",
-        manifest_path=out_dir / MANIFEST_NAME,
-        masks_written=len(report.written),
-        masks_skipped=report.skipped,
-        split_sizes=splits.sizes,
-        notes=splits.notes,
-    )
+    return PrepareSummary.of_build("cityscapes", out_dir, report, splits)

@@ -25,7 +25,6 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from allspark_cli.constants import IGNORE_INDEX
-from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.errors import DataError
 from allspark_cli.labels import voc_palette
@@ -260,11 +259,4 @@ def prepare_coco(
             train_crop=TRAIN_CROP,
             mask_options=options,
         )
-    return PrepareSummary(
-        name="coco",
-        manifest_path=out_dir / MANIFEST_NAME,
-        masks_written=len(report.written),
-        masks_skipped=report.skipped,
-        split_sizes=splits.sizes,
-        notes=splits.notes,
-    )
+    return PrepareSummary.of_build("coco", out_dir, report, splits)

@@ -43,6 +43,7 @@ from typing import Literal, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.errors import AllsparkError, DataError, Interrupted, SettingsError, WriteError
 from allspark_cli.fileio import TEMP_MARKER, atomic_write_bytes, encode_png
 from allspark_cli.signals import StopRequest, ignore_stop_signals, start_resource_tracker_immune_to_stops
@@ -134,6 +135,12 @@ class PrepareSummary:
     samples_checked: int = 0
     split_sizes: dict[str, tuple[int, int | None]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of_build(cls, name: str, out_dir: Path, report, splits, **counts: int) -> PrepareSummary:
+        """The summary of a finished build: its masks (`report` of convert_all) and split lists."""
+        return cls(name=name, manifest_path=out_dir / MANIFEST_NAME, masks_written=len(report.written),
+                   masks_skipped=report.skipped, split_sizes=splits.sizes, notes=splits.notes, **counts)
 
 
 def default_workers(workers: int | None) -> int:

@@ -33,7 +33,6 @@ import numpy as np
 
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.imageio import read_mask, read_size
-from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry, read_split
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import encode_png, remove_stale_temps
@@ -486,11 +485,4 @@ def prepare_custom(
             eval_mode="whole",
             train_crop=train_crop,
         )
-    return PrepareSummary(
-        name=manifest.name,
-        manifest_path=out_dir / MANIFEST_NAME,
-        masks_written=len(report.written),
-        samples_checked=len(tasks),
-        split_sizes=splits.sizes,
-        notes=splits.notes,
-    )
+    return PrepareSummary.of_build(manifest.name, out_dir, report, splits, samples_checked=len(tasks))

@@ -24,7 +24,6 @@ import scipy.io
 
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.imageio import read_mask, read_size
-from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.labels import VOC_CLASSES
 from allspark_cli.errors import DataError, SettingsError
@@ -270,11 +269,4 @@ def prepare_pascal(
             train_crop=TRAIN_CROP,
             mask_options=options,
         )
-    return PrepareSummary(
-        name="pascal",
-        manifest_path=out_dir / MANIFEST_NAME,
-        masks_written=len(report.written),
-        masks_skipped=report.skipped,
-        split_sizes=splits.sizes,
-        notes=splits.notes,
-    )
+    return PrepareSummary.of_build("pascal", out_dir, report, splits)
