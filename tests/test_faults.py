@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import make_dataset, tiny_layer
+from train_fixtures import make_dataset, stop_training_at, tiny_layer
 from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
-from allspark_cli.engine.training import epoch as epoch_module
 from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.engine.training.train import train
 from allspark_cli.errors import Interrupted, WriteError
@@ -35,14 +33,7 @@ def manifest(tmp_path_factory) -> Path:
 @pytest.fixture
 def stopped_run(manifest: Path, tmp_path: Path, monkeypatch) -> Path:
     """A 3-epoch run stopped (SIGTERM, as a scheduler) in epoch 2: last.pt and best.pt both exist."""
-    real_step = epoch_module.train_step
-
-    def step(*args, **kwargs):
-        if kwargs["iteration"] == STOP_AT_ITERATION:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(epoch_module, "train_step", step)
+    stop_training_at(monkeypatch, STOP_AT_ITERATION)
     layer = tiny_layer(manifest, tmp_path / "runs", train={"epochs": EPOCHS}, run={"name": "stopped"})
     with pytest.raises(Interrupted):
         train(build_settings(base=layer))

@@ -4,8 +4,6 @@ baseline, TensorBoard, TF32/cuDNN or attention-path settings; no `attention_path
 model config, no settings version) is evaluated, predicted with, inspected and resumed."""
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +14,10 @@ from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
 from allspark_cli.engine.settings_layers import build_settings
-from allspark_cli.engine.training import epoch as epoch_module
 from allspark_cli.engine.training.train import train
 from allspark_cli.errors import Interrupted
 from allspark_cli.model.checkpoint import read_checkpoint
-from train_fixtures import make_dataset, tiny_layer
+from train_fixtures import make_dataset, stop_training_at, tiny_layer
 
 runner = CliRunner()
 # Settings and model-config fields that release 0.1 did not have.
@@ -44,14 +41,7 @@ def _as_release_0_1(path: Path) -> None:
 
 @pytest.fixture
 def old_run(tmp_path: Path, monkeypatch) -> Path:
-    real_step = epoch_module.train_step
-
-    def step(*args, **kwargs):
-        if kwargs["iteration"] == STOP_AT_ITERATION:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(epoch_module, "train_step", step)
+    stop_training_at(monkeypatch, STOP_AT_ITERATION)
     manifest = make_dataset(tmp_path / "data")
     with pytest.raises(Interrupted):
         train(build_settings(base=tiny_layer(manifest, tmp_path / "runs", train={"epochs": 3}, run={"name": "old"})))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 from pathlib import Path
@@ -11,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_fixtures import make_dataset, tiny_layer
+from train_fixtures import make_dataset, stop_training_at, tiny_layer
 
-from allspark_cli.engine.training import epoch as epoch_module
 from allspark_cli.engine.training.resume import capture_rng, restore_rng, resume_base
 from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.engine.training.train import train
@@ -35,23 +33,10 @@ def _layer(manifest: Path, root: Path) -> dict:
     return tiny_layer(manifest, root, train={"epochs": EPOCHS, "warmup_epochs": 1}, eval={"every": EPOCHS})
 
 
-def _interrupt_on_call(monkeypatch, call: int) -> None:
-    """Sends this process SIGINT during the `call`-th training step, as Ctrl-C would."""
-    real_step, calls = epoch_module.train_step, []
-
-    def step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(epoch_module, "train_step", step)
-
-
 def test_interrupted_and_resumed_equals_uninterrupted(manifest: Path, tmp_path: Path, monkeypatch) -> None:
     reference = train(build_settings(base=_layer(manifest, tmp_path / "a")))
 
-    _interrupt_on_call(monkeypatch, STOP_AFTER_CALL)
+    stop_training_at(monkeypatch, STOP_AFTER_CALL - 1, signal.SIGINT)  # Ctrl-C
     with pytest.raises(Interrupted, match="resume with allspark train --resume"):
         train(build_settings(base=_layer(manifest, tmp_path / "b")))
     monkeypatch.undo()

@@ -6,6 +6,8 @@ developer's write_manifest. Split "half": 4 labeled + 4 unlabeled; "full": all 8
 """
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +82,18 @@ def tiny_layer(manifest: Path, run_root: Path, **sections: dict[str, Any]) -> di
     for section, values in sections.items():
         layer[section] = {**layer.get(section, {}), **values}
     return layer
+
+
+def stop_training_at(monkeypatch, iteration: int, stop: signal.Signals = signal.SIGTERM) -> None:
+    """Sends this process `stop` during the training step of `iteration` (0-based), as a scheduler
+    (SIGTERM) or Ctrl-C (SIGINT) would: the run saves last.pt and raises Interrupted."""
+    from allspark_cli.engine.training import epoch as epoch_module
+
+    real_step = epoch_module.train_step
+
+    def step(*args, **kwargs):
+        if kwargs["iteration"] == iteration:
+            os.kill(os.getpid(), stop)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(epoch_module, "train_step", step)

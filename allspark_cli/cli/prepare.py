@@ -19,7 +19,6 @@ from rich.table import Table
 
 from allspark_cli.cli.options import SeedOption
 from allspark_cli.errors import Interrupted
-from allspark_cli.signals import stop_signals_interrupt
 
 if TYPE_CHECKING:
     from allspark_cli.data.check import CheckReport
@@ -53,12 +52,12 @@ OverwriteOption = Annotated[
 
 @contextmanager
 def _resumable() -> Iterator[None]:
-    """A stop signal outside the conversion stage (which stops on its own) ends the build with the hint."""
+    """A stop signal outside the conversion stage (which stops on its own; the CLI turns SIGTERM and
+    SIGHUP into KeyboardInterrupt around every command) ends the build with the resume hint."""
     from data_tools.common import RESUME_HINT
 
     try:
-        with stop_signals_interrupt():
-            yield
+        yield
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {RESUME_HINT}") from None
 

@@ -162,13 +162,12 @@ def train_command(
         "data.workers": workers, "run.name": name, "data.manifest": str(data) if data else None,
         "run.exist_ok": exist_ok or None, "train.save_every": save_every,
     }
-    base, method_recipes = _base_layer(preset, resume, config)
+    base, method_recipes, checkpoint = _base_layer(preset, resume, config)
     if no_pretrained:
         base = {**base, "model": {**base.get("model", {}), "pretrained": None}}
     settings = build_settings(base=base, config=config, options=options, sets=set_values or [],
                               method_recipes=method_recipes)
     reporter = RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
-    checkpoint = resume_base(resume)[0] if resume else None
     result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter,
                           build_missing=dataset_builder_for(settings.preset))
     if launched_rank() != 0:  # under torchrun the summary is rank 0's to print
@@ -177,19 +176,23 @@ def train_command(
                     f"last {result.last_miou:.2f}; run folder {result.run_dir}")
 
 
-def _base_layer(preset: str | None, resume: Path | None, config: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The lowest settings layer (the preset's, or the resumed run's saved settings) and the
-    preset's baseline recipes (none for a resumed run: its saved settings already hold them)."""
+def _base_layer(preset: str | None, resume: Path | None,
+                config: Path | None) -> tuple[dict[str, Any], dict[str, Any], Path | None]:
+    """The lowest settings layer (the preset's, or the resumed run's saved settings), the preset's
+    baseline recipes (none for a resumed run: its saved settings already hold them) and the last.pt
+    to resume (None: a fresh run, or one started again in its folder). The checkpoint is read once
+    here; the engine reads it again for the weights."""
     if preset and resume:
         raise SettingsError("--resume continues a run with its saved settings; do not combine it with --preset")
     if resume:
-        return resume_base(resume)[1], {}
+        checkpoint, saved = resume_base(resume)
+        return saved, {}, checkpoint
     if preset:
         found = find_preset(preset)
-        return found.layer, dict(found.info.baselines)
+        return found.layer, dict(found.info.baselines), None
     if config is None:
         raise SettingsError("nothing to train: give --preset NAME (see --list-presets), --config FILE or --resume RUN_DIR")
-    return {}, {}
+    return {}, {}, None
 
 
 def register(app: typer.Typer) -> None:
