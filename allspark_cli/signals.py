@@ -22,9 +22,10 @@ the main thread; elsewhere (e.g. a worker thread) installing is a no-op.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Signals whose default action ends the process silently (exit 128 + n); SIGINT already raises.
@@ -37,8 +38,19 @@ def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoade
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _interrupt_in(process_id: int) -> Callable[[int, object], None]:
+    """A handler raising KeyboardInterrupt in process `process_id` only. A process forked from it
+    (a multiprocessing pool worker, a loader worker before its worker_init_fn) inherits the handler;
+    there the signal does what it would by default (end the worker quietly, as Pool.terminate
+    expects), instead of printing a KeyboardInterrupt traceback from the worker."""
+
+    def handle(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature
+        if os.getpid() == process_id:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    return handle
 
 
 @contextlib.contextmanager
@@ -51,7 +63,8 @@ def stop_signals_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in _SILENT_STOPS}
+    handler = _interrupt_in(os.getpid())
+    previous = {sig: signal.signal(sig, handler) for sig in _SILENT_STOPS}
     try:
         yield
     finally:

@@ -112,3 +112,11 @@ def test_an_architecture_value_out_of_range_is_refused_before_the_dataset_is_ope
     layer = {"data": {"manifest": str(tmp_path / "missing.yaml"), "split": "1/8"}}
     with pytest.raises(SettingsError, match=fragment):
         train(build_settings(base=layer, sets=[setting]))
+
+
+def test_the_settings_a_resume_may_change_are_the_reporting_ones() -> None:
+    """docs/training.md lists them: a resumed run changes them without --force."""
+    from allspark_cli.engine.settings import reporting_only_settings
+
+    assert sorted(reporting_only_settings()) == sorted(["run.", "train.log_every", "train.save_every", "data.workers",
+                                                         "eval.batch_size", "eval.mosaic_images"])

@@ -106,3 +106,22 @@ def test_eval_stopped_exits_with_nothing_written(tiny_checkpoint: Path, tmp_path
     with pytest.raises(Interrupted, match="evaluation stopped after 1 of 6 images; nothing was written"):
         evaluate_checkpoint(tiny_checkpoint, device="cpu", out=tmp_path / "eval", progress=stop_after_first)
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_process_forked_inside_a_command_ends_quietly_on_sigterm() -> None:
+    """Every command runs with SIGTERM turned into KeyboardInterrupt. A forked worker (the demo
+    builder's multiprocessing pool, whose terminate() sends SIGTERM) inherits that handler: there
+    SIGTERM must end it as by default, not raise KeyboardInterrupt and print a traceback."""
+    code = ("import multiprocessing, os, signal, time\n"
+            "from allspark_cli.signals import stop_signals_interrupt\n"
+            "with stop_signals_interrupt():\n"
+            "    worker = multiprocessing.get_context('fork').Process(target=time.sleep, args=(30,))\n"
+            "    worker.start()\n"
+            "    time.sleep(0.5)\n"
+            "    os.kill(worker.pid, signal.SIGTERM)\n"
+            "    worker.join()\n"
+            "    print(worker.exitcode)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=STARTUP_LIMIT_S)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == -signal.SIGTERM
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr

@@ -18,6 +18,10 @@ from allspark_cli.model.config import ArchitectureChoices
 # The layout of the settings tree as stored in checkpoints. 1: written before the number was stored
 # (release 0.1 up to the settings of issue #15), the same keys minus those added since; 2: this tree.
 SETTINGS_VERSION = 2
+# Marks a setting that changes where and how a run reports or how fast it runs, never what it
+# computes: a resumed run may change it freely (engine/training/resume.py). Every field of a
+# section marked so (RunSettings) is.
+REPORTING_ONLY = {"reporting_only": True}
 MIN_CROP = 32  # the stride-32 stage needs at least one token
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 
@@ -40,7 +44,8 @@ class DataSettings(_Section):
     manifest: Path = Field(description="dataset.yaml of a prepared dataset (or its folder)")
     split: str = Field(min_length=1, description="training split name as in the manifest, e.g. '183', '1/16'")
     crop: int = Field(default=513, ge=MIN_CROP, description="square training crop in pixels")
-    workers: int = Field(default=4, ge=0, description="DataLoader worker processes per training process")
+    workers: int = Field(default=4, ge=0, description="DataLoader worker processes per training process",
+                         json_schema_extra=REPORTING_ONLY)
 
 
 class ModelSettings(ArchitectureChoices):
@@ -120,8 +125,10 @@ class LoopSettings(_Section):
         default=True, description="CUDA: time cuDNN's convolution algorithms once for the fixed training crop"
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
-    log_every: int = Field(default=20, ge=1, description="iterations between metrics.jsonl lines")
-    save_every: int = Field(default=0, ge=0, description="iterations between last.pt saves (0: every epoch only)")
+    log_every: int = Field(default=20, ge=1, description="iterations between metrics.jsonl lines",
+                           json_schema_extra=REPORTING_ONLY)
+    save_every: int = Field(default=0, ge=0, description="iterations between last.pt saves (0: every epoch only)",
+                            json_schema_extra=REPORTING_ONLY)
 
     @field_validator("device")
     @classmethod
@@ -141,12 +148,15 @@ class EvalSettings(_Section):
     mode: EvalMode | None = None
     crop: int | None = Field(default=None, ge=MIN_CROP)
     stride: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=1, ge=1)
-    mosaic_images: int = Field(default=4, ge=0, description="validation images in plots/val_mosaic.png")
+    batch_size: int = Field(default=1, ge=1, json_schema_extra=REPORTING_ONLY)  # per-image exact inference
+    mosaic_images: int = Field(default=4, ge=0, description="validation images in plots/val_mosaic.png",
+                               json_schema_extra=REPORTING_ONLY)
 
 
 class RunSettings(_Section):
     """Where the run folder goes: `<root>/<preset>/<name>`; name auto-numbered exp, exp2, ..."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=REPORTING_ONLY)
 
     root: Path = Path("runs")
     name: str | None = None
@@ -161,6 +171,20 @@ class RunSettings(_Section):
         if value is not None and (not value.strip() or "/" in value or "\\" in value or value in (".", "..")):
             raise ValueError(f"a run name is one folder name without slashes, got {value!r}")
         return value
+
+
+def reporting_only_settings(section: type[BaseModel] | None = None, prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys marked REPORTING_ONLY (a marked section: every key below it)."""
+    section = section or TrainSettings
+    keys: list[str] = []
+    for name, info in section.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            marked = annotation.model_config.get("json_schema_extra") == REPORTING_ONLY
+            keys += [f"{prefix}{name}."] if marked else list(reporting_only_settings(annotation, f"{prefix}{name}."))
+        elif info.json_schema_extra == REPORTING_ONLY:
+            keys.append(f"{prefix}{name}")
+    return tuple(keys)
 
 
 class TrainSettings(_Section):

@@ -17,11 +17,6 @@ import torch
 
 from allspark_cli.errors import DataError, SettingsError
 
-# Settings that change where and how a run reports, never what it computes: a resumed run may
-# change them freely. Every other difference from the saved settings is refused without --force.
-RESUME_FREE_SETTINGS = ("run.", "train.log_every", "train.save_every", "data.workers", "eval.batch_size",
-                        "eval.mosaic_images")
-
 
 def capture_rng() -> dict[str, Any]:
     """The RNG states of this process as weights_only-loadable values."""
@@ -91,11 +86,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key: old -> new` for each setting that differs and would make the resumed run differ from
-    an uninterrupted one (everything except RESUME_FREE_SETTINGS)."""
+    an uninterrupted one (everything not marked REPORTING_ONLY in engine/settings.py)."""
+    from allspark_cli.engine.settings import reporting_only_settings
+
+    free = reporting_only_settings()
     before, after = _flatten(saved), _flatten(now)
     changes = []
     for key in sorted(before.keys() | after.keys()):
-        if key.startswith(RESUME_FREE_SETTINGS) or before.get(key) == after.get(key):
+        if key.startswith(free) or before.get(key) == after.get(key):
             continue
         changes.append(f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}")
     return changes
