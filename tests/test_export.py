@@ -85,7 +85,7 @@ def test_a_failed_check_leaves_no_file(toolkit_checkpoint, tmp_path, monkeypatch
 def test_export_command_reports_the_check(toolkit_checkpoint) -> None:
     result = CliRunner().invoke(app, ["export", str(toolkit_checkpoint), "--format", "torchscript"])
     assert result.exit_code == 0, result.output
-    assert "max |logit difference|" in result.output
+    assert "max |logit difference|" in " ".join(result.output.split())  # rich wraps long paths
     assert toolkit_checkpoint.with_name("best.torchscript.pt").is_file()
     missing = CliRunner().invoke(app, ["export", str(toolkit_checkpoint.with_name("none.pt"))])
     assert missing.exit_code == 3 and "none.pt" in missing.output
