@@ -38,6 +38,8 @@ from allspark_cli.data.splits import SplitEntry, write_split
 from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_write_bytes, atomic_write_text
 from allspark_cli.fileio import encode_palette_png
+from data_tools.demo_scene import SPLIT_CODES, SceneFamily
+from data_tools.demo_signs import SIGNS_CLASSES, SIGNS_PALETTE, render_signs_sample
 
 DEMO_CLASSES = ("background", "disc", "square", "triangle", "ring", "star", "cross")
 DEMO_PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180))
@@ -51,7 +53,6 @@ JPEG_QUALITY = 92
 MIN_TRAIN = 2
 MAX_CHUNK = 32
 CHUNKS_PER_WORKER = 4
-_SPLIT_CODES = {"train": 0, "val": 1}
 _LIST_SEED_CODE = 2
 
 # Scene composition (per image).
@@ -204,7 +205,7 @@ def render_sample(seed: int, split: str, index: int, size_range: tuple[int, int]
 
     A pure function of its arguments; H and W are drawn independently from `size_range`.
     """
-    rng = np.random.default_rng((seed, _SPLIT_CODES[split], index))
+    rng = np.random.default_rng((seed, SPLIT_CODES[split], index))
     height, width = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
     background = _texture(rng, height, width, _muted_colour)
     mean = background.mean(axis=(0, 1))
@@ -235,22 +236,39 @@ def render_sample(seed: int, split: str, index: int, size_range: tuple[int, int]
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
 
 
+# The demo presets train on `shapes`; `signs` is the second family that checks a demo recipe is not
+# tuned to one dataset (data_tools/demo_signs.py).
+DEFAULT_FAMILY = "shapes"
+FAMILIES = {
+    "shapes": SceneFamily("shapes", DEMO_CLASSES, DEMO_PALETTE, render_sample, GENERATOR_VERSION),
+    "signs": SceneFamily("signs", SIGNS_CLASSES, SIGNS_PALETTE, render_signs_sample, 1),
+}
+
+
+def scene_family(name: str) -> SceneFamily:
+    """The family called `name`, or a DataError listing the known ones."""
+    if name not in FAMILIES:
+        raise DataError(f"unknown demo family {name!r}; expected one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
 def _relpaths(split: str, index: int) -> SplitEntry:
     return SplitEntry(f"images/{split}/{index:06d}.jpg", f"masks/{split}/{index:06d}.png")
 
 
-def _write_sample(job: tuple[Path, int, str, int, tuple[int, int]]) -> None:
-    out_dir, seed, split, index, size_range = job
+def _write_sample(job: tuple[Path, str, int, str, int, tuple[int, int]]) -> None:
+    out_dir, family_name, seed, split, index, size_range = job
+    family = FAMILIES[family_name]
     entry = _relpaths(split, index)
     image_path, mask_path = out_dir / entry.image, out_dir / entry.mask
     if image_path.is_file() and mask_path.is_file():
         return  # written atomically by an earlier run: complete
-    image, mask = render_sample(seed, split, index, size_range)
+    image, mask = family.render(seed, split, index, size_range)
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise DataError(f"could not encode demo image {image_path}")
     atomic_write_bytes(image_path, jpeg.tobytes())
-    atomic_write_bytes(mask_path, encode_palette_png(mask, np.array(DEMO_PALETTE, dtype=np.uint8)))
+    atomic_write_bytes(mask_path, encode_palette_png(mask, np.array(family.palette, dtype=np.uint8)))
 
 
 def _check_build_info(out_dir: Path, info: dict) -> None:
@@ -296,12 +314,13 @@ def build_demo(
     num_train: int = 2000,
     num_val: int = 200,
     size: tuple[int, int] = (128, 256),
+    family: str = DEFAULT_FAMILY,
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """Builds (or completes) the demo dataset in `out_dir`; returns the path of its dataset.yaml.
 
-    `size` is the (min, max) side length in pixels; `workers` processes draw the images (None:
+    `size` is the (min, max) side length in pixels; `family` the procedural family (FAMILIES); `workers` processes draw the images (None:
     one per CPU core); `progress(done, total)` is called as images are finished. Raises
     DataError when `out_dir` holds something else or a demo built with other parameters.
     """
@@ -310,13 +329,14 @@ def build_demo(
     low, high = int(size[0]), int(size[1])
     if not 0 < low <= high:
         raise DataError(f"demo image size range must satisfy 0 < min <= max, got {size}")
+    scenes = scene_family(family)
     out_dir = Path(out_dir).absolute()
-    info = {
-        "generator": GENERATOR_VERSION, "seed": seed, "num_train": num_train, "num_val": num_val, "size": [low, high]
-    }
+    info = {"generator": scenes.version, "seed": seed, "num_train": num_train, "num_val": num_val, "size": [low, high]}
+    if scenes.name != DEFAULT_FAMILY:  # a shapes folder built before families existed keeps its record
+        info["family"] = scenes.name
     _check_build_info(out_dir, info)
-    jobs = [(out_dir, seed, "train", i, (low, high)) for i in range(num_train)]
-    jobs += [(out_dir, seed, "val", i, (low, high)) for i in range(num_val)]
+    jobs = [(out_dir, scenes.name, seed, "train", i, (low, high)) for i in range(num_train)]
+    jobs += [(out_dir, scenes.name, seed, "val", i, (low, high)) for i in range(num_val)]
     workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
     if workers == 1:
         results = map(_write_sample, jobs)
@@ -332,10 +352,10 @@ def build_demo(
                     progress(done, len(jobs))
     train_splits, val_list = _write_splits(out_dir, seed, num_train, num_val)
     manifest = DatasetManifest(
-        name="demo",
+        name="demo" if scenes.name == DEFAULT_FAMILY else f"demo-{scenes.name}",
         root=out_dir,
-        classes=list(DEMO_CLASSES),
-        palette=[tuple(colour) for colour in DEMO_PALETTE],
+        classes=list(scenes.classes),
+        palette=[tuple(colour) for colour in scenes.palette],
         train_splits=train_splits,
         eval_splits={"val": val_list},
         eval_mode="whole",

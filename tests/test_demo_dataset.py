@@ -136,3 +136,27 @@ def test_training_views_load(demo):
     assert no_unlabeled is None and len(full_labeled) == NUM_TRAIN and full_labeled[0][1].shape == (32, 32)
     image, mask, relpath = build_eval_dataset(manifest, "val")[0]
     assert image.shape[1:] == mask.shape and relpath == "images/val/000000.jpg"
+
+
+def test_signs_family_is_a_different_dataset_in_the_same_layout(tmp_path):
+    """`prepare demo --family signs`: the second family (4 classes, other shapes and textures) builds
+    in the demo's layout, passes the check, and a shapes folder is never completed with signs images."""
+    from data_tools.demo_signs import SIGNS_CLASSES, render_signs_sample
+
+    out = build_demo(tmp_path / "signs", seed=3, num_train=48, num_val=4, size=SIZE, family="signs", workers=1)
+    manifest = load_manifest(out)
+    assert manifest.name == "demo-signs" and manifest.classes == list(SIGNS_CLASSES) and manifest.num_classes == 5
+    assert check_dataset(out, workers=1).ok
+    seen = set()
+    for entry in read_split(manifest.split_file(manifest.train_splits["full"].labeled)):
+        seen |= set(np.unique(np.array(Image.open(manifest.root / entry.mask))).tolist())
+    assert seen == set(range(len(SIGNS_CLASSES)))
+    image, mask = render_signs_sample(3, "train", 5, SIZE)
+    assert not np.array_equal(mask, render_sample(3, "train", 5, SIZE)[1])
+    assert np.array_equal(image, render_signs_sample(3, "train", 5, SIZE)[0])  # a pure function of its arguments
+    build_demo(tmp_path / "shapes", seed=3, num_train=8, num_val=2, size=SIZE, workers=1)
+    with pytest.raises(DataError, match="built with other parameters"):
+        build_demo(tmp_path / "shapes", seed=3, num_train=8, num_val=2, size=SIZE, family="signs", workers=1)
+    with pytest.raises(DataError, match="unknown demo family 'leaves'; expected one of shapes, signs"):
+        build_demo(tmp_path / "other", num_train=8, num_val=2, size=SIZE, family="leaves")
+    assert not (tmp_path / "other").exists()

@@ -202,12 +202,19 @@ def dataset_builder_for(preset: str | None):
 
 
 @prepare_app.command("demo")
-def demo(out: OutOption, seed: SeedOption = None, workers: PrepareWorkersOption = None) -> None:
+def demo(
+    out: OutOption,
+    seed: SeedOption = None,
+    workers: PrepareWorkersOption = None,
+    family: Annotated[str, typer.Option(
+        "--family", help="Procedural family: shapes (the demo presets' dataset) or signs (a second family, to check "
+        "that a recipe is not tuned to one dataset).")] = "shapes",
+) -> None:
     """A small synthetic dataset (shapes on textures) to try the toolkit without downloads."""
     from data_tools.demo import build_demo
 
     with _progress_bar() as progress:
-        manifest_path = build_demo(out, seed=seed or 0, workers=workers,
+        manifest_path = build_demo(out, seed=seed or 0, workers=workers, family=family,
                                    progress=lambda done, total: progress("images", done, total))
     console.print(f"demo dataset: {manifest_path}")
     console.print(f"next: allspark prepare check {manifest_path}")
