@@ -1,20 +1,13 @@
-"""The training options `train` and `ablate` share, declared once: one recipe over a preset.
-
-A command takes them as one parameter `training: TrainingOptions` and is decorated with
-`with_training_options`; Typer then sees the fields below as options, in the place of that
-parameter and in their order here, and the command gets them back as one TrainingOptions. So the
-two commands offer the same options with the same help texts, and turn them into the same
-settings overrides.
+"""The training options `train` and `ablate` share, declared once (an option group,
+option_groups.py): one recipe over a preset, turned into the same settings overrides by both.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, get_type_hints
+from typing import Any
 
+from allspark_cli.cli.option_groups import with_option_group
 from allspark_cli.cli.options import (
     AmpOption,
     BatchSizeOption,
@@ -29,10 +22,6 @@ from allspark_cli.cli.options import (
 )
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.settings_layers import build_settings
-
-# The parameter of a decorated command that receives the options.
-TRAINING_PARAMETER = "training"
-Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -75,26 +64,5 @@ class TrainingOptions:
                               sets=[*(self.set_values or []), *forced], method_recipes=method_recipes)
 
 
-def with_training_options(command: Command) -> Command:
-    """`command`, its `training: TrainingOptions` parameter shown to Typer as the TrainingOptions fields."""
-    signature = inspect.signature(command, eval_str=True)
-    field_types = get_type_hints(TrainingOptions, include_extras=True)
-    fields = dataclasses.fields(TrainingOptions)
-    names = [field.name for field in fields]
-    parameters: list[inspect.Parameter] = []
-    for parameter in signature.parameters.values():
-        if parameter.name != TRAINING_PARAMETER:
-            parameters.append(parameter)
-            continue
-        parameters += [parameter.replace(name=field.name, default=field.default, annotation=field_types[field.name])
-                       for field in fields]
-
-    @functools.wraps(command)
-    def call(**values: Any) -> Any:
-        training = TrainingOptions(**{name: values.pop(name) for name in names})
-        return command(**values, **{TRAINING_PARAMETER: training})
-
-    call.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
-    call.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
-    call.__annotations__["return"] = signature.return_annotation
-    return call  # type: ignore[return-value]
+# `train` and `ablate` take the options as `training: TrainingOptions` under this decorator.
+with_training_options = with_option_group("training", TrainingOptions)
