@@ -27,32 +27,18 @@ from allspark_cli.data.splits import SplitEntry
 from allspark_cli.labels import CITYSCAPES_CLASSES
 from allspark_cli.errors import DataError
 from allspark_cli.labels import cityscapes_palette
-from allspark_cli.fileio import remove_stale_temps
+from data_tools.build import write_build
 from data_tools.common import (
     MAX_REPORTED_ERRORS,
     PrepareSummary,
     ProgressFn,
     TaskResult,
-    check_same_size,
-    check_values,
-    convert_all,
-    guarded_output,
-    link_dir,
     raise_if_errors,
     refuse_out_inside_sources,
     require_dir,
-    verify_image,
-    write_mask,
 )
-from data_tools.splits import (
-    SplitOutput,
-    SplitSpec,
-    count_for_ratio,
-    plan_train_splits,
-    ratio_folder,
-    ratio_name,
-    resolve_reference_folder,
-)
+from data_tools.masks import check_same_size, check_values, verify_image, write_mask
+from data_tools.splits import SplitOutput, plan_ratio_splits, resolve_reference_folder
 
 # Official labelId -> trainId table (cityscapesscripts `labels.py`); all other ids are ignored.
 LABEL_TO_TRAIN_ID = {
@@ -171,19 +157,9 @@ def _entry(task: LabelTask, root: Path) -> SplitEntry:
 
 def plan_splits(samples: dict[str, list[LabelTask]], root: Path, *, seed: int, reference: Path | None) -> SplitOutput:
     """Training splits 1/30..1/2 of train (imported from the `reference` folder or drawn) and val."""
-    output = SplitOutput()
-    entries = {_entry(task, root).image: _entry(task, root) for tasks in samples.values() for task in tasks}
-    train = [_entry(task, root).image for task in samples["train"]]
-    val = [_entry(task, root).image for task in samples["val"]]
-    specs = [SplitSpec(ratio_name(r), ratio_folder(r), "train", count_for_ratio(r, len(train))) for r in RATIOS]
-    if len(train) != TRAIN_SIZE:
-        output.notes.append(f"train has {len(train)} images, not {TRAIN_SIZE}: split sizes follow the ratios")
-    known = frozenset(path for entry in entries.values() for path in entry)
-    plan_train_splits(
-        output, specs, {"train": train}, train, entries.__getitem__, val,
-        seed=seed, reference=reference, known=known, strict_counts=len(train) == TRAIN_SIZE, val_size=VAL_SIZE,
-    )
-    return output
+    train, val = ([_entry(task, root) for task in samples[split]] for split in SPLITS)
+    return plan_ratio_splits(train, val, RATIOS, train_set=SPLITS[0], reference_train_size=TRAIN_SIZE, val_size=VAL_SIZE,
+                             seed=seed, reference=reference)
 
 
 def _rebuilt_note(notes: list[str]) -> list[str]:
@@ -214,25 +190,18 @@ def prepare_cityscapes(
     splits = plan_splits(samples, root, seed=seed, reference=reference)  # all lists checked before any conversion
     refuse_out_inside_sources(out_dir, {"--root": root, "--splits-from": splits_from})
     out_dir = out_dir.absolute()
-    with guarded_output() as guard:
-        guard.make_dir(out_dir)
-        for folder in (IMAGE_DIR, LABEL_DIR):
-            link_dir(root / folder, out_dir / folder, guard)
-        for tasks in samples.values():
-            for city in sorted({task.output.parent for task in tasks}):
-                remove_stale_temps(city, f"*{TRAIN_IDS_SUFFIX}")
-        tasks = [task for split in SPLITS for task in samples[split]]
-        report = convert_all(convert_label, tasks, guard, stage="trainId masks", workers=workers, progress=progress)
-        splits.notes.extend(_rebuilt_note(sorted(report.notes)))
-        splits.write(out_dir, guard)
-        splits.write_manifest(
-            out_dir, guard,
-            name="cityscapes",
-            classes=list(CITYSCAPES_CLASSES),
-            palette=cityscapes_palette(),
-            eval_mode="slide",
-            eval_crop=EVAL_CROP,
-            eval_stride=EVAL_STRIDE,
-            train_crop=TRAIN_CROP,
-        )
-    return PrepareSummary.of_build("cityscapes", out_dir, report, splits)
+    return write_build(
+        out_dir, splits,
+        name="cityscapes",
+        links={folder: root / folder for folder in (IMAGE_DIR, LABEL_DIR)},
+        # The trainIds files go beside their labelIds masks, in the source's city folders.
+        stale_temps=[(city, f"*{TRAIN_IDS_SUFFIX}") for tasks in samples.values()
+                     for city in sorted({task.output.parent for task in tasks})],
+        convert=convert_label,
+        tasks=[task for split in SPLITS for task in samples[split]],
+        stage="trainId masks",
+        conversion_notes=_rebuilt_note,
+        manifest={"classes": list(CITYSCAPES_CLASSES), "palette": cityscapes_palette(), "eval_mode": "slide",
+                  "eval_crop": EVAL_CROP, "eval_stride": EVAL_STRIDE, "train_crop": TRAIN_CROP},
+        workers=workers, progress=progress,
+    )

@@ -28,32 +28,18 @@ from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.splits import SplitEntry
 from allspark_cli.errors import DataError
 from allspark_cli.labels import voc_palette
-from allspark_cli.fileio import remove_stale_temps
+from data_tools.build import MaskFolder, write_build
 from data_tools.common import (
     MAX_REPORTED_ERRORS,
     PrepareSummary,
     ProgressFn,
     TaskResult,
-    claim_mask_folder,
-    convert_all,
-    guarded_output,
-    is_complete,
-    link_dir,
     refuse_out_inside_sources,
     require_dir,
     require_file,
-    verify_image,
-    write_mask,
 )
-from data_tools.splits import (
-    SplitOutput,
-    SplitSpec,
-    count_for_ratio,
-    plan_train_splits,
-    ratio_folder,
-    ratio_name,
-    resolve_reference_folder,
-)
+from data_tools.masks import is_complete, verify_image, write_mask
+from data_tools.splits import SplitOutput, plan_ratio_splits, resolve_reference_folder
 
 CrowdMode = Literal["background", "ignore"]
 TRAIN_SIZE = 118287
@@ -175,19 +161,9 @@ def _entry(sample: CocoImage, image_set: str) -> SplitEntry:
 
 def plan_splits(images: dict[str, list[CocoImage]], *, seed: int, reference: Path | None) -> SplitOutput:
     """Training splits 1/512..1/32 of train2017 (imported from the `reference` folder or drawn) and val."""
-    output = SplitOutput()
-    entries = {_entry(s, image_set).image: _entry(s, image_set) for image_set in SETS for s in images[image_set]}
-    train = [_entry(s, SETS[0]).image for s in images[SETS[0]]]
-    val = [_entry(s, SETS[1]).image for s in images[SETS[1]]]
-    specs = [SplitSpec(ratio_name(r), ratio_folder(r), "train", count_for_ratio(r, len(train))) for r in RATIOS]
-    if len(train) != TRAIN_SIZE:
-        output.notes.append(f"train2017 has {len(train)} images, not {TRAIN_SIZE}: split sizes follow the ratios")
-    known = frozenset(path for entry in entries.values() for path in entry)
-    plan_train_splits(
-        output, specs, {"train": train}, train, entries.__getitem__, val,
-        seed=seed, reference=reference, known=known, strict_counts=len(train) == TRAIN_SIZE, val_size=VAL_SIZE,
-    )
-    return output
+    train, val = ([_entry(s, image_set) for s in images[image_set]] for image_set in SETS)
+    return plan_ratio_splits(train, val, RATIOS, train_set=SETS[0], reference_train_size=TRAIN_SIZE, val_size=VAL_SIZE,
+                             seed=seed, reference=reference)
 
 
 def _refuse_shared_file_names(images: dict[str, list[CocoImage]]) -> None:
@@ -239,24 +215,15 @@ def prepare_coco(
     reference = resolve_reference_folder(splits_from, "coco") if splits_from is not None else None
     splits = plan_splits(images, seed=seed, reference=reference)  # all lists checked before any conversion
     refuse_out_inside_sources(out_dir, {"--root": root, "--splits-from": splits_from})
-    options = {"crowd": crowd}
-    with guarded_output() as guard:
-        guard.make_dir(out_dir / MASK_DIR)
-        for image_set in SETS:
-            link_dir(root / image_set, out_dir / image_set, guard)
-        claim_mask_folder(out_dir / MASK_DIR, "coco", options, overwrite=overwrite, guard=guard)
-        remove_stale_temps(out_dir / MASK_DIR)
-        tasks = [sample for image_set in SETS for sample in images[image_set]]
-        report = convert_all(convert_image, tasks, guard, stage="masks", workers=workers, progress=progress)
-        splits.write(out_dir, guard)
-        classes = [BACKGROUND, *names]
-        splits.write_manifest(
-            out_dir, guard,
-            name="coco",
-            classes=classes,
-            palette=voc_palette(len(classes)),
-            eval_mode="whole",
-            train_crop=TRAIN_CROP,
-            mask_options=options,
-        )
-    return PrepareSummary.of_build("coco", out_dir, report, splits)
+    classes = [BACKGROUND, *names]
+    return write_build(
+        out_dir, splits,
+        name="coco",
+        links={image_set: root / image_set for image_set in SETS},
+        mask_folder=MaskFolder(out_dir / MASK_DIR, "coco", {"crowd": crowd}, overwrite),
+        convert=convert_image,
+        tasks=[sample for image_set in SETS for sample in images[image_set]],
+        stage="masks",
+        manifest={"classes": classes, "palette": voc_palette(len(classes)), "eval_mode": "whole", "train_crop": TRAIN_CROP},
+        workers=workers, progress=progress,
+    )

@@ -42,8 +42,6 @@ from data_tools.common import (
     PrepareSummary,
     ProgressFn,
     TaskResult,
-    check_same_size,
-    check_values,
     guarded_output,
     link_dir,
     raise_if_errors,
@@ -51,9 +49,9 @@ from data_tools.common import (
     require_dir,
     require_file,
     run_parallel,
-    verify_image,
     write_output,
 )
+from data_tools.masks import check_same_size, check_values, verify_image
 from data_tools.splits import SplitOutput, count_for_ratio, draw_labeled, parse_ratio, ratio_folder, ratio_name
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})

@@ -28,25 +28,9 @@ from allspark_cli.data.splits import SplitEntry
 from allspark_cli.labels import VOC_CLASSES
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.labels import voc_palette
-from allspark_cli.fileio import remove_stale_temps
-from data_tools.common import (
-    PrepareSummary,
-    ProgressFn,
-    TaskResult,
-    check_same_size,
-    check_values,
-    claim_mask_folder,
-    convert_all,
-    guarded_output,
-    is_complete,
-    link_dir,
-    refuse_out_inside_sources,
-    require_dir,
-    require_file,
-    verify_image,
-    write_mask,
-    write_output,
-)
+from data_tools.build import MaskFolder, write_build
+from data_tools.common import PrepareSummary, ProgressFn, TaskResult, refuse_out_inside_sources, require_dir, require_file, write_output
+from data_tools.masks import check_same_size, check_values, is_complete, verify_image, write_mask
 from data_tools.splits import (
     SplitOutput,
     SplitSpec,
@@ -248,25 +232,17 @@ def prepare_pascal(
                                         "--splits-from": splits_from})
     out_dir = out_dir.absolute()
     voc = voc_root.absolute()
-    options = {"augmented_masks": _augmented_masks_option(sbd_root, aug_masks)}
-    with guarded_output() as guard:
-        guard.make_dir(out_dir / MASK_DIR)
-        link_dir(voc / IMAGE_DIR, out_dir / IMAGE_DIR, guard)
-        claim_mask_folder(out_dir / MASK_DIR, "pascal", options, overwrite=overwrite, guard=guard)
-        remove_stale_temps(out_dir / MASK_DIR)
-        tasks = [
-            MaskTask(path, kind, voc / IMAGE_DIR / f"{sample}.jpg", out_dir / MASK_DIR / f"{sample}.png")
-            for sample, (kind, path) in sorted(sources.masks.items())
-        ]
-        report = convert_all(convert_mask, tasks, guard, stage="masks", workers=workers, progress=progress)
-        splits.write(out_dir, guard)
-        splits.write_manifest(
-            out_dir, guard,
-            name="pascal",
-            classes=list(VOC_CLASSES),
-            palette=voc_palette(len(VOC_CLASSES)),
-            eval_mode="whole",
-            train_crop=TRAIN_CROP,
-            mask_options=options,
-        )
-    return PrepareSummary.of_build("pascal", out_dir, report, splits)
+    return write_build(
+        out_dir, splits,
+        name="pascal",
+        links={IMAGE_DIR: voc / IMAGE_DIR},
+        mask_folder=MaskFolder(out_dir / MASK_DIR, "pascal", {"augmented_masks": _augmented_masks_option(sbd_root, aug_masks)},
+                               overwrite),
+        convert=convert_mask,
+        tasks=[MaskTask(path, kind, voc / IMAGE_DIR / f"{sample}.jpg", out_dir / MASK_DIR / f"{sample}.png")
+               for sample, (kind, path) in sorted(sources.masks.items())],
+        stage="masks",
+        manifest={"classes": list(VOC_CLASSES), "palette": voc_palette(len(VOC_CLASSES)), "eval_mode": "whole",
+                  "train_crop": TRAIN_CROP},
+        workers=workers, progress=progress,
+    )

@@ -380,3 +380,32 @@ def plan_train_splits(
     output.check_no_leaks()
 
 
+
+
+def plan_ratio_splits(
+    train: Sequence[SplitEntry],
+    val: Sequence[SplitEntry],
+    ratios: Sequence[Fraction],
+    *,
+    train_set: str,
+    reference_train_size: int,
+    val_size: int,
+    seed: int,
+    reference: Path | None,
+) -> SplitOutput:
+    """Training splits at `ratios` of one `train` set (imported from the `reference` folder or
+    drawn) and the `val` list: the plan of COCO and Cityscapes. With another train size than the
+    reference's, the counts follow the ratios (a note says so) and imported counts are not enforced."""
+    output = SplitOutput()
+    entries = {entry.image: entry for entry in [*train, *val]}
+    train_images = [entry.image for entry in train]
+    specs = [SplitSpec(ratio_name(r), ratio_folder(r), "train", count_for_ratio(r, len(train_images))) for r in ratios]
+    if len(train_images) != reference_train_size:
+        output.notes.append(f"{train_set} has {len(train_images)} images, not {reference_train_size}: split sizes follow the ratios")
+    known = frozenset(path for entry in entries.values() for path in entry)
+    plan_train_splits(
+        output, specs, {"train": train_images}, train_images, entries.__getitem__, [entry.image for entry in val],
+        seed=seed, reference=reference, known=known, strict_counts=len(train_images) == reference_train_size,
+        val_size=val_size,
+    )
+    return output

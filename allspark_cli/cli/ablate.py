@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from allspark_cli.cli.options import (
-    AmpOption,
-    BatchSizeOption,
-    ConfigOption,
-    CropOption,
-    DataOption,
-    DeviceOption,
-    EpochsOption,
-    LrOption,
-    NameOption,
-    SetOption,
-    WorkersOption,
-)
+from allspark_cli.cli.options import NameOption
 from allspark_cli.cli.prepare import dataset_builder_for
 from allspark_cli.cli.train import RichReporter
+from allspark_cli.cli.training_options import TrainingOptions, with_training_options
 from allspark_cli.engine.training import events
 from allspark_cli.engine.training.ablate import (
     DEFAULT_NAME,
@@ -34,7 +23,6 @@ from allspark_cli.engine.training.ablate import (
     run_name,
 )
 from allspark_cli.engine.training.presets import find_preset
-from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.segmentor import METHODS
 
@@ -61,21 +49,13 @@ def _table(ablation: Ablation) -> Table:
     return table
 
 
+@with_training_options
 def ablate_command(
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose recipe every method trains with.", show_default=False)],
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods (paper Table 5).")] = ",".join(METHODS),
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per method: 0 .. N-1.")] = DEFAULT_SEEDS,
     name: NameOption = None,
-    config: ConfigOption = None,
-    data: DataOption = None,
-    epochs: EpochsOption = None,
-    batch_size: BatchSizeOption = None,
-    crop: CropOption = None,
-    lr: LrOption = None,
-    amp: AmpOption = None,
-    device: DeviceOption = None,
-    workers: WorkersOption = None,
-    set_values: SetOption = None,
+    training: TrainingOptions = TrainingOptions(),
 ) -> None:
     """Train and evaluate every method x seed with one recipe; writes a table, chart, results.csv.
 
@@ -85,19 +65,13 @@ def ablate_command(
     console = Console(stderr=True)
     method_list = _methods(methods)
     found = find_preset(preset)
-    options: dict[str, Any] = {
-        "train.epochs": epochs, "train.batch_size": batch_size, "data.crop": crop, "optim.lr": lr, "train.amp": amp,
-        "train.device": device, "data.workers": workers, "data.manifest": str(data) if data else None,
-    }
-    user_sets = list(set_values or [])
-    probe = build_settings(base=found.layer, config=config, options=options, sets=user_sets)
+    probe = training.settings(found.layer)
     folder = Path(probe.run.root).expanduser() / found.folder_name / (name or DEFAULT_NAME)
 
     def settings_for(method: str, seed: int):
         forced = [f"model.method={method}", f"train.seed={seed}", f"run.root={folder / RUNS_DIR}",
                   f"run.name={run_name(method, seed)}", "run.exist_ok=true"]
-        return build_settings(base=found.layer, config=config, options=options, sets=user_sets + forced,
-                              method_recipes=found.info.baselines)
+        return training.settings(found.layer, forced=forced, method_recipes=found.info.baselines)
 
     def reporter_for(method: str, seed: int, index: int, total: int):
         console.print(f"[bold]run {index}/{total}[/]: {method}, seed {seed}", highlight=False)

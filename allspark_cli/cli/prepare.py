@@ -9,20 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from allspark_cli.cli.option_groups import with_option_group
 from allspark_cli.cli.options import SeedOption
 from allspark_cli.errors import Interrupted
 
 if TYPE_CHECKING:
     from allspark_cli.data.check import CheckReport
-    from data_tools.common import PrepareSummary
+    from data_tools.common import PrepareSummary, ProgressFn
 
 prepare_app = typer.Typer(
     name="prepare",
@@ -48,6 +50,24 @@ SplitsFromOption = Annotated[
 OverwriteOption = Annotated[
     bool, typer.Option("--overwrite", help="Rebuild every mask of --out (needed when the options that determine the masks changed).")
 ]
+
+
+@dataclass(frozen=True)
+class MaskBuildOptions:
+    """The options of a builder that writes its own masks (pascal, coco): which splits, and how the
+    masks are written. Each field's annotation is its option; the field order is that of --help."""
+
+    splits_from: SplitsFromOption = None
+    seed: SeedOption = None
+    overwrite: OverwriteOption = False
+    workers: PrepareWorkersOption = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The builder's keyword arguments for these options (seed 0 unless given)."""
+        return {"splits_from": self.splits_from, "seed": self.seed or 0, "overwrite": self.overwrite, "workers": self.workers}
+
+
+with_mask_build_options = with_option_group("build", MaskBuildOptions)
 
 
 @contextmanager
@@ -77,6 +97,14 @@ def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
+def _build(builder: Callable[[ProgressFn], PrepareSummary]) -> None:
+    """Runs `builder(progress)` with the stages' bars (a stop ends it with the resume hint), then
+    prints its summary."""
+    with _resumable(), _progress_bar() as progress:
+        summary = builder(progress)
+    _show_summary(summary)
+
+
 def _show_summary(summary: PrepareSummary) -> None:
     table = Table(title=f"{summary.name}: {summary.manifest_path}")
     table.add_column("split")
@@ -95,23 +123,19 @@ def _show_summary(summary: PrepareSummary) -> None:
 
 
 @prepare_app.command("pascal")
+@with_mask_build_options
 def pascal(
     voc_root: Annotated[Path, typer.Option("--voc-root", help="VOCdevkit/VOC2012 (JPEGImages, SegmentationClass, ImageSets).")],
     out: OutOption,
     sbd_root: Annotated[Path | None, typer.Option("--sbd-root", help="SBD benchmark_RELEASE (dataset/cls/*.mat).", show_default=False)] = None,
     aug_masks: Annotated[Path | None, typer.Option("--aug-masks", help="SegmentationClassAug folder (instead of --sbd-root).", show_default=False)] = None,
-    splits_from: SplitsFromOption = None,
-    seed: SeedOption = None,
-    overwrite: OverwriteOption = False,
-    workers: PrepareWorkersOption = None,
+    build: MaskBuildOptions = MaskBuildOptions(),
 ) -> None:
     """Pascal VOC 2012 + SBD: the 10,582-image augmented masks, every reference split, val."""
     from data_tools.pascal import prepare_pascal
 
-    with _resumable(), _progress_bar() as progress:
-        summary = prepare_pascal(voc_root, out, sbd_root=sbd_root, aug_masks=aug_masks, splits_from=splits_from,
-                                 seed=seed or 0, overwrite=overwrite, workers=workers, progress=progress)
-    _show_summary(summary)
+    _build(lambda progress: prepare_pascal(voc_root, out, sbd_root=sbd_root, aug_masks=aug_masks, **build.arguments(),
+                                           progress=progress))
 
 
 @prepare_app.command("cityscapes")
@@ -125,30 +149,24 @@ def cityscapes(
     """Cityscapes: *_gtFine_labelTrainIds.png beside each labelIds mask, splits 1/30..1/2, val."""
     from data_tools.cityscapes import prepare_cityscapes
 
-    with _resumable(), _progress_bar() as progress:
-        summary = prepare_cityscapes(root, out, splits_from=splits_from, seed=seed or 0, workers=workers, progress=progress)
-    _show_summary(summary)
+    _build(lambda progress: prepare_cityscapes(root, out, splits_from=splits_from, seed=seed or 0, workers=workers,
+                                               progress=progress))
 
 
 @prepare_app.command("coco")
+@with_mask_build_options
 def coco(
     root: Annotated[Path, typer.Option("--root", help="COCO folder holding train2017/, val2017/ and annotations/.")],
     out: OutOption,
     crowd: Annotated[
         CrowdMode, typer.Option("--crowd", help="Crowd regions: background (as the reference) or ignore (255).")
     ] = "background",
-    splits_from: SplitsFromOption = None,
-    seed: SeedOption = None,
-    overwrite: OverwriteOption = False,
-    workers: PrepareWorkersOption = None,
+    build: MaskBuildOptions = MaskBuildOptions(),
 ) -> None:
     """COCO 2017: 81-class masks from the instance annotations, splits 1/512..1/32, val."""
     from data_tools.coco import prepare_coco
 
-    with _resumable(), _progress_bar() as progress:
-        summary = prepare_coco(root, out, crowd=crowd, splits_from=splits_from, seed=seed or 0, overwrite=overwrite,
-                               workers=workers, progress=progress)
-    _show_summary(summary)
+    _build(lambda progress: prepare_coco(root, out, crowd=crowd, **build.arguments(), progress=progress))
 
 
 @prepare_app.command("custom")
@@ -175,13 +193,12 @@ def custom(
     """Your own images and masks: checks every file, writes splits and dataset.yaml."""
     from data_tools.custom import prepare_custom
 
-    with _resumable(), _progress_bar() as progress:
-        summary = prepare_custom(images, masks, classes, out, unlabeled_dir=unlabeled,
-                                 unlabeled_from_images=unlabeled_from_images, val_images_dir=val_images,
-                                 val_masks_dir=val_masks, mmseg_root=mmseg_root, train_list=train_list,
-                                 val_list=val_list, palette_file=palette, ratio=ratio, count=count, val_ratio=val_ratio,
-                                 seed=seed or 0, name=name, workers=workers, progress=progress)
-    _show_summary(summary)
+    _build(lambda progress: prepare_custom(
+        images, masks, classes, out, unlabeled_dir=unlabeled, unlabeled_from_images=unlabeled_from_images,
+        val_images_dir=val_images, val_masks_dir=val_masks, mmseg_root=mmseg_root, train_list=train_list,
+        val_list=val_list, palette_file=palette, ratio=ratio, count=count, val_ratio=val_ratio, seed=seed or 0,
+        name=name, workers=workers, progress=progress,
+    ))
 
 
 DEMO_PRESET_PREFIX = "demo-"

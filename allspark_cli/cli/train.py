@@ -17,28 +17,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from allspark_cli.cli.options import (
-    AmpOption,
-    BatchSizeOption,
-    ConfigOption,
-    CropOption,
-    DataOption,
-    DeviceOption,
-    EpochsOption,
-    ExistOkOption,
-    LrOption,
-    NameOption,
-    SeedOption,
-    SetOption,
-    WorkersOption,
-)
+from allspark_cli.cli.options import ExistOkOption, NameOption, SeedOption
 from allspark_cli.cli.prepare import dataset_builder_for
+from allspark_cli.cli.training_options import TrainingOptions, with_training_options
 from allspark_cli.engine.training import events
 from allspark_cli.engine.training import train as engine
 from allspark_cli.engine.distributed import launched_rank
 from allspark_cli.engine.training.presets import find_preset, list_presets
 from allspark_cli.engine.training.resume import resume_base
-from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.mit import Backbone
 from allspark_cli.model.segmentor import Method
@@ -119,29 +105,21 @@ def _baselines_text(preset) -> str:
     return "; ".join(parts) or "-"
 
 
+@with_training_options
 def train_command(
     preset: Annotated[str | None, typer.Option("--preset", "-p", rich_help_panel="Run", help="Preset name, e.g. pascal-1/8 or demo-1/16 (see --list-presets).", show_default=False)] = None,
-    config: ConfigOption = None,
+    training: TrainingOptions = TrainingOptions(),
     list_presets_flag: Annotated[bool, typer.Option("--list-presets", rich_help_panel="Run", help="Print the presets table and exit.")] = False,
     resume: Annotated[Path | None, typer.Option("--resume", rich_help_panel="Run", help="Continue a run: RUN_DIR or RUN_DIR/weights/last.pt.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", rich_help_panel="Run", help="Resume even if the world size or batch changed.")] = False,
-    epochs: EpochsOption = None,
-    batch_size: BatchSizeOption = None,
-    crop: CropOption = None,
-    lr: LrOption = None,
     backbone: Annotated[Backbone | None, typer.Option("--backbone", rich_help_panel="Recipe", help="MiT variant.", show_default=False)] = None,
     pretrained: Annotated[Path | None, typer.Option("--pretrained", rich_help_panel="Recipe", help="MiT ImageNet weights file (mit_bX.pth).", show_default=False)] = None,
     no_pretrained: Annotated[bool, typer.Option("--no-pretrained", rich_help_panel="Recipe", help="Train from scratch (prints a warning).")] = False,
     method: Annotated[Method | None, typer.Option("--method", rich_help_panel="Recipe", help="Ablation variant (paper Table 5).", show_default=False)] = None,
-    amp: AmpOption = None,
     seed: SeedOption = None,
-    device: DeviceOption = None,
-    workers: WorkersOption = None,
     name: NameOption = None,
-    data: DataOption = None,
     exist_ok: ExistOkOption = False,
     save_every: Annotated[int | None, typer.Option("--save-every", min=0, rich_help_panel="Run", help="Save last.pt every N iterations.", show_default=False)] = None,
-    set_values: SetOption = None,
 ) -> None:
     """Train a segmentor (AllSpark or an ablation) from a preset; writes runs/<preset>/<name>/.
 
@@ -155,18 +133,15 @@ def train_command(
         return
     if no_pretrained and pretrained is not None:
         raise SettingsError("--pretrained and --no-pretrained exclude each other")
-    options: dict[str, Any] = {
-        "train.epochs": epochs, "train.batch_size": batch_size, "data.crop": crop, "optim.lr": lr,
+    options: dict[str, Any] = {  # train's own, over the shared TrainingOptions
         "model.backbone": backbone, "model.pretrained": str(pretrained) if pretrained else None,
-        "model.method": method, "train.amp": amp, "train.seed": seed, "train.device": device,
-        "data.workers": workers, "run.name": name, "data.manifest": str(data) if data else None,
+        "model.method": method, "train.seed": seed, "run.name": name,
         "run.exist_ok": exist_ok or None, "train.save_every": save_every,
     }
-    base, method_recipes, checkpoint = _base_layer(preset, resume, config)
+    base, method_recipes, checkpoint = _base_layer(preset, resume, training.config)
     if no_pretrained:
         base = {**base, "model": {**base.get("model", {}), "pretrained": None}}
-    settings = build_settings(base=base, config=config, options=options, sets=set_values or [],
-                              method_recipes=method_recipes)
+    settings = training.settings(base, options=options, method_recipes=method_recipes)
     reporter = RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
     result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter,
                           build_missing=dataset_builder_for(settings.preset))

@@ -45,18 +45,27 @@ def split_groups(batch: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
     return batch.split(batch.shape[0] // groups)
 
 
-class ChannelSelfAttention(nn.Module):
-    """Unlabeled branch: per head j, A_j = softmax(IN(q_j^T k_j)) is C x C; heads merged interleaved."""
+class ChannelProjections(nn.Module):
+    """What both attention branches are built on: bias-free q, k, v that widen C channels to h*C
+    (head j is the column block [j*C, (j+1)*C)), `out` that narrows the merged heads back to C, and
+    the dropout after it."""
 
-    def __init__(self, dim: int, heads: int = 2, *, attention_dropout: float = 0.1, projection_dropout: float = 0.1):
+    def __init__(self, dim: int, heads: int, projection_dropout: float):
         super().__init__()
-        self.heads = heads
         self.q = nn.Linear(dim, heads * dim, bias=False)
         self.k = nn.Linear(dim, heads * dim, bias=False)
         self.v = nn.Linear(dim, heads * dim, bias=False)
         self.out = nn.Linear(heads * dim, dim, bias=False)
-        self.attention_dropout = nn.Dropout(attention_dropout)
         self.projection_dropout = nn.Dropout(projection_dropout)
+
+
+class ChannelSelfAttention(ChannelProjections):
+    """Unlabeled branch: per head j, A_j = softmax(IN(q_j^T k_j)) is C x C; heads merged interleaved."""
+
+    def __init__(self, dim: int, heads: int = 2, *, attention_dropout: float = 0.1, projection_dropout: float = 0.1):
+        super().__init__(dim, heads, projection_dropout)
+        self.heads = heads
+        self.attention_dropout = nn.Dropout(attention_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, N, C = tokens.shape
@@ -70,7 +79,7 @@ class ChannelSelfAttention(nn.Module):
         return self.projection_dropout(self.out(mixed))
 
 
-class ChannelCrossAttention(nn.Module):
+class ChannelCrossAttention(ChannelProjections):
     """Labeled branch: one map of width hC between the labeled query channels and the channels of
     every source (unlabeled images or memory class groups), keys/values shared by all images.
     `attention_path` picks how the map is computed (attention_paths.py; all give the same values)."""
@@ -84,14 +93,9 @@ class ChannelCrossAttention(nn.Module):
         projection_dropout: float = 0.1,
         attention_path: AttentionPath = "auto",
     ):
-        super().__init__()
+        super().__init__(dim, heads, projection_dropout)
         self.attention_dropout = attention_dropout
         self.attention_path = attention_path
-        self.q = nn.Linear(dim, heads * dim, bias=False)
-        self.k = nn.Linear(dim, heads * dim, bias=False)
-        self.v = nn.Linear(dim, heads * dim, bias=False)
-        self.out = nn.Linear(heads * dim, dim, bias=False)
-        self.projection_dropout = nn.Dropout(projection_dropout)
         # The attention's large CPU buffers, kept from one training step to the next (scratch.py);
         # not state, never saved. Kept across eval(): the training step switches to eval mode for
         # its pseudo-label pass every iteration. `scratch.clear()` hands them back to the system.
