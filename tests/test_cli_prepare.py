@@ -97,8 +97,8 @@ def test_custom_bad_data_exits_3_and_names_the_file(tmp_path: Path, case: str) -
 def test_demo_calls_build_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     received = {}
 
-    def fake_build_demo(out_dir, *, seed, workers, progress):
-        received.update(out_dir=out_dir, seed=seed, workers=workers)
+    def fake_build_demo(out_dir, *, seed, workers, progress, family):
+        received.update(out_dir=out_dir, seed=seed, workers=workers, family=family)
         progress(1, 2)
         progress(2, 2)
         return Path(out_dir) / "dataset.yaml"
@@ -106,7 +106,10 @@ def test_demo_calls_build_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr("data_tools.demo.build_demo", fake_build_demo)
     result = runner.invoke(app, ["prepare", "demo", "--out", str(tmp_path / "demo"), "--seed", "7", "-j", "2"])
     assert result.exit_code == 0, result.output
-    assert received == {"out_dir": tmp_path / "demo", "seed": 7, "workers": 2}
+    assert received == {"out_dir": tmp_path / "demo", "seed": 7, "workers": 2, "family": "shapes"}
+    result = runner.invoke(app, ["prepare", "demo", "--out", str(tmp_path / "signs"), "--family", "signs"])
+    assert result.exit_code == 0, result.output
+    assert received["family"] == "signs"
 
 
 def test_pascal_passes_options_to_the_builder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
