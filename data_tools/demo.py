@@ -33,12 +33,29 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, TrainSplit, write_manifest
+from allspark_cli.data.manifest import (
+    MANIFEST_NAME,
+    DatasetManifest,
+    TrainSplit,
+    write_manifest,
+)
 from allspark_cli.data.splits import SplitEntry, write_split
 from allspark_cli.errors import DataError
-from allspark_cli.fileio import atomic_write_bytes, atomic_write_text
-from allspark_cli.fileio import encode_palette_png
-from data_tools.demo_scene import SPLIT_CODES, SceneFamily
+from allspark_cli.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    encode_palette_png,
+)
+from data_tools.demo_scene import (
+    SPLIT_CODES,
+    UINT8_MAX,
+    HueBands,
+    SceneComposition,
+    SceneFamily,
+    SceneStyle,
+    compose_scene,
+    with_sensor_noise,
+)
 from data_tools.demo_signs import SIGNS_CLASSES, SIGNS_PALETTE, render_signs_sample
 
 DEMO_CLASSES = ("background", "disc", "square", "triangle", "ring", "star", "cross")
@@ -55,11 +72,11 @@ MAX_CHUNK = 32
 CHUNKS_PER_WORKER = 4
 _LIST_SEED_CODE = 2
 
-# Scene composition (per image).
-OBJECTS_PER_IMAGE = (3, 6)
-CLUTTER_PER_IMAGE = (0, 2)
-RADIUS_MIN = 12.0
-RADIUS_MAX_FRACTION = 0.3  # of the short image side
+SHAPES_COMPOSITION = SceneComposition(objects=(3, 6), clutter=(0, 2), radius_min=12.0, radius_max_fraction=0.3)
+# Strong saturation and value; bands 30 apart, +- 20: colour is a quick but ambiguous cue (a
+# from-scratch model learns it within a CPU demo's budget), and shape settles the ambiguous cases,
+# which is where the number of labels shows.
+SHAPES_HUES = HueBands(spacing=30, offset=0, jitter=20, saturation=(140, 256), value=(110, 256))
 RING_HOLE_RANGE = (0.45, 0.65)
 STAR_POINTS = 5
 STAR_INNER_RATIO = 0.42
@@ -71,18 +88,9 @@ CLUTTER_BAR_ASPECT_RANGE = (2.5, 5.0)  # long side / short side: clearly not a s
 BACKGROUND_CONTRAST = 0.5
 STRIPE_PERIOD_RANGE = (4.0, 16.0)
 NOISE_CELL = 8  # pixels per cell of the low-frequency noise
-IMAGE_NOISE_RANGE = (2.0, 8.0)
 IMAGE_BLUR_MAX = 0.8
-
-# Object colours: strong saturation and value (OpenCV HSV ranges: hue 0-179). The hue of an
-# object is drawn around its class's base hue, with bands that overlap their neighbours: colour
-# is a quick but ambiguous cue (a from-scratch model learns it within a CPU demo's budget), and
-# shape settles the ambiguous cases, which is where the number of labels shows.
-CLASS_HUE_SPACING = 30
-CLASS_HUE_JITTER = 20
-OBJECT_SATURATION_RANGE = (140, 256)
-OBJECT_VALUE_RANGE = (110, 256)
-HUE_RANGE = 180
+BLUR_VISIBLE = 0.1  # a smaller sigma is not applied
+IMAGE_NOISE_RANGE = (2.0, 8.0)
 # Background and clutter colours: greys with a slight tint.
 MUTED_GREY_RANGE = (60.0, 200.0)
 MUTED_TINT = 18.0
@@ -91,18 +99,9 @@ Progress = Callable[[int, int], None]
 ColourFn = Callable[[np.random.Generator], np.ndarray]
 
 
-def _object_colour(rng: np.random.Generator, class_id: int) -> np.ndarray:
-    hue = (class_id * CLASS_HUE_SPACING + rng.integers(-CLASS_HUE_JITTER, CLASS_HUE_JITTER + 1)) % HUE_RANGE
-    hsv = np.array(
-        [[[hue, rng.integers(*OBJECT_SATURATION_RANGE), rng.integers(*OBJECT_VALUE_RANGE)]]],
-        dtype=np.uint8,
-    )
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
-
-
 def _muted_colour(rng: np.random.Generator) -> np.ndarray:
     grey = rng.uniform(*MUTED_GREY_RANGE)
-    return np.clip(grey + rng.uniform(-MUTED_TINT, MUTED_TINT, size=3), 0, 255).astype(np.float32)
+    return np.clip(grey + rng.uniform(-MUTED_TINT, MUTED_TINT, size=3), 0, UINT8_MAX).astype(np.float32)
 
 
 def _texture(rng: np.random.Generator, height: int, width: int, colour: ColourFn) -> np.ndarray:
@@ -188,16 +187,7 @@ def _draw_clutter(layer: np.ndarray, center: np.ndarray, radius: float, rng: np.
         cv2.polylines(layer, [points], False, 1, thickness=max(2, int(round(radius * 0.2))))
 
 
-def _paint(image: np.ndarray, mask: np.ndarray, layer: np.ndarray, value: int, rng: np.random.Generator) -> None:
-    """Fills the pixels of `layer` with a fresh texture (saturated for objects, muted for clutter)
-    and writes `value` into the mask there."""
-    x, y, width, height = cv2.boundingRect(layer)
-    if width == 0 or height == 0:
-        return
-    inside = layer[y : y + height, x : x + width].astype(bool)
-    colour = (lambda generator: _object_colour(generator, value)) if value else _muted_colour
-    image[y : y + height, x : x + width][inside] = _texture(rng, height, width, colour)[inside]
-    mask[y : y + height, x : x + width][inside] = value
+SHAPES_STYLE = SceneStyle(SHAPES_COMPOSITION, SHAPES_HUES, _muted_colour, _texture, _draw_object, _draw_clutter)
 
 
 def render_sample(seed: int, split: str, index: int, size_range: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -211,29 +201,11 @@ def render_sample(seed: int, split: str, index: int, size_range: tuple[int, int]
     mean = background.mean(axis=(0, 1))
     image = np.ascontiguousarray(mean + BACKGROUND_CONTRAST * (background - mean), dtype=np.float32)
     mask = np.zeros((height, width), dtype=np.uint8)
-    num_objects = int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))
-    num_clutter = int(rng.integers(CLUTTER_PER_IMAGE[0], CLUTTER_PER_IMAGE[1] + 1))
-    # Objects and clutter are drawn in a random interleaved order: either may occlude the other.
-    order = rng.permutation(np.r_[np.ones(num_objects, dtype=int), np.zeros(num_clutter, dtype=int)])
-    radius_max = max(RADIUS_MIN + 1, RADIUS_MAX_FRACTION * min(height, width))
-    layer = np.zeros((height, width), dtype=np.uint8)
-    for is_object in order:
-        layer[:] = 0
-        # Log-uniform radius: as many small objects as large ones; centres may lie near the border.
-        radius = math.exp(rng.uniform(math.log(RADIUS_MIN), math.log(radius_max)))
-        center = rng.uniform([0, 0], [width, height])
-        if is_object:
-            class_id = int(rng.integers(1, len(DEMO_CLASSES)))
-            _draw_object(layer, class_id, center, radius, rng)
-        else:
-            class_id = 0
-            _draw_clutter(layer, center, radius, rng)
-        _paint(image, mask, layer, class_id, rng)
+    compose_scene(rng, image, mask, SHAPES_STYLE, len(DEMO_CLASSES))
     sigma = rng.uniform(0, IMAGE_BLUR_MAX)
-    if sigma > 0.1:
+    if sigma > BLUR_VISIBLE:
         image = cv2.GaussianBlur(image, (0, 0), sigmaX=sigma)
-    image += rng.normal(0, rng.uniform(*IMAGE_NOISE_RANGE), size=image.shape).astype(np.float32)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
+    return with_sensor_noise(image, rng, IMAGE_NOISE_RANGE), mask
 
 
 # The demo presets train on `shapes`; `signs` is the second family that checks a demo recipe is not

@@ -15,7 +15,15 @@ import math
 import cv2
 import numpy as np
 
-from data_tools.demo_scene import SPLIT_CODES
+from data_tools.demo_scene import (
+    HUE_RANGE,
+    SPLIT_CODES,
+    HueBands,
+    SceneComposition,
+    SceneStyle,
+    compose_scene,
+    with_sensor_noise,
+)
 
 SIGNS_CLASSES = ("background", "hexagon", "crescent", "arrow", "heart")
 SIGNS_PALETTE = ((0, 0, 0), (255, 99, 71), (65, 105, 225), (50, 205, 50), (238, 130, 238))
@@ -23,18 +31,8 @@ SIGNS_PALETTE = ((0, 0, 0), (255, 99, 71), (65, 105, 225), (50, 205, 50), (238, 
 # shapes image of the same (seed, split, index).
 FAMILY_CODE = 91
 
-OBJECTS_PER_IMAGE = (2, 5)
-CLUTTER_PER_IMAGE = (1, 3)
-RADIUS_MIN = 14.0
-RADIUS_MAX_FRACTION = 0.28  # of the short image side
-# Object hues (OpenCV HSV, hue 0-179): band centre = class * spacing + offset, +- jitter; with a
-# jitter over half the spacing, neighbouring bands overlap.
-CLASS_HUE_SPACING = 45
-CLASS_HUE_OFFSET = 10
-CLASS_HUE_JITTER = 30
-HUE_RANGE = 180
-OBJECT_SATURATION_RANGE = (120, 256)
-OBJECT_VALUE_RANGE = (120, 256)
+SIGNS_COMPOSITION = SceneComposition(objects=(2, 5), clutter=(1, 3), radius_min=14.0, radius_max_fraction=0.28)
+SIGNS_HUES = HueBands(spacing=45, offset=10, jitter=30, saturation=(120, 256), value=(120, 256))
 BACKGROUND_SATURATION_RANGE = (0, 70)
 BACKGROUND_VALUE_RANGE = (50, 210)
 CHECKER_CELL_RANGE = (3.0, 10.0)
@@ -55,13 +53,6 @@ CLUTTER_THICKNESS = 0.12  # of the radius
 CLUTTER_ELLIPSE_ASPECT = 0.6
 CLUTTER_BAR_HALF_WIDTH = (0.3, 0.5)  # of the radius: wider than an arrow's shaft
 IMAGE_NOISE_RANGE = (2.0, 8.0)
-
-
-def _object_colour(rng: np.random.Generator, class_id: int) -> np.ndarray:
-    jitter = rng.integers(-CLASS_HUE_JITTER, CLASS_HUE_JITTER + 1)
-    hue = (class_id * CLASS_HUE_SPACING + CLASS_HUE_OFFSET + jitter) % HUE_RANGE
-    hsv = np.array([[[hue, rng.integers(*OBJECT_SATURATION_RANGE), rng.integers(*OBJECT_VALUE_RANGE)]]], np.uint8)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
 
 
 def _background_colour(rng: np.random.Generator) -> np.ndarray:
@@ -144,32 +135,14 @@ def _draw_clutter(layer: np.ndarray, center: np.ndarray, radius: float, rng: np.
         cv2.fillPoly(layer, [_placed(bar, center, rng.uniform(0, 2 * math.pi))], 1)
 
 
+SIGNS_STYLE = SceneStyle(SIGNS_COMPOSITION, SIGNS_HUES, _background_colour, _texture, _draw_object, _draw_clutter)
+
+
 def render_signs_sample(seed: int, split: str, index: int, size_range: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """One signs sample: (image (H, W, 3) uint8 RGB, mask (H, W) uint8 class ids 0..4)."""
     rng = np.random.default_rng((seed, SPLIT_CODES[split], index, FAMILY_CODE))
     height, width = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
     image = np.ascontiguousarray(_texture(rng, height, width, _background_colour), dtype=np.float32)
     mask = np.zeros((height, width), np.uint8)
-    num_objects = int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))
-    num_clutter = int(rng.integers(CLUTTER_PER_IMAGE[0], CLUTTER_PER_IMAGE[1] + 1))
-    order = rng.permutation(np.r_[np.ones(num_objects, int), np.zeros(num_clutter, int)])
-    radius_max = max(RADIUS_MIN + 1, RADIUS_MAX_FRACTION * min(height, width))
-    layer = np.zeros((height, width), np.uint8)
-    for is_object in order:
-        layer[:] = 0
-        radius = math.exp(rng.uniform(math.log(RADIUS_MIN), math.log(radius_max)))
-        center = rng.uniform([0, 0], [width, height])
-        class_id = int(rng.integers(1, len(SIGNS_CLASSES))) if is_object else 0
-        if class_id:
-            _draw_object(layer, class_id, center, radius, rng)
-        else:
-            _draw_clutter(layer, center, radius, rng)
-        x, y, box_w, box_h = cv2.boundingRect(layer)
-        if box_w == 0 or box_h == 0:
-            continue
-        inside = layer[y : y + box_h, x : x + box_w].astype(bool)
-        colour = (lambda generator: _object_colour(generator, class_id)) if class_id else _background_colour
-        image[y : y + box_h, x : x + box_w][inside] = _texture(rng, box_h, box_w, colour)[inside]
-        mask[y : y + box_h, x : x + box_w][inside] = class_id
-    image += rng.normal(0, rng.uniform(*IMAGE_NOISE_RANGE), size=image.shape).astype(np.float32)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
+    compose_scene(rng, image, mask, SIGNS_STYLE, len(SIGNS_CLASSES))
+    return with_sensor_noise(image, rng, IMAGE_NOISE_RANGE), mask

@@ -11,7 +11,8 @@ from allspark_cli.data.datasets import build_eval_dataset, build_train_datasets
 from allspark_cli.data.manifest import load_manifest
 from allspark_cli.data.splits import read_split
 from allspark_cli.errors import DataError
-from data_tools.demo import CLASS_HUE_SPACING, DEMO_CLASSES, DEMO_TRAIN_CROP, HUE_RANGE, build_demo, render_sample
+from data_tools.demo import DEMO_CLASSES, DEMO_TRAIN_CROP, SHAPES_HUES, build_demo, render_sample
+from data_tools.demo_scene import HUE_RANGE
 
 NUM_TRAIN, NUM_VAL, SIZE = 64, 12, (64, 96)
 
@@ -93,7 +94,7 @@ def test_objects_stand_out_but_colour_does_not_settle_the_class():
     objects, classes, background = _object_pixels_hsv(40)
     assert objects[:, 1].mean() > background[:, 1].mean() + 60  # saturation, 0..255
     hue = objects[:, 0].astype(int)
-    base = np.arange(1, len(DEMO_CLASSES)) * CLASS_HUE_SPACING
+    base = np.arange(1, len(DEMO_CLASSES)) * SHAPES_HUES.spacing + SHAPES_HUES.offset
     distance = np.abs(hue[:, None] - base[None, :])
     distance = np.minimum(distance, HUE_RANGE - distance)  # hue is circular
     by_colour = distance.argmin(axis=1) + 1
