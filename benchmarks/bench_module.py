@@ -136,7 +136,7 @@ def run_one(setting: str, memory_multiple: int, precision: str, device: str, rep
     median of `repeats` timed steps (the warm-up step's time when repeats is 0), one counted step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from allspark_cli.model.allspark import AllSparkModule
+    from allspark_cli.model.allspark import AllSparkModule, MemoryStep
 
     side, classes = SETTINGS[setting]
     torch.manual_seed(0)
@@ -145,14 +145,13 @@ def run_one(setting: str, memory_multiple: int, precision: str, device: str, rep
     ).to(device).train()
     features = torch.randn(2 * BATCH, CHANNELS, side, side, device=device, requires_grad=True)
     pseudo_logits = torch.randn(BATCH, classes, side * 4, side * 4, device=device)
+    memory_step = MemoryStep(pseudo_logits, use_memory=True)
     upstream = torch.randn(2 * BATCH, CHANNELS, side, side, device=device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step() -> None:
         with autocast:
-            out_l, out_u = module.forward_train(
-                features[:BATCH], features[BATCH:], pseudo_logits_u=pseudo_logits, use_memory=True
-            )
+            out_l, out_u = module.forward_train(features[:BATCH], features[BATCH:], memory_step=memory_step)
         (torch.cat([out_l, out_u]).float() * upstream).sum().backward()
         module.zero_grad(set_to_none=True)
         features.grad = None

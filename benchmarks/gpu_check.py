@@ -45,7 +45,7 @@ from allspark_cli.engine.training.losses import OhemCrossEntropy, build_criterio
 from allspark_cli.engine.inference.metrics import ConfusionMatrix  # noqa: E402
 from allspark_cli.engine.precision import autocast_factory, configure_cuda_math  # noqa: E402
 from allspark_cli.engine.training.step import StepRecipe, TrainForward, train_step  # noqa: E402
-from allspark_cli.model.allspark import AllSparkModule, ChannelCrossAttention  # noqa: E402
+from allspark_cli.model.allspark import AllSparkModule, ChannelCrossAttention, MemoryStep  # noqa: E402
 from allspark_cli.model.attention import normalized_attention_map  # noqa: E402
 from allspark_cli.model.attention_paths import labeled_attention  # noqa: E402
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop  # noqa: E402
@@ -259,8 +259,8 @@ def measure_module(device, sizes, precision_name: str, memory_multiple: int) -> 
 
     def step():
         with precision(precision_name, device):
-            out_l, out_u = module.forward_train(features[:batch], features[batch:], pseudo_logits_u=logits,
-                                                use_memory=True)
+            out_l, out_u = module.forward_train(features[:batch], features[batch:],
+                                                memory_step=MemoryStep(logits, use_memory=True))
             (out_l.float().sum() + out_u.float().sum()).backward()
 
     return _measure(step, device, sizes["repeats"])

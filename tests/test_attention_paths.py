@@ -9,7 +9,7 @@ import torch
 from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.errors import SettingsError
 from allspark_cli.model import attention_paths as paths
-from allspark_cli.model.allspark import AllSparkModule
+from allspark_cli.model.allspark import AllSparkModule, MemoryStep
 from allspark_cli.model.attention import quantized_dropout
 from allspark_cli.model.attention_paths import (
     choose_path,
@@ -141,7 +141,7 @@ def test_the_module_gives_the_same_training_output_and_gradients_on_every_path(p
                                 projection_dropout=0.0, attention_path=attention_path).double()
         generator = torch.Generator().manual_seed(1)
         features_l, features_u = (torch.randn(2, 16, 2, 2, dtype=torch.float64, generator=generator) for _ in "lu")
-        out_l, out_u = module.forward_train(features_l, features_u, use_memory=True)
+        out_l, out_u = module.forward_train(features_l, features_u, memory_step=MemoryStep(use_memory=True))
         (out_l.square().sum() + out_u.sum()).backward()
         return out_l, {name: p.grad for name, p in module.named_parameters()}
 

@@ -23,6 +23,7 @@ from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.inspection.inspect_memory import inspect_memory
 from allspark_cli.engine.inspection.memory_pictures import token_grid
 from allspark_cli.errors import DataError, SettingsError
+from allspark_cli.model.allspark import MemoryStep
 from allspark_cli.model.checkpoint import read_checkpoint, save_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
 
@@ -80,8 +81,8 @@ def make_run(run_dir: Path, manifest: Path | None, *, method: str = "allspark", 
                 model.eval()
                 pseudo_logits_u = model(images_u)
                 model.train()
-                model.forward_train(images_l, images_u, pseudo_logits_u=pseudo_logits_u, use_memory=iteration > 0,
-                                    sample_ids_u=ids, iteration=iteration)
+                step = MemoryStep(pseudo_logits_u, use_memory=iteration > 0, sample_ids_u=ids, iteration=iteration)
+                model.forward_train(images_l, images_u, memory_step=step)
     if settings is None:
         settings = {"data": {"manifest": str(manifest), "split": "1/4", "crop": CROP}, "preset": "tiny"}
     path = run_dir / "weights" / "best.pt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from allspark_cli.model.allspark import MemoryStep
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
 from allspark_cli.model.mit import MIT_VARIANTS
 from allspark_cli.model.segmentor import METHODS
@@ -29,8 +30,8 @@ def _train_step(model, use_memory=True, batch_l=2, batch_u=2):
     images_u = None if model.method == "sup" else torch.randn(batch_u, 3, CROP, CROP)
     model.train()
     pseudo = torch.randn(batch_u, NUM_CLASSES, CROP, CROP) if images_u is not None else None
-    return model.forward_train(images_l, images_u, pseudo_logits_u=pseudo, use_memory=use_memory,
-                               sample_ids_u=torch.arange(batch_u), iteration=0)
+    step = MemoryStep(pseudo, use_memory=use_memory, sample_ids_u=torch.arange(batch_u), iteration=0)
+    return model.forward_train(images_l, images_u, memory_step=step)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -99,7 +100,7 @@ def _labeled_output(model, memory_value: float, use_memory: bool) -> torch.Tenso
     torch.manual_seed(1)
     images = torch.randn(4, 3, CROP, CROP)
     with torch.no_grad():  # no memory update: no pseudo logits given
-        return model.forward_train(images[:2], images[2:], use_memory=use_memory).logits_l
+        return model.forward_train(images[:2], images[2:], memory_step=MemoryStep(use_memory=use_memory)).logits_l
 
 
 def test_warmup_switch_decides_whether_the_memory_is_read():

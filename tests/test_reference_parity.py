@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from allspark_cli import load_model
+from allspark_cli.model.allspark import MemoryStep
 from allspark_cli.model.checkpoint import read_checkpoint
 from allspark_cli.model.memory import SemanticMemory, group_channels, resize_logits_to_grid
 
@@ -71,7 +72,7 @@ def test_reference_memory_update_through_the_training_forward(reference_dir):
     features = torch.zeros(4, 256, 3, 3)
     module.token_norm.forward = lambda t: data["attn_in_train"]  # noqa: ARG005 - fixed tokens
     with torch.no_grad():
-        module.forward_train(features[:2], features[2:], pseudo_logits_u=pseudo_logits, use_memory=True)
+        module.forward_train(features[:2], features[2:], memory_step=MemoryStep(pseudo_logits, use_memory=True))
     assert torch.equal(module.memory.bank, data["kv_queue_after"])
     assert torch.equal(module.memory.pointer, data["queue_ptr_after"])
     assert torch.equal(tokens_u, data["attn_in_train"][2:])

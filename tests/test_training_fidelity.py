@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from allspark_cli.engine.training.losses import OhemCrossEntropy, build_criterion
 from allspark_cli.engine.training.step import StepRecipe, TrainForward, grouped_loss, pseudo_labels, train_step
-from allspark_cli.model.allspark import AllSparkModule
+from allspark_cli.model.allspark import AllSparkModule, MemoryStep
 from allspark_cli.model.checkpoint import _with_default_provenance, read_checkpoint
 from allspark_cli.model.config import build_model
 from allspark_cli.model.head import SegFormerHead
@@ -118,8 +118,9 @@ def test_module_reference_cases(reference_dir, case, tag):
     assert all(name.startswith("memory.source_") or name == "memory.assigned_count" for name in missing)
     module.train()
     inputs = data["en"].clone().requires_grad_(True)
-    out_l, out_u = module.forward_train(inputs[:B], inputs[B:], pseudo_logits_u=data["pseudo_prob_map"],
-                                        use_memory=tag == "smem")
+    out_l, out_u = module.forward_train(
+        inputs[:B], inputs[B:], memory_step=MemoryStep(data["pseudo_prob_map"], use_memory=tag == "smem")
+    )
     out = torch.cat([out_l, out_u])
     torch.testing.assert_close(out, data[f"out_train_{tag}"], atol=MODULE_ATOL, rtol=0)
     (out * data["grad_out"]).sum().backward()

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from allspark_cli import load_model
 from allspark_cli.errors import DataError, SettingsError
+from allspark_cli.model.allspark import MemoryStep
 from allspark_cli.model.checkpoint import read_checkpoint, save_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
 from allspark_cli.model.mit import MiTBackbone
@@ -125,7 +126,8 @@ def _tiny_model():
 def test_checkpoint_round_trip_keeps_weights_memory_and_context(tmp_path):
     model = _tiny_model().train()
     images = torch.randn(4, 3, 64, 64)
-    model.forward_train(images[:2], images[2:], pseudo_logits_u=torch.randn(2, 3, 64, 64), sample_ids_u=torch.tensor([4, 9]), iteration=5)
+    step = MemoryStep(torch.randn(2, 3, 64, 64), sample_ids_u=torch.tensor([4, 9]), iteration=5)
+    model.forward_train(images[:2], images[2:], memory_step=step)
     path = save_checkpoint(tmp_path / "weights" / "last.pt", model, class_names=["bg", "a", "b"],
                            settings={"data": {"crop": 64}}, train_state={"epoch": 1})
     assert not list(path.parent.glob(".*tmp*"))  # atomic: no temporary left behind

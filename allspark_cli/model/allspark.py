@@ -24,6 +24,7 @@ bias); the 1x1 convolutions and LayerNorms keep PyTorch's defaults.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -31,7 +32,11 @@ from torch import nn
 from allspark_cli.constants import AttentionPath
 from allspark_cli.model.attention import normalized_attention_map
 from allspark_cli.model.attention_paths import labeled_attention
-from allspark_cli.model.memory import SemanticMemory, group_channels, resize_logits_to_grid
+from allspark_cli.model.memory import (
+    SemanticMemory,
+    group_channels,
+    resize_logits_to_grid,
+)
 from allspark_cli.model.products import matmul_nt
 from allspark_cli.model.scratch import ScratchPool
 
@@ -43,6 +48,25 @@ def split_groups(batch: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
     if groups < 1 or batch.shape[0] % groups:
         raise ValueError(f"a batch of {batch.shape[0]} cannot be split into {groups} equal groups")
     return batch.split(batch.shape[0] // groups)
+
+
+class MemoryStep(NamedTuple):
+    """What the Semantic Memory takes from one training step; methods without a memory ignore it.
+
+    With `pseudo_logits_u` ((B_u, K, H, W) raw eval-mode logits of the unlabeled images) the memory
+    is updated first (no grad); `use_memory` (the warm-up switch) then reads it as keys/values.
+    `sample_ids_u` (B_u,) and `iteration` are recorded with the written slots; `gather`
+    concatenates a tensor over DDP ranks so every rank writes the same global memory."""
+
+    pseudo_logits_u: torch.Tensor | None = None
+    use_memory: bool = False
+    sample_ids_u: torch.Tensor | None = None
+    iteration: int = -1
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+# A step that neither writes nor reads the memory (the keys/values come from the unlabeled images).
+NO_MEMORY_STEP = MemoryStep()
 
 
 class ChannelProjections(nn.Module):
@@ -199,18 +223,12 @@ class AllSparkModule(nn.Module):
         features_l: torch.Tensor,
         features_u: torch.Tensor,
         *,
-        pseudo_logits_u: torch.Tensor | None = None,
-        use_memory: bool = False,
-        sample_ids_u: torch.Tensor | None = None,
-        iteration: int = -1,
-        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        memory_step: MemoryStep = NO_MEMORY_STEP,
         groups: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward of (B_l, C, h, w) labeled and (B_u, C, h, w) unlabeled maps.
 
-        With a memory and `pseudo_logits_u` ((B_u, K, H, W) raw eval-mode logits), the memory is
-        updated first (no grad); `use_memory` (the warm-up switch) then reads it as keys/values.
-        `gather` concatenates a tensor over DDP ranks so every rank writes the same global memory.
+        `memory_step`: what the Semantic Memory writes and reads this step (see `MemoryStep`).
         `groups`: both halves split into this many equal groups (the reference's GPUs); without the
         memory, the labeled images of group g draw keys/values from the unlabeled images of group g.
         """
@@ -218,9 +236,9 @@ class AllSparkModule(nn.Module):
         t, e = self._tokens(torch.cat([features_l, features_u]))
         e_l, e_u = e[:B_l], e[B_l:]
         mixed_u = self.unlabeled_attention(e_u)
-        if self.memory is not None and pseudo_logits_u is not None:
-            self._update_memory(e_u, pseudo_logits_u, grid, sample_ids_u, iteration, gather)
-        if use_memory and self.memory is not None:  # one source for every group
+        if self.memory is not None and memory_step.pseudo_logits_u is not None:
+            self._update_memory(e_u, grid, memory_step)
+        if memory_step.use_memory and self.memory is not None:  # one source for every group
             mixed_l = self.labeled_attention(e_l, self.memory.as_sources())
         else:
             pairs = zip(split_groups(e_l, groups), split_groups(e_u, groups))
@@ -229,16 +247,17 @@ class AllSparkModule(nn.Module):
         return out[:B_l], out[B_l:]
 
     @torch.no_grad()
-    def _update_memory(self, e_u, pseudo_logits_u, grid, sample_ids, iteration, gather) -> None:
+    def _update_memory(self, e_u: torch.Tensor, grid: torch.Size, step: MemoryStep) -> None:
         tokens = e_u.detach()
-        class_logits = resize_logits_to_grid(pseudo_logits_u.detach(), tuple(grid))
+        class_logits = resize_logits_to_grid(step.pseudo_logits_u.detach(), tuple(grid))
+        sample_ids, gather = step.sample_ids_u, step.gather
         if sample_ids is None:
             sample_ids = torch.full((tokens.shape[0],), -1, dtype=torch.long, device=tokens.device)
         sample_ids = sample_ids.to(tokens.device)
         if gather is not None:
             tokens, class_logits, sample_ids = gather(tokens), gather(class_logits), gather(sample_ids)
         classes = group_channels(class_logits, tokens) if self.group_by_class else None
-        self.memory.write(tokens, classes, sample_ids=sample_ids, iteration=iteration)
+        self.memory.write(tokens, classes, sample_ids=sample_ids, iteration=step.iteration)
 
     @torch.no_grad()
     def memory_attention_by_class(self, features: torch.Tensor) -> torch.Tensor:

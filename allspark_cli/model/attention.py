@@ -218,7 +218,7 @@ def _projection_gradients(
     are summed (see `_project` for the channel order); `needs` = needs_input_grad of (sources,
     key_weight, value_weight)."""
     N = grad_keys.shape[0]
-    (hC, C), P = key_weight.shape, sources.shape[0]
+    hC, P = key_weight.shape[0], sources.shape[0]  # key_weight: (hC, C)
     # One (hC, M * N) buffer, keys then values: it fits in a map buffer handed back by then.
     layout = pool.take(hC * P, sources.dtype, sources.device).view(hC, P // N, N)
     grad_sources, grad_weights = None, []

@@ -6,7 +6,6 @@ upsampled bilinearly to the input size (DESIGN.md sections 1-2).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allspark_cli.constants import AttentionPath
-from allspark_cli.model.allspark import AllSparkModule
+from allspark_cli.model.allspark import NO_MEMORY_STEP, AllSparkModule, MemoryStep
 from allspark_cli.model.head import SegFormerHead
 from allspark_cli.model.memory import SemanticMemory
 from allspark_cli.model.mit import MiTBackbone
@@ -113,17 +112,13 @@ class AllSparkSegmentor(nn.Module):
         images_l: torch.Tensor,
         images_u: torch.Tensor | None = None,
         *,
-        pseudo_logits_u: torch.Tensor | None = None,
-        use_memory: bool = False,
-        sample_ids_u: torch.Tensor | None = None,
-        iteration: int = -1,
-        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        memory_step: MemoryStep = NO_MEMORY_STEP,
         groups: int = 1,
     ) -> TrainOutput:
         """Training forward of cat(labeled (B_l, 3, H, W), unlabeled (B_u, 3, H, W)).
 
-        See `AllSparkModule.forward_train` for the memory arguments; they are ignored by methods
-        without a memory. `images_u=None` (the `sup` method) runs the labeled images alone.
+        `memory_step` (see `MemoryStep`) is ignored by methods without a memory; `groups` by
+        methods without the AllSpark module. `images_u=None` (the `sup` method) runs the labeled images alone.
         """
         if images_u is None:
             return TrainOutput(self._decode(self.extract_features(images_l), images_l.shape[-2:]), None)
@@ -131,14 +126,7 @@ class AllSparkSegmentor(nn.Module):
         features = self.extract_features(torch.cat([images_l, images_u]))
         if self.allspark is not None:
             stage4_l, stage4_u = self.allspark.forward_train(
-                features[3][:B_l],
-                features[3][B_l:],
-                pseudo_logits_u=pseudo_logits_u,
-                use_memory=use_memory,
-                sample_ids_u=sample_ids_u,
-                iteration=iteration,
-                gather=gather,
-                groups=groups,
+                features[3][:B_l], features[3][B_l:], memory_step=memory_step, groups=groups
             )
             features[3] = torch.cat([stage4_l, stage4_u])
         logits = self._decode(features, images_l.shape[-2:])

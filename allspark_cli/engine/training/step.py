@@ -2,7 +2,7 @@
 
 Per step: the model in EVAL mode predicts the unlabeled batch without gradient; the argmax is the
 pseudo label (no confidence threshold); the SAME raw logits go to
-`forward_train(pseudo_logits_u=...)` for the memory grouping. Then the train-mode forward of
+`forward_train(memory_step=MemoryStep(pseudo_logits_u=...))` for the memory grouping. Then the train-mode forward of
 cat(labeled, unlabeled) gives the two losses; the step's loss is their mean (`sup`: the labeled
 loss alone). Backward and the optimizer step are the caller's.
 
@@ -28,9 +28,9 @@ from torch import nn
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.transforms import UNLABELED_PADDING
 from allspark_cli.engine.distributed import match_gradient_layout_
-from allspark_cli.engine.training.losses import Criterion, cross_entropy
 from allspark_cli.engine.settings import PseudoLabelPass
-from allspark_cli.model.allspark import split_groups
+from allspark_cli.engine.training.losses import Criterion, cross_entropy
+from allspark_cli.model.allspark import MemoryStep, split_groups
 
 # The semi-supervised loss is the plain mean of the two views' losses (the reference's weighting).
 LABELED_WEIGHT = 0.5
@@ -120,22 +120,14 @@ def train_step(
     images_l, masks_l = batch_l
     if batch_u is None:
         with autocast():
-            output = runner(images_l, None, pseudo_logits_u=None, use_memory=use_memory, iteration=iteration)
+            output = runner(images_l, None)
         loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
         return StepLosses(loss_x, loss_x.detach(), None)
     images_u, pad_mask, sample_ids = batch_u
     logits_u_eval, pseudo = pseudo_labels(segmentor, images_u, pad_mask, autocast, recipe)
     with autocast():
-        output = runner(
-            images_l,
-            images_u,
-            pseudo_logits_u=logits_u_eval,
-            use_memory=use_memory,
-            sample_ids_u=sample_ids,
-            iteration=iteration,
-            gather=gather,
-            groups=recipe.groups,
-        )
+        memory_step = MemoryStep(logits_u_eval, use_memory, sample_ids, iteration, gather)
+        output = runner(images_l, images_u, memory_step=memory_step, groups=recipe.groups)
     loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
     loss_u = grouped_loss(_unlabeled_loss, output.logits_u, pseudo, recipe.groups)
     total = LABELED_WEIGHT * loss_x + UNLABELED_WEIGHT * loss_u
