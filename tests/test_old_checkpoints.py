@@ -22,7 +22,7 @@ from train_fixtures import make_dataset, stop_training_at, tiny_layer
 runner = CliRunner()
 # Settings and model-config fields that release 0.1 did not have.
 NEW_SETTINGS = {"train": ("group_size", "pseudo_label_pass", "unlabeled_padding", "epoch_length", "baseline_recipe",
-                          "tf32", "cudnn_benchmark"),
+                          "tf32", "cudnn_benchmark", "unlabeled_rampup"),
                 "run": ("tensorboard",), "model": ("attention_path",)}
 NEW_MODEL_CONFIG = ("attention_path", "memory_grid")
 STOP_AT_ITERATION = 3  # the last step of epoch 2 of 3: best.pt from epoch 1, last.pt at iteration 4

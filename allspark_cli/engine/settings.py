@@ -111,6 +111,13 @@ class LoopSettings(_Section):
         "or the preset's AllSpark recipe unchanged (method)",
     )
     warmup_epochs: int = Field(default=5, ge=0, description="epochs before the memory replaces the keys/values")
+    unlabeled_rampup: int = Field(
+        default=0,
+        ge=0,
+        description="iterations over which the unlabeled loss's weight rises from 0 to its full 0.5 "
+        "(sigmoid ramp exp(-5 (1 - t/T)^2)); 0: full weight from the first step (the reference). "
+        "Every method with an unlabeled loss shares it",
+    )
     loss: LossName = "ce"
     ohem_thresh: float = Field(default=0.7, gt=0.0, le=1.0)
     ohem_min_kept: int = Field(default=200_000, ge=1)

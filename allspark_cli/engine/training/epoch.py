@@ -120,7 +120,8 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
     lr = poly_lr(settings.optim.lr, epoch * per_epoch + start_batch, loop.total_iterations, settings.optim.poly_power)
     batches_u = iter(loaders.unlabeled) if loaders.unlabeled is not None else None
     recipe = StepRecipe(groups=loaders.groups, pseudo_label_pass=settings.train.pseudo_label_pass,
-                        ignore_padding=settings.train.unlabeled_padding == "ignore")
+                        ignore_padding=settings.train.unlabeled_padding == "ignore",
+                        unlabeled_rampup=settings.train.unlabeled_rampup)
     window, epoch_window = _LossWindow(dist.device), _LossWindow(dist.device)
     unread: tuple[torch.Tensor, int, int] | None = None  # a step's flags not read on the host yet
     loop.segmentor.train()

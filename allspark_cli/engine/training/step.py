@@ -4,7 +4,8 @@ Per step: the model in EVAL mode predicts the unlabeled batch without gradient; 
 pseudo label (no confidence threshold); the SAME raw logits go to
 `forward_train(memory_step=MemoryStep(pseudo_logits_u=...))` for the memory grouping. Then the train-mode forward of
 cat(labeled, unlabeled) gives the two losses; the step's loss is their mean (`sup`: the labeled
-loss alone). Backward and the optimizer step are the caller's.
+loss alone), unless `train.unlabeled_rampup` ramps the unlabeled weight up over its first
+iterations (off by default: the reference's mean from the first step). Backward and the optimizer step are the caller's.
 
 Groups (`StepRecipe.groups`): the process's batch is split into equal groups, each what one of the
 reference's GPUs held (2 + 2 images for Pascal and Cityscapes, 4 + 4 for COCO). Within a group the
@@ -18,6 +19,7 @@ False); with `ignore_padding` the padded area is left out of the unlabeled loss.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import ContextManager, NamedTuple
@@ -35,6 +37,16 @@ from allspark_cli.model.allspark import MemoryStep, split_groups
 # The semi-supervised loss is the plain mean of the two views' losses (the reference's weighting).
 LABELED_WEIGHT = 0.5
 UNLABELED_WEIGHT = 0.5
+# The sigmoid ramp-up of Laine & Aila (2017): weight exp(-RAMP_SHARPNESS (1 - t/T)^2), 0.7% at t = 0.
+RAMP_SHARPNESS = 5.0
+
+
+def rampup_factor(iteration: int, rampup_iterations: int) -> float:
+    """The unlabeled loss's share of its full weight at `iteration` (0-based): 1 without a ramp."""
+    if rampup_iterations == 0 or iteration >= rampup_iterations:
+        return 1.0
+    remaining = 1.0 - max(iteration, 0) / rampup_iterations
+    return math.exp(-RAMP_SHARPNESS * remaining * remaining)
 
 
 class StepRecipe(NamedTuple):
@@ -43,6 +55,7 @@ class StepRecipe(NamedTuple):
     groups: int = 1
     pseudo_label_pass: PseudoLabelPass = "group"
     ignore_padding: bool = False
+    unlabeled_rampup: int = 0  # iterations of the unlabeled weight's ramp (0: the reference's full weight)
 
 
 class StepLosses(NamedTuple):
@@ -130,5 +143,5 @@ def train_step(
         output = runner(images_l, images_u, memory_step=memory_step, groups=recipe.groups)
     loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
     loss_u = grouped_loss(_unlabeled_loss, output.logits_u, pseudo, recipe.groups)
-    total = LABELED_WEIGHT * loss_x + UNLABELED_WEIGHT * loss_u
+    total = LABELED_WEIGHT * loss_x + UNLABELED_WEIGHT * rampup_factor(iteration, recipe.unlabeled_rampup) * loss_u
     return StepLosses(total, loss_x.detach(), loss_u.detach())
