@@ -33,22 +33,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from allspark_cli.data.manifest import (
-    MANIFEST_NAME,
-    DatasetManifest,
-    TrainSplit,
-    write_manifest,
-)
+from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, TrainSplit, write_manifest
 from allspark_cli.data.splits import SplitEntry, write_split
-from allspark_cli.errors import DataError
-from allspark_cli.fileio import (
-    atomic_write_bytes,
-    atomic_write_text,
-    encode_palette_png,
-)
+from allspark_cli.errors import DataError, SettingsError
+from allspark_cli.fileio import atomic_write_bytes, atomic_write_text, encode_palette_png
 from data_tools.demo_scene import (
     SPLIT_CODES,
     UINT8_MAX,
+    ColourFn,
     HueBands,
     SceneComposition,
     SceneFamily,
@@ -96,7 +88,6 @@ MUTED_GREY_RANGE = (60.0, 200.0)
 MUTED_TINT = 18.0
 
 Progress = Callable[[int, int], None]
-ColourFn = Callable[[np.random.Generator], np.ndarray]
 
 
 def _muted_colour(rng: np.random.Generator) -> np.ndarray:
@@ -218,9 +209,9 @@ FAMILIES = {
 
 
 def scene_family(name: str) -> SceneFamily:
-    """The family called `name`, or a DataError listing the known ones."""
+    """The family called `name`, or a SettingsError (exit 2, a bad option) listing the known ones."""
     if name not in FAMILIES:
-        raise DataError(f"unknown demo family {name!r}; expected one of {', '.join(FAMILIES)}")
+        raise SettingsError(f"unknown demo family {name!r}; expected one of {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 

@@ -112,6 +112,13 @@ def test_demo_calls_build_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert received["family"] == "signs"
 
 
+def test_an_unknown_demo_family_is_a_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["prepare", "demo", "--out", str(tmp_path / "demo"), "--family", "leaves"])
+    assert result.exit_code == 2
+    assert "unknown demo family 'leaves'; expected one of shapes, signs" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "demo").exists()
+
+
 def test_pascal_passes_options_to_the_builder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from data_tools.common import PrepareSummary
 

@@ -10,7 +10,7 @@ from allspark_cli.data.check import check_dataset
 from allspark_cli.data.datasets import build_eval_dataset, build_train_datasets
 from allspark_cli.data.manifest import load_manifest
 from allspark_cli.data.splits import read_split
-from allspark_cli.errors import DataError
+from allspark_cli.errors import DataError, SettingsError
 from data_tools.demo import DEMO_CLASSES, DEMO_TRAIN_CROP, SHAPES_HUES, build_demo, render_sample
 from data_tools.demo_scene import HUE_RANGE
 
@@ -158,6 +158,6 @@ def test_signs_family_is_a_different_dataset_in_the_same_layout(tmp_path):
     build_demo(tmp_path / "shapes", seed=3, num_train=8, num_val=2, size=SIZE, workers=1)
     with pytest.raises(DataError, match="built with other parameters"):
         build_demo(tmp_path / "shapes", seed=3, num_train=8, num_val=2, size=SIZE, family="signs", workers=1)
-    with pytest.raises(DataError, match="unknown demo family 'leaves'; expected one of shapes, signs"):
+    with pytest.raises(SettingsError, match="unknown demo family 'leaves'; expected one of shapes, signs"):
         build_demo(tmp_path / "other", num_train=8, num_val=2, size=SIZE, family="leaves")
     assert not (tmp_path / "other").exists()

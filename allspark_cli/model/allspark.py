@@ -32,11 +32,7 @@ from torch import nn
 from allspark_cli.constants import AttentionPath
 from allspark_cli.model.attention import normalized_attention_map
 from allspark_cli.model.attention_paths import labeled_attention
-from allspark_cli.model.memory import (
-    SemanticMemory,
-    group_channels,
-    resize_logits_to_grid,
-)
+from allspark_cli.model.memory import SemanticMemory, group_channels, resize_logits_to_grid
 from allspark_cli.model.products import matmul_nt
 from allspark_cli.model.scratch import ScratchPool
 

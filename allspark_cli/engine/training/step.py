@@ -45,7 +45,7 @@ def rampup_factor(iteration: int, rampup_iterations: int) -> float:
     """The unlabeled loss's share of its full weight at `iteration` (0-based): 1 without a ramp."""
     if rampup_iterations == 0 or iteration >= rampup_iterations:
         return 1.0
-    remaining = 1.0 - max(iteration, 0) / rampup_iterations
+    remaining = 1.0 - iteration / rampup_iterations
     return math.exp(-RAMP_SHARPNESS * remaining * remaining)
 
 
