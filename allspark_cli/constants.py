@@ -14,3 +14,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # (CPU: frugal; CUDA: eager when its maps fit in the device's free memory, else frugal).
 AttentionPath = Literal["auto", "eager", "frugal", "sdpa"]
 ATTENTION_PATHS: tuple[str, ...] = get_args(AttentionPath)
+
+# The folder of a run that holds its checkpoints (RUN_DIR/weights/last.pt, best.pt).
+WEIGHTS_DIR = "weights"

@@ -119,4 +119,5 @@ def test_the_settings_a_resume_may_change_are_the_reporting_ones() -> None:
     from allspark_cli.engine.settings import reporting_only_settings
 
     assert sorted(reporting_only_settings()) == sorted(["run.", "train.log_every", "train.save_every", "data.workers",
-                                                         "eval.batch_size", "eval.mosaic_images"])
+                                                         "eval.batch_size", "eval.mosaic_images", "data.manifest",
+                                                         "train.collapse_window"])

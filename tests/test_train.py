@@ -195,15 +195,16 @@ def test_demo_preset_builds_its_dataset_when_missing(tmp_path: Path, monkeypatch
 
     def build_demo(out_dir, **kwargs):  # stands in for data_tools.demo.build_demo (minutes for the real one)
         built.append(Path(out_dir))
-        return make_dataset(Path(out_dir))
+        return make_dataset(Path(out_dir).resolve())
 
     monkeypatch.setattr("data_tools.demo.build_demo", build_demo)
-    layer = tiny_layer(tmp_path / "data" / "demo" / "dataset.yaml", tmp_path / "runs")
+    layer = tiny_layer(Path("data/demo/dataset.yaml"), tmp_path / "runs")  # the demo presets' own path
     layer["preset"] = "demo-1/16"
     settings = build_settings(base=layer)
-    assert dataset_builder_for("pascal-1/8") is None
-    result = train(settings, build_missing=dataset_builder_for(settings.preset))
-    assert built == [tmp_path / "data" / "demo"] and result.finished
+    assert dataset_builder_for("pascal-1/8", "data/pascal") is None
+    assert dataset_builder_for("demo-1/16", tmp_path / "mine") is None  # a path the user gave
+    result = train(settings, build_missing=dataset_builder_for(settings.preset, settings.data.manifest))
+    assert [path.resolve() for path in built] == [Path("data/demo").resolve()] and result.finished
     assert result.run_dir == tmp_path / "runs" / "demo-1_16" / "exp"
 
 

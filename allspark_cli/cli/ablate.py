@@ -25,6 +25,7 @@ from allspark_cli.engine.training.ablate import (
 from allspark_cli.engine.training.presets import find_preset
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.segmentor import METHODS
+from allspark_cli.threads import apply_threads
 
 DEFAULT_SEEDS = 3
 
@@ -66,6 +67,7 @@ def ablate_command(
     method_list = _methods(methods)
     found = find_preset(preset)
     probe = training.settings(found.layer)
+    apply_threads(training.threads)
     folder = Path(probe.run.root).expanduser() / found.folder_name / (name or DEFAULT_NAME)
 
     def settings_for(method: str, seed: int):
@@ -78,7 +80,7 @@ def ablate_command(
         return RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
 
     result = ablate(settings_for, method_list, list(range(seeds)), folder, reporter_for=reporter_for,
-                    build_missing=dataset_builder_for(probe.preset))
+                    build_missing=dataset_builder_for(probe.preset, probe.data.manifest))
     Console().print(_table(result))
     Console().print(f"[green]done[/]: {len(result.runs)} runs; table, chart and results.csv in {folder}")
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-import typer
+from allspark_cli.threads import use_passive_wait
+
+use_passive_wait()  # before anything imports torch: the OpenMP runtime reads it once, when it loads
+
+import typer  # noqa: E402
 
 from allspark_cli import __version__
 from allspark_cli.cli.errors import ErrorReportingGroup

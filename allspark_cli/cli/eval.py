@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from allspark_cli.cli.options import AmpOption, BatchSizeOption, DataOption, DeviceOption, WorkersOption
+from allspark_cli.cli.options import AmpOption, BatchSizeOption, DataOption, DeviceOption, ThreadsOption, WorkersOption
 from allspark_cli.data.manifest import EvalMode
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ def eval_command(
     device: DeviceOption = None,
     amp: AmpOption = None,
     workers: WorkersOption = None,
+    threads: ThreadsOption = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Eval folder; default <run>/eval/<split> for a run's checkpoint, else runs/eval/<stem>."),
@@ -77,6 +78,9 @@ def eval_command(
     --batch-size (default 1) batches images of equal size; the numbers do not change.
     """
     from allspark_cli.engine.inference.evaluate import evaluate_checkpoint
+    from allspark_cli.threads import apply_threads
+
+    apply_threads(threads)
 
     console = Console()
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from allspark_cli.engine.settings import AmpMode
+from allspark_cli.engine.settings import AmpMode, Recipe
 
 DEVICE_HELP = "Device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
 
@@ -35,3 +35,13 @@ SetOption = Annotated[
 EpochsOption = Annotated[int | None, typer.Option("--epochs", help="Training epochs (passes over the unlabeled list).", show_default=False)]
 LrOption = Annotated[float | None, typer.Option("--lr", help="Backbone learning rate (head: x multiplier).", show_default=False)]
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file layered over the preset.", show_default=False)]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="CPU threads of torch (default: OMP_NUM_THREADS, else one per core); "
+                 "another count changes results in the last bits.", show_default=False),
+]
+RecipeOption = Annotated[
+    Recipe | None,
+    typer.Option("--recipe", help="Unlabeled loss of every semi-supervised method: reference (the paper's) or "
+                 "weak-to-strong (confidence-filtered, on a strong view; DESIGN.md 3a).", show_default=False),
+]

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from allspark_cli.cli.options import AmpOption, BatchSizeOption, DeviceOption, NameOption, WorkersOption
+from allspark_cli.cli.options import AmpOption, BatchSizeOption, DeviceOption, NameOption, ThreadsOption, WorkersOption
 from allspark_cli.engine.inference.predict import PredictMode
 
 RUNS_ROOT = Path("runs")
@@ -39,6 +39,7 @@ def predict_command(
     device: DeviceOption = None,
     amp: AmpOption = None,
     workers: WorkersOption = None,
+    threads: ThreadsOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images whose outputs already exist.")] = False,
 ) -> None:
     """Predict segmentation masks: masks/ (class ids), color/ (palette PNG), overlay/ (image + colours + legend).
@@ -54,6 +55,9 @@ def predict_command(
     from allspark_cli.engine.inference.predict import Predictor
     from allspark_cli.engine.inference.predict_folder import predict_folder, predict_out_dir
     from allspark_cli.errors import DataError
+    from allspark_cli.threads import apply_threads
+
+    apply_threads(threads)
 
     console = Console()
     predictor = Predictor(

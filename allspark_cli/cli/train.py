@@ -28,6 +28,7 @@ from allspark_cli.engine.training.resume import resume_base
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.mit import Backbone
 from allspark_cli.model.segmentor import Method
+from allspark_cli.threads import apply_threads
 
 PRESETS_TABLE_WIDTH = 180
 
@@ -71,11 +72,12 @@ class RichReporter:
 def presets_table() -> Table:
     table = Table(title="allspark presets (recipes: DESIGN.md section 3; mIoU: the paper's tables)")
     table.add_column("preset (alias)", no_wrap=True)
-    for column in ("labeled", "crop", "epochs", "batch", "lr", "head", "mIoU", "source"):
+    for column in ("labeled", "crop", "epochs", "batch", "lr", "head", "recipe", "mIoU", "source"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("baselines (--method sup / semi)", no_wrap=True)
     table.caption = ("batch: global labeled+unlabeled per step (/ group: images of each kind per reference GPU); "
-                     "head: head/module lr multiplier; mIoU: published, from the paper's table in 'source' "
+                     "head: head/module lr multiplier; recipe: the unlabeled loss's (--recipe), with the "
+                     "confidence threshold weak-to-strong would use; mIoU: published, from the paper's table in 'source' "
                      "(†: U2PL splits); baselines: what the reference's baseline scripts change")
     for preset in list_presets():
         s, info = preset.info.settings, preset.info
@@ -83,9 +85,15 @@ def presets_table() -> Table:
         group = f" /{s.train.group_size}" if s.train.group_size else ""
         table.add_row(name, str(info.labeled_count or "-"), str(s.data.crop), str(s.train.epochs),
                       f"{s.train.batch_size}+{s.train.batch_size}{group}", f"{s.optim.lr:g}",
-                      f"x{s.optim.head_lr_multiplier:g}", "-" if info.paper_miou is None else f"{info.paper_miou:.2f}",
+                      f"x{s.optim.head_lr_multiplier:g}", _recipe_cell(s), "-" if info.paper_miou is None else f"{info.paper_miou:.2f}",
                       info.paper_source or "-", _baselines_text(preset))
     return table
+
+
+def _recipe_cell(settings) -> str:
+    """'reference (w2s 0.95)': the preset's recipe and weak-to-strong's threshold."""
+    train = settings.train
+    return f"{train.recipe} (w2s {train.confidence_threshold:g})"
 
 
 def _baselines_text(preset) -> str:
@@ -142,9 +150,10 @@ def train_command(
     if no_pretrained:
         base = {**base, "model": {**base.get("model", {}), "pretrained": None}}
     settings = training.settings(base, options=options, method_recipes=method_recipes)
+    apply_threads(training.threads)
     reporter = RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
     result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter,
-                          build_missing=dataset_builder_for(settings.preset))
+                          build_missing=None if resume else dataset_builder_for(settings.preset, settings.data.manifest))
     if launched_rank() != 0:  # under torchrun the summary is rank 0's to print
         return
     Console().print(f"[green]done[/]: best mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1}), "

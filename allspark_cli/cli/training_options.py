@@ -17,7 +17,9 @@ from allspark_cli.cli.options import (
     DeviceOption,
     EpochsOption,
     LrOption,
+    RecipeOption,
     SetOption,
+    ThreadsOption,
     WorkersOption,
 )
 from allspark_cli.engine.settings import TrainSettings
@@ -34,12 +36,14 @@ class TrainingOptions:
     config: ConfigOption = None
     data: DataOption = None
     epochs: EpochsOption = None
+    recipe: RecipeOption = None
     batch_size: BatchSizeOption = None
     crop: CropOption = None
     lr: LrOption = None
     amp: AmpOption = None
     device: DeviceOption = None
     workers: WorkersOption = None
+    threads: ThreadsOption = None
     set_values: SetOption = None
 
     def overrides(self) -> dict[str, Any]:
@@ -47,7 +51,7 @@ class TrainingOptions:
         return {
             "train.epochs": self.epochs, "train.batch_size": self.batch_size, "data.crop": self.crop, "optim.lr": self.lr,
             "train.amp": self.amp, "train.device": self.device, "data.workers": self.workers,
-            "data.manifest": str(self.data) if self.data else None,
+            "data.manifest": str(self.data) if self.data else None, "train.recipe": self.recipe,
         }
 
     def settings(

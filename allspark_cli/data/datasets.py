@@ -27,9 +27,11 @@ from allspark_cli.data.manifest import DatasetManifest
 from allspark_cli.data.splits import SplitEntry, read_split
 from allspark_cli.data.transforms import (
     UNLABELED_VALID,
+    cutmix_box,
     labeled_transform,
     mask_to_tensor,
     normalize,
+    strong_photometric_transform,
     unlabeled_transform,
 )
 from allspark_cli.errors import DataError
@@ -106,28 +108,39 @@ class LabeledDataset(_TrainDataset):
 
 
 class UnlabeledDataset(_TrainDataset):
-    """Unlabeled training view: index -> (image (3, crop, crop), pad_mask int64 (crop, crop), index).
+    """Unlabeled training view: index -> (image (3, crop, crop), pad_mask int64 (crop, crop), index),
+    and with `strong_view` also (strong image (3, crop, crop), cutmix box int64 (crop, crop)).
 
     `pad_mask` is UNLABELED_PADDING (255) where the crop is padding and UNLABELED_VALID (0)
-    elsewhere; the returned index is the position in the unlabeled list (memory provenance).
+    elsewhere; the returned index is the position in the unlabeled list (memory provenance). The
+    strong view (weak-to-strong recipe) is the same crop with the photometric units drawn anew; the
+    box marks where the step pastes its group partner's strong pixels (CutMix). Its draws follow the
+    weak view's on the sample's generator, so the weak view is the reference's, draw for draw.
     """
 
     view = 1
 
-    def __init__(self, root: str | os.PathLike, entries: list[SplitEntry], *, crop: int, seed: int) -> None:
+    def __init__(self, root: str | os.PathLike, entries: list[SplitEntry], *, crop: int, seed: int,
+                 strong_view: bool = False) -> None:
         super().__init__(root, entries, crop=crop, seed=seed)
         self.transform = unlabeled_transform(crop=crop)
+        self.strong = strong_photometric_transform() if strong_view else None
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         if not 0 <= index < len(self.entries):
             raise IndexError(index)
         image = read_image(self.root / self.entries[index].image)
         marker = np.full(image.shape[:2], UNLABELED_VALID, dtype=np.uint8)
-        image, marker = self.transform(image, marker, self.rng(index))
-        return normalize(image), mask_to_tensor(marker), index
+        rng = self.rng(index)
+        image, marker = self.transform(image, marker, rng)
+        if self.strong is None:
+            return normalize(image), mask_to_tensor(marker), index
+        strong, _ = self.strong(image, marker, rng)
+        box = cutmix_box(marker.shape[0], rng)
+        return normalize(image), mask_to_tensor(marker), index, normalize(strong), mask_to_tensor(box)
 
 
 class EvalDataset(Dataset):
@@ -164,7 +177,8 @@ class TrainDatasets(NamedTuple):
 
 
 def build_train_datasets(
-    manifest: DatasetManifest, split_name: str, *, crop: int | None = None, seed: int, repeat_labeled: bool = True
+    manifest: DatasetManifest, split_name: str, *, crop: int | None = None, seed: int, repeat_labeled: bool = True,
+    strong_view: bool = False,
 ) -> TrainDatasets:
     """Datasets of training split `split_name`; `crop` defaults to the manifest's `train_crop`.
 
@@ -180,7 +194,7 @@ def build_train_datasets(
     length = len(labeled_entries)
     if split.unlabeled is not None:
         unlabeled_entries = read_split(manifest.split_file(split.unlabeled))
-        unlabeled = UnlabeledDataset(manifest.root, unlabeled_entries, crop=crop, seed=seed)
+        unlabeled = UnlabeledDataset(manifest.root, unlabeled_entries, crop=crop, seed=seed, strong_view=strong_view)
         length = max(length, len(unlabeled_entries)) if repeat_labeled else length
     labeled = LabeledDataset(
         manifest.root, labeled_entries, crop=crop, seed=seed, length=length, ignore_index=manifest.ignore_index

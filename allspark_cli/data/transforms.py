@@ -34,6 +34,11 @@ JITTER_HUE = 0.25
 GRAYSCALE_PROBABILITY = 0.2
 BLUR_PROBABILITY = 0.5
 BLUR_SIGMA_RANGE = (0.1, 2.0)
+# CutMix box of the weak-to-strong recipe's strong view (UniMatch's published values): drawn with
+# this probability, its area a uniform share of the crop, its aspect ratio (h / w) uniform in the range.
+CUTMIX_PROBABILITY = 0.5
+CUTMIX_AREA_RANGE = (0.02, 0.4)
+CUTMIX_ASPECT_RANGE = (0.3, 1 / 0.3)
 # Images are padded with black (0 before normalisation), as the reference does.
 IMAGE_PAD_VALUE = 0
 # Values of the unlabeled padding marker.
@@ -225,11 +230,39 @@ def geometric_units(crop: int, *, mask_fill: int) -> list:
     return [RandomRescale(), PadToSize(crop, mask_fill=mask_fill), RandomCrop(crop), RandomHorizontalFlip()]
 
 
+def photometric_units() -> list:
+    """Colour jitter, grayscale, blur: the labeled view's photometric part, and the strong view's."""
+    return [ColorJitter(), RandomGrayscale(), RandomGaussianBlur()]
+
+
 def labeled_transform(*, crop: int, ignore_index: int = IGNORE_INDEX) -> Compose:
     """Full recipe for labeled images: geometry, then colour jitter, grayscale and blur."""
-    return Compose(
-        [*geometric_units(crop, mask_fill=ignore_index), ColorJitter(), RandomGrayscale(), RandomGaussianBlur()]
-    )
+    return Compose([*geometric_units(crop, mask_fill=ignore_index), *photometric_units()])
+
+
+def strong_photometric_transform() -> Compose:
+    """The strong view of an unlabeled crop (weak-to-strong recipe): the photometric units drawn
+    again, on the weak view's pixels; the geometry is the weak view's."""
+    return Compose(photometric_units())
+
+
+def cutmix_box(size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) uint8: 1 inside a random box (where the strong view takes its partner's pixels),
+    all 0 when no box is drawn. Area and aspect ratio as CUTMIX_*; the ratio is drawn again until the
+    box fits, then its corner is uniform over the positions where it fits."""
+    box = np.zeros((size, size), dtype=np.uint8)
+    if rng.random() >= CUTMIX_PROBABILITY:
+        return box
+    area = rng.uniform(*CUTMIX_AREA_RANGE) * size * size
+    while True:
+        ratio = rng.uniform(*CUTMIX_ASPECT_RANGE)
+        width, height = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
+        if width <= size and height <= size:
+            break
+    top = int(rng.integers(0, size - height + 1))
+    left = int(rng.integers(0, size - width + 1))
+    box[top:top + height, left:left + width] = 1
+    return box
 
 
 def unlabeled_transform(*, crop: int) -> Compose:

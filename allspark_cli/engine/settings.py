@@ -30,6 +30,8 @@ LossName = Literal["ce", "ohem"]
 OptimizerName = Literal["sgd", "adamw"]
 PseudoLabelPass = Literal["group", "image"]
 UnlabeledPadding = Literal["pseudo-label", "ignore"]
+Recipe = Literal["reference", "weak-to-strong"]
+LossWeighting = Literal["mean", "fixmatch"]
 EpochLength = Literal["unlabeled", "labeled"]
 BaselineRecipe = Literal["reference", "method"]
 
@@ -41,7 +43,10 @@ class _Section(BaseModel):
 class DataSettings(_Section):
     """Which dataset, which labeled/unlabeled split, the training crop and loader workers."""
 
-    manifest: Path = Field(description="dataset.yaml of a prepared dataset (or its folder)")
+    # A resume may point it elsewhere: the run's dataset fingerprint (data/fingerprint.py), not the
+    # path, is what must stay the same.
+    manifest: Path = Field(description="dataset.yaml of a prepared dataset (or its folder)",
+                           json_schema_extra=REPORTING_ONLY)
     split: str = Field(min_length=1, description="training split name as in the manifest, e.g. '183', '1/16'")
     crop: int = Field(default=513, ge=MIN_CROP, description="square training crop in pixels")
     workers: int = Field(default=4, ge=0, description="DataLoader worker processes per training process",
@@ -114,9 +119,30 @@ class LoopSettings(_Section):
     unlabeled_rampup: int = Field(
         default=0,
         ge=0,
-        description="iterations over which the unlabeled loss's weight rises from 0 to its full 0.5 "
+        description="iterations over which the unlabeled loss's weight rises from 0 to its full value "
         "(sigmoid ramp exp(-5 (1 - t/T)^2)); 0: full weight from the first step (the reference). "
         "Every method with an unlabeled loss shares it",
+    )
+    recipe: Recipe = Field(
+        default="reference",
+        description="unlabeled loss of every method that has one: reference (CE on the pseudo-labeled view itself, "
+        "every pixel) or weak-to-strong (pseudo labels from the weak view, CE on a strong photometric + CutMix view "
+        "of the same crop over the pixels whose weak confidence passes train.confidence_threshold; DESIGN.md 3a)",
+    )
+    confidence_threshold: float = Field(
+        default=0.95, ge=0.0, le=1.0,
+        description="weak-to-strong: the max-softmax confidence a pseudo-labeled pixel needs to be trained on",
+    )
+    loss_weighting: LossWeighting = Field(
+        default="mean",
+        description="mean: (loss_x + loss_u) / 2 (the reference, UniMatch); fixmatch: loss_x + unlabeled_weight x "
+        "loss_u. sup trains loss_x at weight 1 under both (so fixmatch compares it at the same labeled weight)",
+    )
+    unlabeled_weight: float = Field(default=1.0, ge=0.0, description="lambda of the fixmatch weighting")
+    collapse_window: int = Field(
+        default=100, ge=0, json_schema_extra=REPORTING_ONLY,
+        description="iterations over which the pseudo labels' class shares are compared with the labeled masks' "
+        "for the collapse warning (0: no warning)",
     )
     loss: LossName = "ce"
     ohem_thresh: float = Field(default=0.7, gt=0.0, le=1.0)

@@ -22,6 +22,11 @@ from allspark_cli.viz.palette import colorize
 
 CURVES = (("loss_x", "labeled loss"), ("loss_u", "unlabeled loss"), ("miou", "val mIoU (%)"), ("lr", "backbone lr"))
 FIGURE_SIZE = (10.0, 6.0)
+WIDE_FIGURE_SIZE = (18.0, 7.0)  # with the pseudo-label health panels
+HEALTH_TITLES = ("pseudo labels passing the threshold (%)", "class share (%): pseudo, labeled dashed",
+                 "mean pseudo-label confidence per class")
+PERCENT = 100.0
+SHARE_LINEAR_BELOW = 1.0  # percent: below it the share axis is linear, above logarithmic (thin classes stay visible)
 FIGURE_DPI = 100
 MOSAIC_GAP = 4  # pixels of white between tiles
 WHITE = 255
@@ -42,18 +47,60 @@ def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
     return out
 
 
-def plot_results(rows: list[dict[str, Any]], path: Path, steps: list[dict[str, Any]] | None = None) -> None:
-    """Four panels (labeled loss, unlabeled loss, mIoU, lr). With `steps` (metrics.jsonl records),
-    losses and lr are drawn per logged iteration and mIoU per evaluation, against the iteration;
-    without, everything per evaluation row against the epoch."""
+def _per_class(steps: list[dict[str, Any]], key: str, class_id: int) -> list[float]:
+    values = []
+    for row in steps:
+        series = row.get(key)
+        value = series[class_id] if series and class_id < len(series) else None
+        values.append(math.nan if value is None else float(value))
+    return values
+
+
+def _plot_health(axes, steps: list[dict[str, Any]], class_names: list[str]) -> None:
+    """The pseudo labels' health panels: share passing the threshold; per class the pseudo labels'
+    share against the labeled masks' (dashed); per class the mean confidence."""
+    pass_axis, share_axis, confidence_axis = axes
+    x = [row["iteration"] for row in steps]
+    share = [math.nan if row.get("pseudo_pass_share") is None else float(row["pseudo_pass_share"]) for row in steps]
+    for axis, title in zip(axes, HEALTH_TITLES):
+        axis.set_title(title)
+        axis.set_xlabel("iteration")
+        axis.grid(True, alpha=GRID_ALPHA)
+    if all(math.isnan(v) for v in share):
+        for axis in axes:
+            axis.text(0.5, 0.5, "not part of this run", ha="center", va="center", transform=axis.transAxes)
+        return
+    pass_axis.plot(x, share)
+    pass_axis.set_ylim(0, PERCENT)
+    for class_id, name in enumerate(class_names):
+        line, = share_axis.plot(x, _per_class(steps, "pseudo_class_share", class_id), label=name)
+        share_axis.plot(x, _per_class(steps, "labeled_class_share", class_id), linestyle="--", color=line.get_color())
+        confidence_axis.plot(x, _per_class(steps, "pseudo_confidence", class_id), label=name)
+    share_axis.set_yscale("symlog", linthresh=SHARE_LINEAR_BELOW)
+    confidence_axis.set_ylim(0, 1)
+    confidence_axis.legend(loc="lower right", fontsize="small", ncol=2)
+
+
+def plot_results(rows: list[dict[str, Any]], path: Path, steps: list[dict[str, Any]] | None = None,
+                 class_names: list[str] | None = None) -> None:
+    """Four panels (labeled loss, unlabeled loss, mIoU, lr), and with `class_names` three more on
+    the pseudo labels' health. With `steps` (metrics.jsonl records), losses and lr are drawn per
+    logged iteration and mIoU per evaluation, against the iteration; without, everything per
+    evaluation row against the epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 2, figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    with_health = bool(steps) and bool(class_names)
+    figure, axes = plt.subplots(2, 4 if with_health else 2, figsize=WIDE_FIGURE_SIZE if with_health else FIGURE_SIZE,
+                                dpi=FIGURE_DPI)
     per_step = bool(steps)
-    for axis, (key, title) in zip(axes.flat, CURVES):
+    curve_axes = [axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]]
+    if with_health:
+        _plot_health([axes[0, 2], axes[0, 3], axes[1, 2]], steps, class_names)
+        axes[1, 3].axis("off")
+    for axis, (key, title) in zip(curve_axes, CURVES):
         source = rows if (key == "miou" or not per_step) else steps
         x = [row["iteration" if per_step else "epoch"] for row in source]
         values = [math.nan if row.get(key) is None else float(row[key]) for row in source]

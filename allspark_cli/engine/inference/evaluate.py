@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from allspark_cli.constants import IGNORE_INDEX
+from allspark_cli.constants import IGNORE_INDEX, WEIGHTS_DIR
 from allspark_cli.data.datasets import build_eval_dataset
+from allspark_cli.data.fingerprint import fingerprint_differences, read_fingerprint, take_fingerprint
 from allspark_cli.data.manifest import MANIFEST_NAME, load_manifest
 from allspark_cli.engine.distributed import resolve_device
 from allspark_cli.engine.inference.eval_report import (
@@ -46,7 +47,7 @@ from allspark_cli.engine.precision import (
     cudnn_benchmark_off,
 )
 from allspark_cli.engine.settings import AmpMode
-from allspark_cli.errors import Interrupted, SettingsError
+from allspark_cli.errors import DataError, Interrupted, SettingsError
 from allspark_cli.signals import StopRequest, ignore_stop_signals
 
 CLASS_DIM = 1
@@ -171,6 +172,20 @@ def _global_count(count: int, dist: Any | None, device: torch.device) -> int:
     return int(total.item())
 
 
+def _check_run_dataset(checkpoint: Path, manifest, manifest_path, split: str) -> None:
+    """A run's checkpoint is scored on its recorded dataset only when that is still the dataset the
+    run recorded (RUN_DIR/dataset.json): a swapped one is refused unless named with --data."""
+    run_dir = checkpoint.resolve().parent.parent
+    recorded = read_fingerprint(run_dir) if checkpoint.resolve().parent.name == WEIGHTS_DIR else None
+    if recorded is None:
+        return
+    now = take_fingerprint(manifest, Path(manifest_path).resolve())
+    differences = fingerprint_differences(recorded, now, [f"eval:{split}"])
+    if differences:
+        raise DataError(f"{now.manifest} is not the dataset run {run_dir} was trained and recorded on: "
+                        f"{'; '.join(differences)}; to evaluate on it anyway, name it with --data")
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     *,
@@ -203,6 +218,8 @@ def evaluate_checkpoint(
     if manifest_path is None:
         raise SettingsError(f"{checkpoint} does not record its dataset; pass --data path/to/dataset.yaml")
     manifest = load_manifest(manifest_path)
+    if data is None:
+        _check_run_dataset(checkpoint, manifest, manifest_path, split)
     num_classes = len(loaded.class_names)
     if num_classes != manifest.num_classes:
         raise SettingsError(

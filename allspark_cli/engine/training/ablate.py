@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from allspark_cli.data.manifest import load_manifest
+from allspark_cli.engine.training.events import recipe_text
 from allspark_cli.engine.training.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.training.train import train
@@ -53,6 +54,9 @@ class RunResult:
     iou: list[float | None]
     class_names: list[str]
     train_seconds: float
+    # Per class, the pseudo labels' share (percent) over the last epoch's logged iterations (empty:
+    # no unlabeled loss, or a run cached before it was recorded).
+    pseudo_share: list[float | None] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +67,7 @@ class MethodSummary:
     mean: float
     std: float  # sample standard deviation over seeds (0 for one seed)
     class_iou: list[float | None]  # per class, mean over seeds (None: undefined in every run)
+    class_pseudo_share: list[float | None] = field(default_factory=list)  # per class, mean over seeds
 
 
 @dataclass
@@ -71,6 +76,12 @@ class Ablation:
     class_names: list[str]
     runs: list[RunResult]
     methods: list[MethodSummary] = field(default_factory=list)
+    recipe: str = ""  # the semi-supervised methods' recipe (events.recipe_text)
+
+
+def _mean_defined(values: Sequence[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return statistics.fmean(defined) if defined else None
 
 
 def run_name(method: str, seed: int) -> str:
@@ -90,24 +101,30 @@ def summarise(runs: Sequence[RunResult], methods: Sequence[str]) -> list[MethodS
         if not mine:
             continue
         mious = [r.best_miou for r in mine]
-        per_class = []
-        for k in range(len(mine[0].iou)):
-            defined = [r.iou[k] for r in mine if r.iou[k] is not None]
-            per_class.append(statistics.fmean(defined) if defined else None)
+        per_class = [_mean_defined([r.iou[k] for r in mine]) for k in range(len(mine[0].iou))]
+        shares = [_mean_defined([r.pseudo_share[k] for r in mine if r.pseudo_share])
+                  for k in range(len(mine[0].iou))] if any(r.pseudo_share for r in mine) else []
         summaries.append(MethodSummary(method, [r.seed for r in mine], mious, statistics.fmean(mious),
-                                       statistics.stdev(mious) if len(mious) > 1 else 0.0, per_class))
+                                       statistics.stdev(mious) if len(mious) > 1 else 0.0, per_class, shares))
     return summaries
 
 
 def markdown_table(ablation: Ablation) -> str:
-    """The table as Markdown: one row per method, mean ± std, the single runs, per-class IoU."""
+    """The table as Markdown: one row per method, mean ± std, the single runs, per-class IoU with
+    (in brackets) the pseudo labels' final share of that class in percent."""
     header = ["method", "mIoU (mean ± std)", "runs", *ablation.class_names]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"Recipe of the semi-supervised methods: {ablation.recipe}. Per class: IoU (final pseudo-label share, %).\n"
+             if ablation.recipe else "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in ablation.methods:
         runs = ", ".join(f"{m:.2f}" for m in s.mious)
-        classes = ["n/a" if v is None else f"{v:.1f}" for v in s.class_iou]
+        classes = []
+        for k, value in enumerate(s.class_iou):
+            cell = "n/a" if value is None else f"{value:.1f}"
+            share = s.class_pseudo_share[k] if s.class_pseudo_share else None
+            classes.append(cell if share is None else f"{cell} ({share:.1f})")
         lines.append(f"| {s.method} | {s.mean:.2f} ± {s.std:.2f} | {runs} | " + " | ".join(classes) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 def _write_chart(ablation: Ablation, path: Path) -> None:
@@ -136,14 +153,17 @@ def write_outputs(ablation: Ablation) -> None:
     """results.csv, summary.json, table.md and ablation.png of the ablation folder (atomic)."""
     folder = ablation.folder
     columns = ["method", "seed", "best_miou", "best_epoch", "train_seconds", "run_dir",
-               *[f"iou_{name}" for name in ablation.class_names]]
+               *[f"iou_{name}" for name in ablation.class_names],
+               *[f"pseudo_share_{name}" for name in ablation.class_names]]
     rows = [",".join(columns)]
     for r in sorted(ablation.runs, key=lambda r: (r.method, r.seed)):
         iou = ["" if v is None else f"{v:.4f}" for v in r.iou]
+        shares = ["" if v is None else f"{v:.4f}" for v in (r.pseudo_share or [None] * len(r.iou))]
         rows.append(",".join([r.method, str(r.seed), f"{r.best_miou:.4f}", str(r.best_epoch), f"{r.train_seconds:.1f}",
-                              r.run_dir, *iou]))
+                              r.run_dir, *iou, *shares]))
     atomic_write_text(folder / RESULTS_CSV, "\n".join(rows) + "\n")
-    summary = {"class_names": ablation.class_names, "methods": [asdict(s) for s in ablation.methods],
+    summary = {"class_names": ablation.class_names, "recipe": ablation.recipe,
+               "methods": [asdict(s) for s in ablation.methods],
                "runs": [asdict(r) for r in ablation.runs]}
     atomic_write_text(folder / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
     atomic_write_text(folder / TABLE_MD, markdown_table(ablation))
@@ -155,6 +175,16 @@ def _best_row(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The evaluation row of the best mIoU (the first of equal ones, as training keeps best.pt)."""
     rows = [row for row in history if row.get("miou") is not None and not math.isnan(row["miou"])]
     return max(rows, key=lambda row: row["miou"]) if rows else None
+
+
+def final_pseudo_share(run_dir: Path, num_classes: int) -> list[float | None]:
+    """Per class, the mean pseudo-label share (percent) of the last epoch's metrics.jsonl records;
+    empty when the run logged none (no unlabeled loss)."""
+    records = [r for r in RunFolder(run_dir).read_metrics() if r.get("pseudo_class_share")]
+    if not records:
+        return []
+    last = [r for r in records if r.get("epoch") == records[-1].get("epoch")]
+    return [_mean_defined([r["pseudo_class_share"][k] for r in last]) for k in range(num_classes)]
 
 
 def run_one(settings: TrainSettings, run_dir: Path, reporter=None, build_missing: DatasetBuilder | None = None) -> RunResult:
@@ -184,7 +214,8 @@ def run_one(settings: TrainSettings, run_dir: Path, reporter=None, build_missing
     iou = best["iou"]
     result = RunResult(method=settings.model.method, seed=settings.train.seed, run_dir=str(run_dir),
                        best_miou=float(best["miou"]), best_epoch=int(best["epoch"]),
-                       iou=[_json_number(v) for v in iou], class_names=class_names, train_seconds=seconds)
+                       iou=[_json_number(v) for v in iou], class_names=class_names, train_seconds=seconds,
+                       pseudo_share=final_pseudo_share(run_dir, len(class_names)))
     atomic_write_text(result_file, json.dumps(asdict(result), indent=2) + "\n")
     return result
 
@@ -202,10 +233,12 @@ def ablate(
     run's settings (its run.root / run.name must place it under `folder/runs`). `reporter_for(method,
     seed, index, total)` gives the training reporter of each run (progress across runs)."""
     total, runs = len(methods) * len(seeds), []
+    semi = [method for method in methods if method != "sup"]
+    recipe = recipe_text(settings_for(semi[0], seeds[0])) if semi else ""
     for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
         settings = settings_for(method, seed)
         run_dir = Path(settings.run.root) / (settings.preset or "custom").replace("/", "_") / str(settings.run.name)
         reporter = reporter_for(method, seed, index, total) if reporter_for is not None else None
         runs.append(run_one(settings, run_dir, reporter, build_missing))
-        write_outputs(Ablation(folder, runs[0].class_names, runs, summarise(runs, methods)))  # grows run by run
-    return Ablation(folder, runs[0].class_names, runs, summarise(runs, methods))
+        write_outputs(Ablation(folder, runs[0].class_names, runs, summarise(runs, methods), recipe))  # grows run by run
+    return Ablation(folder, runs[0].class_names, runs, summarise(runs, methods), recipe)

@@ -10,10 +10,11 @@ host one step late, so that checking them never makes the host wait for the step
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,11 +25,15 @@ from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.training.events import StepInfo, TrainReporter, format_step
 from allspark_cli.engine.training.rundir import RunFolder
 from allspark_cli.engine.training.state import TrainState
-from allspark_cli.engine.training.step import StepRecipe, train_step
+from allspark_cli.engine.training.pseudo_labels import CollapseMonitor, HealthSummary, PseudoHealth, summarize_health
+from allspark_cli.engine.training.step import StepRecipe, loss_weights, train_step
 from allspark_cli.engine.training.tensorboard import TensorBoardLog
 from allspark_cli.engine.training.train_data import Loaders
 from allspark_cli.errors import Interrupted, SettingsError
 from allspark_cli.signals import StopRequest
+
+
+HEALTH_DIGITS = 4  # decimals of the shares (percent) and confidences in metrics.jsonl
 
 
 def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
@@ -57,38 +62,80 @@ class EpochLoop:
     save: Callable[[Path], None]
     total_iterations: int
     tensorboard: TensorBoardLog | None = None  # rank 0 only
+    class_names: list[str] = field(default_factory=list)  # non-empty: log the pseudo labels' health
+    collapse: CollapseMonitor | None = None  # rank 0 only
+
+
+def step_recipe(settings: TrainSettings, groups: int, num_classes: int) -> StepRecipe:
+    """The step's view of the training settings (engine/training/step.py)."""
+    train = settings.train
+    labeled_weight, unlabeled_weight = loss_weights(train.loss_weighting, train.unlabeled_weight)
+    return StepRecipe(groups=groups, pseudo_label_pass=train.pseudo_label_pass,
+                      ignore_padding=train.unlabeled_padding == "ignore", unlabeled_rampup=train.unlabeled_rampup,
+                      weak_to_strong=train.recipe == "weak-to-strong",
+                      confidence_threshold=train.confidence_threshold if train.recipe == "weak-to-strong" else 0.0,
+                      labeled_weight=labeled_weight, unlabeled_weight=unlabeled_weight, num_classes=num_classes)
 
 
 class _LossWindow:
-    """Sums of (loss, loss_x, loss_u) over steps, averaged over steps and ranks on demand."""
+    """Sums of (loss, loss_x, loss_u) over steps, averaged over steps and ranks on demand, and of
+    the steps' PseudoHealth counts (summed over steps and ranks)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, health_size: int = 0) -> None:
         self.sums, self.steps, self.start = torch.zeros(3, device=device), 0, time.perf_counter()
+        self.health = torch.zeros(health_size, device=device)
+        self.first_iteration: int | None = None
 
-    def add(self, losses: torch.Tensor) -> None:
+    def add(self, losses: torch.Tensor, health: torch.Tensor | None = None, iteration: int = 0) -> None:
         self.sums += losses
         self.steps += 1
+        if health is not None:
+            self.health += health
+        if self.first_iteration is None:
+            self.first_iteration = iteration
 
     def means(self, dist: D.DistInfo) -> list[float]:
         return (D.all_reduce_(self.sums.clone()) / (self.steps * dist.world_size)).tolist()
 
+    def health_counts(self) -> list[float]:
+        return D.all_reduce_(self.health.clone()).tolist()
+
     def seconds_per_step(self) -> float:
         return (time.perf_counter() - self.start) / max(self.steps, 1)
+
+
+def _health_record(summary: HealthSummary) -> dict[str, float | list[float] | None]:
+    def rounded(value: float) -> float | None:  # JSON has no NaN: a class without pixels is null
+        return None if math.isnan(value) else round(value, HEALTH_DIGITS)
+
+    return {"pseudo_pass_share": rounded(summary.pass_share),
+            "pseudo_class_share": [rounded(v) for v in summary.pseudo_share],
+            "labeled_class_share": [rounded(v) for v in summary.labeled_share],
+            "pseudo_confidence": [rounded(v) for v in summary.confidence]}
 
 
 def _log_step(loop: EpochLoop, window: _LossWindow, epoch: int, iteration: int, lr: float, with_u: bool) -> None:
     means = window.means(loop.dist)
     info = StepInfo(epoch, loop.settings.train.epochs, iteration, loop.total_iterations, means[0], means[1],
                     means[2] if with_u else None, lr, window.seconds_per_step())
+    health = window.health_counts() if with_u and loop.class_names else None
+    summary = summarize_health(health, len(loop.class_names)) if health is not None else None
     if loop.dist.rank == 0:
         loop.run_folder.log(format_step(info))
-        loop.run_folder.append_metrics({"epoch": epoch, "iteration": iteration, "lr": lr, "loss": info.loss,
-                                        "loss_x": info.loss_x, "loss_u": info.loss_u,
-                                        "seconds_per_iteration": info.seconds_per_iteration})
+        record = {"epoch": epoch, "iteration": iteration, "lr": lr, "loss": info.loss, "loss_x": info.loss_x,
+                  "loss_u": info.loss_u, "seconds_per_iteration": info.seconds_per_iteration}
+        loop.run_folder.append_metrics({**record, **(_health_record(summary) if summary is not None else {})})
+        if health is not None and loop.collapse is not None:
+            for warning in loop.collapse.add(health, window.first_iteration + 1, iteration):
+                loop.run_folder.log(warning)
+                if loop.reporter is not None:
+                    loop.reporter.message(warning)
     if loop.reporter is not None:
         loop.reporter.step(info)
     if loop.tensorboard is not None:
         loop.tensorboard.step(iteration, loss=info.loss, loss_x=info.loss_x, loss_u=info.loss_u, lr=lr)
+        if summary is not None:
+            loop.tensorboard.health(iteration, summary, loop.class_names)
 
 
 def _read_flags(loop: EpochLoop, flags: torch.Tensor, epoch: int, iteration: int) -> bool:
@@ -119,10 +166,10 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
     use_memory = epoch >= settings.train.warmup_epochs
     lr = poly_lr(settings.optim.lr, epoch * per_epoch + start_batch, loop.total_iterations, settings.optim.poly_power)
     batches_u = iter(loaders.unlabeled) if loaders.unlabeled is not None else None
-    recipe = StepRecipe(groups=loaders.groups, pseudo_label_pass=settings.train.pseudo_label_pass,
-                        ignore_padding=settings.train.unlabeled_padding == "ignore",
-                        unlabeled_rampup=settings.train.unlabeled_rampup)
-    window, epoch_window = _LossWindow(dist.device), _LossWindow(dist.device)
+    num_classes = len(loop.class_names)
+    recipe = step_recipe(settings, loaders.groups, num_classes)
+    health_size = PseudoHealth.size(num_classes) if num_classes else 0
+    window, epoch_window = _LossWindow(dist.device, health_size), _LossWindow(dist.device)
     unread: tuple[torch.Tensor, int, int] | None = None  # a step's flags not read on the host yet
     loop.segmentor.train()
     for batch_index, batch_l in enumerate(loaders.labeled, start=start_batch):
@@ -148,7 +195,7 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
         state.iteration, state.batch, state.epoch = iteration + 1, batch_index + 1, epoch
         loss_u = losses.loss_u if losses.loss_u is not None else torch.zeros((), device=dist.device)
         step_losses = torch.stack([losses.total.detach(), losses.loss_x, loss_u]).float()
-        window.add(step_losses)
+        window.add(step_losses, losses.health, iteration)
         epoch_window.add(step_losses)
         stop_seen = unread is not None and _read_flags(loop, *unread)
         log_now = window.steps == settings.train.log_every or batch_index + 1 == per_epoch
@@ -159,7 +206,7 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
             unread = None
         if log_now:
             _log_step(loop, window, epoch, iteration + 1, lr, losses.loss_u is not None)
-            window = _LossWindow(dist.device)
+            window = _LossWindow(dist.device, health_size)
         if save_now or stop_seen:
             loop.save(loop.run_folder.last)
         if stop_seen:

@@ -41,6 +41,7 @@ class StartInfo:
     paper_lr: float | None
     paper_gpus: int | None
     notes: list[str] = field(default_factory=list)
+    recipe: str = "reference"  # the unlabeled loss's recipe, with its threshold and weighting ("" for sup)
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,21 @@ def format_start(info: StartInfo) -> str:
         f"training {info.preset or 'custom'} [{info.method}, MiT-{info.backbone.upper()}] on {info.device} x{info.world_size}: "
         f"global batch {info.global_batch}+{info.global_batch} in groups of {info.group_size}, lr {info.lr:g} "
         f"(head {info.head_lr:g}){paper}; "
-        f"{info.epochs} epochs x {info.iterations_per_epoch} iterations; run folder {info.run_dir}"
+        f"{info.epochs} epochs x {info.iterations_per_epoch} iterations; "
+        + (f"recipe {info.recipe}; " if info.recipe else "")
+        + f"run folder {info.run_dir}"
     )
+
+
+def recipe_text(settings) -> str:
+    """'weak-to-strong (threshold 0.95, fixmatch 1 + 1 x unlabeled)', or '' for a run without unlabeled loss."""
+    train = settings.train
+    if settings.model.method == "sup":
+        return ""
+    weighting = ("mean (loss_x + loss_u) / 2" if train.loss_weighting == "mean"
+                 else f"fixmatch loss_x + {train.unlabeled_weight:g} x loss_u")
+    threshold = f"threshold {train.confidence_threshold:g}, " if train.recipe == "weak-to-strong" else ""
+    return f"{train.recipe} ({threshold}{weighting})"
 
 
 class PlainReporter:
@@ -155,4 +169,5 @@ def start_info(settings, run_dir, dist, loaders, start_iteration, notes) -> Star
         labeled_images=len(loaders.datasets.labeled.entries),
         unlabeled_images=len(unlabeled) if unlabeled is not None else 0, start_iteration=start_iteration,
         paper_batch=paper_batch, paper_lr=paper_lr, paper_gpus=PAPER_GPUS if paper_batch else None, notes=notes,
+        recipe=recipe_text(settings),
     )

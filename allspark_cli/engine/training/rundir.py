@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from allspark_cli.constants import WEIGHTS_DIR
 from allspark_cli.errors import SettingsError
 from allspark_cli.fileio import atomic_write_text, remove_stale_temps
 
@@ -28,7 +29,6 @@ ENV_FILE = "env.json"
 LOG_FILE = "train.log"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.csv"
-WEIGHTS_DIR = "weights"
 PLOTS_DIR = "plots"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -120,6 +120,7 @@ def environment_info(*, device: torch.device, world_size: int, seed: int) -> dic
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "world_size": world_size,
+        "threads": torch.get_num_threads(),
         "seed": seed,
         "git_commit": git_commit(),
         "argv": sys.argv,

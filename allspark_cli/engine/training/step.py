@@ -1,11 +1,21 @@
-"""One semi-supervised training step (DESIGN.md section 1, "plain pseudo-labeling" + AllSpark).
+"""One semi-supervised training step (DESIGN.md section 1, "plain pseudo-labeling" + AllSpark,
+and section 3a, the weak-to-strong recipe).
 
 Per step: the model in EVAL mode predicts the unlabeled batch without gradient; the argmax is the
-pseudo label (no confidence threshold); the SAME raw logits go to
-`forward_train(memory_step=MemoryStep(pseudo_logits_u=...))` for the memory grouping. Then the train-mode forward of
-cat(labeled, unlabeled) gives the two losses; the step's loss is their mean (`sup`: the labeled
-loss alone), unless `train.unlabeled_rampup` ramps the unlabeled weight up over its first
-iterations (off by default: the reference's mean from the first step). Backward and the optimizer step are the caller's.
+pseudo label; the SAME raw logits go to `forward_train(memory_step=MemoryStep(pseudo_logits_u=...))`
+for the memory grouping. Then the train-mode forward of cat(labeled, unlabeled) gives the two losses.
+
+Recipes (`StepRecipe.weak_to_strong`):
+- reference: the unlabeled loss is CE against the pseudo labels on the very view that was
+  pseudo-labeled, every pixel (no confidence threshold);
+- weak-to-strong: the pseudo-label pass sees the weak view (the reference's); the train-mode
+  forward sees the strong view of the same crop, CutMixed within its group (engine/training/
+  pseudo_labels.py), and the loss counts the pixels whose weak confidence is at least the
+  threshold, divided by the valid pixels. The memory is grouped by the weak logits mixed like the images.
+
+Weighting: total = labeled_weight * loss_x + unlabeled_weight * ramp(t) * loss_u, with (0.5, 0.5)
+the reference's mean and (1, lambda) FixMatch's; `sup` trains loss_x alone at weight 1. The ramp
+(`train.unlabeled_rampup`) is off by default.
 
 Groups (`StepRecipe.groups`): the process's batch is split into equal groups, each what one of the
 reference's GPUs held (2 + 2 images for Pascal and Cityscapes, 4 + 4 for COCO). Within a group the
@@ -15,7 +25,8 @@ inference does), and each loss is the group's mean; the step's losses are the me
 which is what DDP's gradient averaging makes of the reference's per-GPU losses.
 
 Padding of unlabeled crops: the reference pseudo-labels it and trains on it (`ignore_padding`
-False); with `ignore_padding` the padded area is left out of the unlabeled loss.
+False); with `ignore_padding`, and always under weak-to-strong, the padded area is left out of the
+unlabeled loss.
 """
 from __future__ import annotations
 
@@ -32,11 +43,20 @@ from allspark_cli.data.transforms import UNLABELED_PADDING
 from allspark_cli.engine.distributed import match_gradient_layout_
 from allspark_cli.engine.settings import PseudoLabelPass
 from allspark_cli.engine.training.losses import Criterion, cross_entropy
+from allspark_cli.engine.training.pseudo_labels import (
+    ConfidentTargets,
+    confident_cross_entropy,
+    confident_targets,
+    cutmix,
+    group_partners,
+    health_counts,
+)
 from allspark_cli.model.allspark import MemoryStep, split_groups
 
-# The semi-supervised loss is the plain mean of the two views' losses (the reference's weighting).
-LABELED_WEIGHT = 0.5
-UNLABELED_WEIGHT = 0.5
+# The reference's weighting: the plain mean of the two views' losses.
+MEAN_WEIGHTS = (0.5, 0.5)
+# FixMatch's weighting keeps the labeled loss at full weight; the unlabeled one is lambda (a setting).
+FIXMATCH_LABELED_WEIGHT = 1.0
 # The sigmoid ramp-up of Laine & Aila (2017): weight exp(-RAMP_SHARPNESS (1 - t/T)^2), 0.7% at t = 0.
 RAMP_SHARPNESS = 5.0
 
@@ -56,14 +76,26 @@ class StepRecipe(NamedTuple):
     pseudo_label_pass: PseudoLabelPass = "group"
     ignore_padding: bool = False
     unlabeled_rampup: int = 0  # iterations of the unlabeled weight's ramp (0: the reference's full weight)
+    weak_to_strong: bool = False  # the weak-to-strong recipe (batch_u then carries the strong view and boxes)
+    confidence_threshold: float = 0.0  # weak-to-strong: the weak confidence a pixel needs to be trained on
+    labeled_weight: float = MEAN_WEIGHTS[0]
+    unlabeled_weight: float = MEAN_WEIGHTS[1]
+    num_classes: int = 0  # > 0: the step also returns its PseudoHealth counts
+
+
+def loss_weights(weighting: str, unlabeled_lambda: float) -> tuple[float, float]:
+    """(labeled, unlabeled) weights of `train.loss_weighting` ('mean' or 'fixmatch')."""
+    return MEAN_WEIGHTS if weighting == "mean" else (FIXMATCH_LABELED_WEIGHT, unlabeled_lambda)
 
 
 class StepLosses(NamedTuple):
-    """Scalar losses of one step: `total` carries the gradient; `loss_u` is None for `sup`."""
+    """Scalar losses of one step: `total` carries the gradient; `loss_u` is None for `sup`;
+    `health` the step's PseudoHealth counts (None for `sup` or when not asked for)."""
 
     total: torch.Tensor
     loss_x: torch.Tensor
     loss_u: torch.Tensor | None
+    health: torch.Tensor | None = None
 
 
 class TrainForward(nn.Module):
@@ -114,11 +146,17 @@ def grouped_loss(criterion: Criterion, logits: torch.Tensor, target: torch.Tenso
 _unlabeled_loss = partial(cross_entropy, ignore_index=IGNORE_INDEX)
 
 
+def _confident_loss(logits_u: torch.Tensor, targets: ConfidentTargets, groups: int) -> torch.Tensor:
+    """Mean over groups of each group's confidence-filtered CE (one group: the plain loss)."""
+    parts = zip(split_groups(logits_u, groups), *(split_groups(t, groups) for t in targets))
+    return torch.stack([confident_cross_entropy(logits, ConfidentTargets(*rest)) for logits, *rest in parts]).mean()
+
+
 def train_step(
     runner: nn.Module,
     segmentor: nn.Module,
     batch_l: tuple[torch.Tensor, torch.Tensor],
-    batch_u: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    batch_u: tuple[torch.Tensor, ...] | None,
     *,
     criterion_l: Criterion,
     use_memory: bool,
@@ -128,20 +166,34 @@ def train_step(
     recipe: StepRecipe = StepRecipe(),
 ) -> StepLosses:
     """Losses of one step. batch_l = (images (B,3,S,S), masks (B,S,S)); batch_u = (images,
-    pad_mask (B,S,S) with 255 on padding, sample ids (B,)) or None (`sup`). `runner` is the
-    (possibly DDP-wrapped) TrainForward of `segmentor`; all tensors are on the model's device."""
+    pad_mask (B,S,S) with 255 on padding, sample ids (B,)), under weak-to-strong followed by (strong
+    images (B,3,S,S), CutMix boxes (B,S,S)), or None (`sup`). `runner` is the (possibly DDP-wrapped)
+    TrainForward of `segmentor`; all tensors are on the model's device."""
     images_l, masks_l = batch_l
     if batch_u is None:
         with autocast():
             output = runner(images_l, None)
         loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
         return StepLosses(loss_x, loss_x.detach(), None)
-    images_u, pad_mask, sample_ids = batch_u
+    images_u, pad_mask, sample_ids = batch_u[:3]
     logits_u_eval, pseudo = pseudo_labels(segmentor, images_u, pad_mask, autocast, recipe)
+    if recipe.weak_to_strong:
+        strong, boxes = batch_u[3:]
+        partners = group_partners(images_u.shape[0], recipe.groups, images_u.device)
+        logits_u_eval = cutmix(logits_u_eval, boxes, partners)
+        images_u = cutmix(strong, boxes, partners)
+        targets = confident_targets(logits_u_eval, cutmix(pad_mask, boxes, partners), recipe.confidence_threshold)
+    else:  # every non-padding pixel counts as passing (no threshold)
+        targets = confident_targets(logits_u_eval, pad_mask, threshold=0.0)
     with autocast():
         memory_step = MemoryStep(logits_u_eval, use_memory, sample_ids, iteration, gather)
         output = runner(images_l, images_u, memory_step=memory_step, groups=recipe.groups)
     loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
-    loss_u = grouped_loss(_unlabeled_loss, output.logits_u, pseudo, recipe.groups)
-    total = LABELED_WEIGHT * loss_x + UNLABELED_WEIGHT * rampup_factor(iteration, recipe.unlabeled_rampup) * loss_u
-    return StepLosses(total, loss_x.detach(), loss_u.detach())
+    if recipe.weak_to_strong:
+        loss_u = _confident_loss(output.logits_u, targets, recipe.groups)
+    else:
+        loss_u = grouped_loss(_unlabeled_loss, output.logits_u, pseudo, recipe.groups)
+    ramp = rampup_factor(iteration, recipe.unlabeled_rampup)
+    total = recipe.labeled_weight * loss_x + recipe.unlabeled_weight * ramp * loss_u
+    health = health_counts(targets, masks_l, recipe.num_classes) if recipe.num_classes else None
+    return StepLosses(total, loss_x.detach(), loss_u.detach(), health)

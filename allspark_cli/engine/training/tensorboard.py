@@ -50,6 +50,16 @@ class TensorBoardLog:
             self.writer.add_scalar("train/loss_u", loss_u, iteration)
         self.writer.add_scalar("train/lr", lr, iteration)
 
+    def health(self, iteration: int, summary, class_names: list[str]) -> None:
+        """The pseudo labels' health (engine/training/pseudo_labels.py HealthSummary) of a logged window."""
+        if not math.isnan(summary.pass_share):
+            self.writer.add_scalar("pseudo/pass_share", summary.pass_share, iteration)
+        for name, pseudo, labeled, confidence in zip(class_names, summary.pseudo_share, summary.labeled_share,
+                                                     summary.confidence):
+            for tag, value in (("pseudo_share", pseudo), ("labeled_share", labeled), ("confidence", confidence)):
+                if not math.isnan(value):
+                    self.writer.add_scalar(f"pseudo/{tag}_{name}", value, iteration)
+
     def evaluation(self, iteration: int, *, miou: float, pixel_accuracy: float, iou: list[float],
                    class_names: list[str], mosaic: np.ndarray | None = None) -> None:
         self.writer.add_scalar("eval/mIoU", miou, iteration)

@@ -17,6 +17,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from allspark_cli.data.fingerprint import (
+    DatasetFingerprint,
+    fingerprint_differences,
+    read_fingerprint,
+    take_fingerprint,
+    training_roles,
+    write_fingerprint,
+)
 from allspark_cli.engine import distributed as D
 from allspark_cli.engine.inference.protocol import resolve_protocol
 from allspark_cli.engine.precision import (
@@ -35,6 +43,7 @@ from allspark_cli.engine.training.events import (
     start_info,
 )
 from allspark_cli.engine.training.losses import build_criterion
+from allspark_cli.engine.training.pseudo_labels import CollapseMonitor, collapse_remedy
 from allspark_cli.engine.training.resume import (
     capture_rng,
     check_resumable,
@@ -59,7 +68,7 @@ from allspark_cli.engine.training.train_data import (
     process_groups,
 )
 from allspark_cli.engine.training.train_eval import evaluate_epoch
-from allspark_cli.errors import Interrupted, ResourceError, SettingsError
+from allspark_cli.errors import DataError, Interrupted, ResourceError, SettingsError
 from allspark_cli.model.checkpoint import read_checkpoint, save_checkpoint
 from allspark_cli.model.config import build_model
 from allspark_cli.model.weights import load_pretrained_backbone
@@ -132,6 +141,23 @@ def _oom_error(settings: TrainSettings, dist: D.DistInfo) -> ResourceError:
     )
 
 
+def _check_same_dataset(run_dir: Path, now: DatasetFingerprint, settings: TrainSettings, force: bool) -> list[str]:
+    """Refuses (without `force`) a resume onto a dataset other than the one the run recorded;
+    returns the notes for the log. Runs from before fingerprints were recorded are checked by their
+    class names only (on the checkpoint)."""
+    recorded = read_fingerprint(run_dir)
+    if recorded is None:
+        return []
+    differences = fingerprint_differences(recorded, now, training_roles(settings.data.split, settings.eval.split))
+    if not differences:
+        return []
+    if not force:
+        raise DataError(f"--resume: {now.manifest} is not the dataset run {run_dir} started on "
+                        f"({recorded.manifest}): {'; '.join(differences)}; point --data at that dataset, "
+                        "or pass --force to go on with this one")
+    return [f"resumed on another dataset (--force): {now.manifest}: {'; '.join(differences)}"]
+
+
 def train(
     settings: TrainSettings,
     *,
@@ -160,9 +186,16 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     configure_cuda_math(tf32=settings.train.tf32, cudnn_benchmark=settings.train.cudnn_benchmark)
     wanted(settings.run.tensorboard)  # `on` without the package is refused before any work
     process_groups(settings, dist.world_size)  # so is a group size that does not divide the batch
-    # Data: checked before any compute; the loaders' order is a function of (seed, epoch).
+    # Data: checked before any compute; the loaders' order is a function of (seed, epoch). A resume
+    # trains on the dataset its run started on, or on none.
+    resumed_dir = run_dir_of_checkpoint(resume) if resume else None
+    if resumed_dir is not None and not manifest_path(settings).is_file():
+        raise DataError(f"--resume: the dataset of run {resumed_dir} is missing: {manifest_path(settings)}; "
+                        "move it back, or pass --data with its new place")
     manifest = open_dataset(settings, dist, notify=reporter.message if reporter is not None else None,
-                            build_missing=build_missing)
+                            build_missing=None if resume else build_missing)
+    fingerprint = take_fingerprint(manifest, manifest_path(settings).resolve())
+    dataset_notes = _check_same_dataset(resumed_dir, fingerprint, settings, force) if resumed_dir else []
     protocol = resolve_protocol(manifest, mode=settings.eval.mode, crop=settings.eval.crop, stride=settings.eval.stride,
                                 train_crop=settings.data.crop)
     settings = _resolved(settings, protocol)
@@ -174,6 +207,9 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
         check_resumable(checkpoint.train_state, checkpoint=str(resume), world_size=dist.world_size,
                         batch_size=settings.train.batch_size, force=force)
         resume_changes = check_unchanged(checkpoint.settings, settings.to_dict(), checkpoint=str(resume), force=force)
+        if checkpoint.class_names and list(checkpoint.class_names) != list(manifest.classes):
+            raise DataError(f"--resume: {manifest_path(settings)} has the classes {list(manifest.classes)}, the run "
+                            f"was trained on {list(checkpoint.class_names)}; point --data at the run's dataset")
     # Model, parameter groups, scheduler.
     notes: list[str] = []
     segmentor = _build_model(settings, manifest.num_classes, dist, notes)
@@ -223,6 +259,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     if main:
         run_folder.create(config_text=dump_settings_yaml(settings),
                           env=environment_info(device=dist.device, world_size=dist.world_size, seed=settings.train.seed))
+        write_fingerprint(run_folder.path, fingerprint)
         # A resumed run drops the steps it redoes; a run started again in its folder (killed before
         # its first save, or --exist-ok) drops all the old ones.
         run_folder.truncate_metrics(state.iteration)
@@ -230,6 +267,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
             run_folder.log(f"resumed from {resume} at iteration {state.iteration}")
             for change in resume_changes:
                 run_folder.log(f"note: resumed with a changed setting (--force): {change}")
+            for note in dataset_notes:
+                run_folder.log(f"note: {note}")
     D.barrier()
     banner = start_info(settings, run_folder.path, dist, loaders, state.iteration, notes)
     if main:
@@ -252,8 +291,13 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
 
     stop = StopRequest()
     tensorboard = open_log(settings.run.tensorboard, run_folder.path, main)
+    semi = loaders.unlabeled is not None
+    weak_to_strong = settings.train.recipe == "weak-to-strong"
+    collapse = CollapseMonitor(list(manifest.classes), settings.train.collapse_window, total_iterations,
+                               collapse_remedy(weak_to_strong)) if main and semi else None
     loop = EpochLoop(settings, dist, runner, segmentor, optimizer, scaler, autocast, criterion_l, gather, loaders,
-                     run_folder, reporter, state, stop, save, total_iterations, tensorboard)
+                     run_folder, reporter, state, stop, save, total_iterations, tensorboard,
+                     class_names=list(manifest.classes) if semi else [], collapse=collapse)
     try:
         with stop.installed():
             for epoch in range(state.epoch, settings.train.epochs):

@@ -85,7 +85,8 @@ def evaluate_epoch(
     if main:
         run_folder.write_results(state.history)
         run_folder.log(f"epoch {epoch + 1}: mIoU {miou:.2f} pixel accuracy {pixel_accuracy:.2f}")
-        plot_results(state.history, run_folder.plots / RESULTS_PLOT, steps=run_folder.read_metrics())
+        plot_results(state.history, run_folder.plots / RESULTS_PLOT, steps=run_folder.read_metrics(),
+                     class_names=list(manifest.classes))
         samples = _mosaic(model, dataset, settings, protocol, dist.device)
         mosaic = validation_mosaic(samples, manifest.palette, manifest.classes) if samples else None
         if mosaic is not None:
