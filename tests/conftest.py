@@ -4,7 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+
+from allspark_cli.threads import use_passive_wait
+
+use_passive_wait()  # as the CLI: before torch loads, so a busy CI machine does not starve the suite
+
+import torch  # noqa: E402
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
