@@ -200,3 +200,21 @@ def test_overlay_blend_and_legend() -> None:
     assert with_legend.shape == image.shape
     assert not np.array_equal(with_legend[:20, :40], half[:20, :40])  # legend drawn top-left
     np.testing.assert_array_equal(with_legend[40:, 60:], half[40:, 60:])  # the rest untouched
+
+
+def test_the_overlay_legend_keeps_to_a_small_corner_of_a_small_image() -> None:
+    from allspark_cli.viz.overlay import LEGEND_CORNER_SHARE, overlay_with_legend
+
+    names = ["background", "square", "disc", "triangle", "ring", "star", "cross"]
+    # No black class: the legend's text is black.
+    palette = [(90, 90, 90), (200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (200, 40, 200), (40, 200, 200)]
+    for height, width in ((96, 128), (480, 640)):
+        image = np.full((height, width, 3), 100, np.uint8)
+        mask = (np.arange(width) * len(names) // width)[None].repeat(height, 0).astype(np.uint8)
+        changed = (overlay_with_legend(image, mask, names, palette, 0.0) != image).any(axis=-1)
+        rows, cols = np.nonzero(changed)
+        assert rows.max() < LEGEND_CORNER_SHARE * height and cols.max() < LEGEND_CORNER_SHARE * width
+        swatches = sum((changed & (overlay_with_legend(image, mask, names, palette, 0.0) == colour).all(-1)).any()
+                       for colour in np.array(palette, np.uint8))
+        # A large image shows every class; a small one the first that fits, the rest summed up as "+N".
+        assert swatches == (len(names) if height == 480 else 1)

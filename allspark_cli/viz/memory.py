@@ -15,6 +15,7 @@ where it looks); a constant channel renders as the colour of 0.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 
 import cv2
@@ -37,6 +38,11 @@ CHART_DPI = 100
 CHART_HEIGHT_IN = 3.2
 CHART_MIN_WIDTH_IN = 6.0
 CHART_WIDTH_PER_CLASS_IN = 0.28
+LABEL_FONT_SIZE = 8
+LABEL_CHAR_IN = 0.075  # about one character of LABEL_FONT_SIZE text, in inches (with spacing)
+LABEL_SLANT_DEGREES = 45
+TITLE_FONT_SIZE = 11
+TITLE_CHAR_IN = 0.095  # about one character of TITLE_FONT_SIZE text, in inches
 # Colour of filled slots / noise slots / assigned counts in the charts.
 FILLED_COLOR = "#2b7bba"
 NOISE_COLOR = "#d9d9d9"
@@ -197,9 +203,22 @@ def _chart_width(num_classes: int) -> float:
 
 
 def _class_axis(axes, class_names: Sequence[str]) -> None:
+    """Class names under the bars: level when they fit side by side, else slanted (read left to right)."""
     axes.set_xticks(range(len(class_names)))
-    axes.set_xticklabels(class_names, rotation=90, fontsize=7)
+    width_in = axes.figure.get_figwidth()
+    fits_level = max((len(name) for name in class_names), default=0) * LABEL_CHAR_IN * len(class_names) < width_in
+    if fits_level:
+        axes.set_xticklabels(class_names, fontsize=LABEL_FONT_SIZE)
+    else:
+        axes.set_xticklabels(class_names, rotation=LABEL_SLANT_DEGREES, ha="right", rotation_mode="anchor",
+                             fontsize=LABEL_FONT_SIZE)
     axes.set_xlim(-0.6, len(class_names) - 0.4)
+
+
+def _title(axes, text: str) -> None:
+    """A title wrapped to the figure's width (a long one would run off a narrow chart)."""
+    characters = max(1, int(axes.figure.get_figwidth() / TITLE_CHAR_IN))
+    axes.set_title("\n".join(textwrap.wrap(text, characters)), fontsize=TITLE_FONT_SIZE)
 
 
 def fill_level_chart(filled: Sequence[int], slots: int, class_names: Sequence[str]) -> np.ndarray:
@@ -212,7 +231,7 @@ def fill_level_chart(filled: Sequence[int], slots: int, class_names: Sequence[st
     axes.bar(positions, slots - filled_arr, bottom=filled_arr, color=NOISE_COLOR, label="initial noise")
     axes.set_ylim(0, slots)
     axes.set_ylabel(f"slots (of {slots})")
-    axes.set_title("Semantic Memory fill level per class")
+    _title(axes, "Semantic Memory fill level per class")
     axes.legend(fontsize=7, loc="upper right")
     _class_axis(axes, class_names)
     return _render(figure)
@@ -224,7 +243,7 @@ def _class_bar_chart(values: np.ndarray, class_names: Sequence[str], *, ylabel: 
     axes = figure.add_subplot(1, 1, 1)
     axes.bar(np.arange(len(class_names)), values, color=color)
     axes.set_ylabel(ylabel)
-    axes.set_title(title)
+    _title(axes, title)
     _class_axis(axes, class_names)
     return _render(figure)
 
@@ -243,7 +262,7 @@ def attention_class_map(mass: np.ndarray, class_names: Sequence[str]) -> np.ndar
     shown = axes.imshow(mass, aspect="auto", interpolation="nearest", cmap="viridis")
     figure.colorbar(shown, ax=axes, label="attention mass")
     axes.set_ylabel(f"query channel (0..{num_channels - 1})")
-    axes.set_title("Labeled-branch attention on the memory, per class slot")
+    _title(axes, "Labeled-branch attention on the memory, per class slot")
     _class_axis(axes, class_names)
     return _render(figure)
 

@@ -2,7 +2,7 @@
 
 `blend` mixes image and colour map per pixel (`opacity` = weight of the colours); pixels of the
 ignore index keep the plain image. `draw_legend` writes one swatch and name per class present in
-the mask into the top-left corner with OpenCV (no matplotlib per image: prediction writes
+the mask into the top-left corner (at most LEGEND_CORNER_SHARE of the height and width) with OpenCV (no matplotlib per image: prediction writes
 thousands of these). All arrays are RGB uint8.
 """
 from __future__ import annotations
@@ -27,6 +27,9 @@ LEGEND_BACKGROUND = (255, 255, 255)
 LEGEND_BACKGROUND_ALPHA = 0.7
 TEXT_COLOR = (0, 0, 0)
 MAX_OPACITY = 1.0
+TEXT_THICKNESS = 1
+# The overlay legend keeps to the top-left corner of this share of the image's height and width.
+LEGEND_CORNER_SHARE = 0.4
 
 
 def blend(image: np.ndarray, mask: np.ndarray, palette: np.ndarray | Sequence, opacity: float) -> np.ndarray:
@@ -58,35 +61,59 @@ def legend_height(rows: int, width: int) -> int:
 
 
 def draw_legend(
-    image: np.ndarray, class_ids: Sequence[int], class_names: Sequence[str], palette: np.ndarray | Sequence
+    image: np.ndarray, class_ids: Sequence[int], class_names: Sequence[str], palette: np.ndarray | Sequence,
+    corner_share: float = LEGEND_CORNER_SHARE,
 ) -> np.ndarray:
     """Copy of `image` (H, W, 3 uint8 RGB) with a swatch + name per class id in the top-left corner.
 
-    Rows that would run below the image are left out (a legend never changes the image size).
+    The legend stays inside the corner of `corner_share` of the image's height and width (on a small
+    image, classes that do not fit become one "+N more" row, long names are shortened); it never
+    changes the image size. A legend panel of its own (the mosaic's) passes `corner_share=1`.
     """
     out = image.copy()
     height, width = out.shape[:2]
     colors = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     scale, text_px, margin = _legend_geometry(height, width)
-    thickness = 1
     row_height = text_px + margin
     labels = [class_names[k] if k < len(class_names) else f"class_{k}" for k in class_ids]
-    rows = min(len(labels), max(0, (height - margin) // row_height))
+    fitting = max(0, (int(height * corner_share) - margin) // row_height)
+    rows = min(len(labels), fitting)
     if rows == 0:
         return out
-    text_width = max(cv2.getTextSize(label, FONT, scale, thickness)[0][0] for label in labels[:rows])
+    # Rows that do not fit in the corner are summed up in its last row ("+N more").
+    shown = list(zip(class_ids[:rows], labels[:rows]))
+    text_room = max(1, int(width * corner_share) - margin * 3 - text_px)
+    shown = [(class_id, _fit_text(label, scale, text_room)) for class_id, label in shown]
+    if rows < len(labels):
+        hidden = len(labels) - rows + 1
+        summary = f"+{hidden} more"
+        fits = cv2.getTextSize(summary, FONT, scale, TEXT_THICKNESS)[0][0] <= text_room
+        shown[-1] = (None, summary if fits else f"+{hidden}")
+    text_width = max(cv2.getTextSize(label, FONT, scale, TEXT_THICKNESS)[0][0] for _, label in shown)
     box_right = min(width, margin * 3 + text_px + text_width)
     box_bottom = min(height, margin + rows * row_height)
     panel = out[:box_bottom, :box_right].astype(np.float32)
     panel = panel * (1 - LEGEND_BACKGROUND_ALPHA) + np.array(LEGEND_BACKGROUND, np.float32) * LEGEND_BACKGROUND_ALPHA
     out[:box_bottom, :box_right] = np.rint(panel).astype(np.uint8)
-    for row, (class_id, label) in enumerate(zip(class_ids[:rows], labels[:rows])):
+    for row, (class_id, label) in enumerate(shown):
         top = margin + row * row_height
-        color = tuple(int(c) for c in colors[class_id]) if class_id < len(colors) else TEXT_COLOR
-        cv2.rectangle(out, (margin, top), (margin + text_px, top + text_px), color, thickness=cv2.FILLED)
+        if class_id is not None:
+            color = tuple(int(c) for c in colors[class_id]) if class_id < len(colors) else TEXT_COLOR
+            cv2.rectangle(out, (margin, top), (margin + text_px, top + text_px), color, thickness=cv2.FILLED)
         origin = (margin * 2 + text_px, top + text_px - 1)
-        cv2.putText(out, label, origin, FONT, scale, TEXT_COLOR, thickness, cv2.LINE_AA)
+        cv2.putText(out, label, origin, FONT, scale, TEXT_COLOR, TEXT_THICKNESS, cv2.LINE_AA)
     return out
+
+
+def _fit_text(label: str, scale: float, room: int) -> str:
+    """`label`, shortened with a trailing '.' until it is at most `room` pixels wide (at least one character)."""
+    if cv2.getTextSize(label, FONT, scale, TEXT_THICKNESS)[0][0] <= room:
+        return label
+    for end in range(len(label) - 1, 0, -1):
+        short = label[:end] + "."
+        if cv2.getTextSize(short, FONT, scale, TEXT_THICKNESS)[0][0] <= room:
+            return short
+    return label[:1]
 
 
 def overlay_with_legend(

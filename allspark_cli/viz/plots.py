@@ -12,11 +12,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from allspark_cli.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from allspark_cli.fileio import atomic_path, write_png
-from allspark_cli.viz.overlay import draw_legend, legend_height
+from allspark_cli.viz.overlay import FONT, FONT_PX_AT_SCALE_1, draw_legend, legend_height
 from allspark_cli.labels import full_palette
 from allspark_cli.viz.palette import colorize
 
@@ -35,15 +36,24 @@ GRID_ALPHA = 0.3
 SMOOTHING = 0.8  # EMA weight of the previous smoothed value (TensorBoard's default 0.6 is too jumpy at log_every 10-20)
 RAW_ALPHA = 0.35
 LEGEND_PANEL_WIDTH = 200  # pixels right of the mosaic
+MOSAIC_TITLES = ("image", "ground truth", "prediction")
+MOSAIC_TITLE_PX = 14  # text height of the column titles
+TITLE_COLOR = (0, 0, 0)
 
 
 def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
-    """Exponential moving average (NaNs skipped, the first value starts it)."""
-    out, current = [], math.nan
+    """Bias-corrected exponential moving average (NaNs skipped; NaN until the first value).
+
+    s_n = weight s_(n-1) + (1 - weight) x_n from s_0 = 0, shown as s_n / (1 - weight^n): the mean of
+    the points so far with weights decaying by `weight` per point. Started at the first value
+    instead, the first point would keep weight^n of the line, and on a short run the line would
+    trail far above the falling losses."""
+    out, average, seen = [], 0.0, 0
     for value in values:
         if not math.isnan(value):
-            current = value if math.isnan(current) else weight * current + (1 - weight) * value
-        out.append(current)
+            average = weight * average + (1 - weight) * value
+            seen += 1
+        out.append(average / (1 - weight**seen) if seen else math.nan)
     return out
 
 
@@ -150,24 +160,40 @@ def validation_mosaic(
     height = max(grid.shape[0], legend_height(len(shown), LEGEND_PANEL_WIDTH))
     grid = np.concatenate([grid, np.full((height - grid.shape[0], grid.shape[1], 3), WHITE, np.uint8)], axis=0)
     panel = draw_legend(np.full((height, LEGEND_PANEL_WIDTH, 3), WHITE, dtype=np.uint8), shown, class_names,
-                        full_palette(palette))
+                        full_palette(palette), corner_share=1.0)
     return np.concatenate([grid, np.full((height, MOSAIC_GAP, 3), WHITE, np.uint8), panel], axis=1)
 
 
+def _pad_to_width(tile: np.ndarray, width: int) -> np.ndarray:
+    return np.concatenate([tile, np.full((tile.shape[0], width - tile.shape[1], 3), WHITE, np.uint8)], axis=1)
+
+
+def _title_strip(titles: tuple[str, ...], widths: list[int]) -> np.ndarray:
+    """A white strip with each column's title, left-aligned over its column."""
+    scale = MOSAIC_TITLE_PX / FONT_PX_AT_SCALE_1
+    strip = np.full((MOSAIC_TITLE_PX + 2 * MOSAIC_GAP, sum(widths) + MOSAIC_GAP * (len(widths) - 1), 3), WHITE,
+                    np.uint8)
+    left = 0
+    for title, width in zip(titles, widths):
+        cv2.putText(strip, title, (left, MOSAIC_GAP + MOSAIC_TITLE_PX - 1), FONT, scale, TITLE_COLOR, 1, cv2.LINE_AA)
+        left += width + MOSAIC_GAP
+    return strip
+
+
 def _mosaic_grid(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: list | np.ndarray) -> np.ndarray:
+    """Rows of (image, ground truth, prediction) under a title strip; every column as wide as its
+    widest tile, so the columns line up whatever the images' sizes."""
     colours = full_palette(palette)
-    rows = []
-    for image, target, prediction in samples:
-        tiles = [denormalize(image), colorize(target.astype(np.uint8), colours), colorize(prediction.astype(np.uint8), colours)]
+    rows = [[denormalize(image), colorize(target.astype(np.uint8), colours), colorize(prediction.astype(np.uint8), colours)]
+            for image, target, prediction in samples]
+    widths = [max(row[column].shape[1] for row in rows) for column in range(len(MOSAIC_TITLES))]
+    parts = [_title_strip(MOSAIC_TITLES, widths)]
+    for tiles in rows:
         gap = np.full((tiles[0].shape[0], MOSAIC_GAP, 3), WHITE, dtype=np.uint8)
-        rows.append(np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1))
-    width = max(row.shape[1] for row in rows)
-    padded = []
-    for row in rows:
-        pad = np.full((row.shape[0], width - row.shape[1], 3), WHITE, dtype=np.uint8)
-        padded.append(np.concatenate([row, pad], axis=1))
-        padded.append(np.full((MOSAIC_GAP, width, 3), WHITE, dtype=np.uint8))
-    return np.concatenate(padded[:-1], axis=0)
+        padded = [_pad_to_width(tile, width) for tile, width in zip(tiles, widths)]
+        parts.append(np.concatenate([padded[0], gap, padded[1], gap, padded[2]], axis=1))
+        parts.append(np.full((MOSAIC_GAP, parts[-1].shape[1], 3), WHITE, dtype=np.uint8))
+    return np.concatenate(parts[:-1], axis=0)
 
 
 def write_validation_mosaic(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: list, path: Path,
