@@ -88,6 +88,16 @@ def test_ablate_resumes_and_tabulates_the_runs(tiny_preset: Path, tmp_path: Path
     assert (folder / "ablation.png").stat().st_size > 0
     table = (folder / "table.md").read_text()
     assert "| semi |" in table and "± " in table and "square" in table
+    # The recipe above the table, and each class's final pseudo-label share beside its IoU: the
+    # mean over the last epoch's logged iterations of the run's own metrics.jsonl.
+    assert "Recipe of the semi-supervised methods: reference (mean" in table
+    for row in rows:
+        records = [json.loads(line) for line in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in records if r["epoch"] == records[-1]["epoch"]]
+        expected = statistics.fmean(r["pseudo_class_share"][1] for r in last)
+        assert float(row["pseudo_share_square"]) == pytest.approx(expected, abs=1e-3)
+    semi_square = statistics.fmean(float(r["pseudo_share_square"]) for r in rows if r["method"] == "semi")
+    assert f"({semi_square:.1f})" in table.split("| semi |")[1].split("\n")[0]
     assert "semi" in second.output and "allspark" in second.output  # the table on the terminal
 
 
