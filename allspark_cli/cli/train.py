@@ -30,7 +30,7 @@ from allspark_cli.model.mit import Backbone
 from allspark_cli.model.segmentor import Method
 from allspark_cli.threads import apply_threads
 
-PRESETS_TABLE_WIDTH = 180
+PRESETS_TABLE_WIDTH = 200
 
 
 class RichReporter:
@@ -91,9 +91,9 @@ def presets_table() -> Table:
 
 
 def _recipe_cell(settings) -> str:
-    """'reference (w2s 0.95)': the preset's recipe and weak-to-strong's threshold."""
+    """'reference (0.95)': the preset's recipe and the threshold weak-to-strong would use."""
     train = settings.train
-    return f"{train.recipe} (w2s {train.confidence_threshold:g})"
+    return f"{train.recipe} ({train.confidence_threshold:g})"
 
 
 def _baselines_text(preset) -> str:
