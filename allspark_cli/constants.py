@@ -1,7 +1,7 @@
 """Constants shared by the data pipeline, the model and the engine."""
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 # Mask value of pixels that carry no label (VOC borders, Cityscapes void, padding).
 IGNORE_INDEX = 255
@@ -13,7 +13,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # How the labeled branch's attention is computed (model/attention_paths.py): `auto` picks per call
 # (CPU: frugal; CUDA: eager when its maps fit in the device's free memory, else frugal).
 AttentionPath = Literal["auto", "eager", "frugal", "sdpa"]
-ATTENTION_PATHS: tuple[str, ...] = get_args(AttentionPath)
 
 # The folder of a run that holds its checkpoints (RUN_DIR/weights/last.pt, best.pt).
 WEIGHTS_DIR = "weights"

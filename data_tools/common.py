@@ -82,7 +82,6 @@ class MapReport:
 
     total: int = 0
     skipped: int = 0
-    checked: int = 0
     written: list[Path] = field(default_factory=list)
     skipped_outputs: list[Path] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -109,8 +108,6 @@ class MapReport:
             self.skipped += 1
             if result.output is not None:
                 self.skipped_outputs.append(result.output)
-        else:
-            self.checked += 1
 
 
 @dataclass
@@ -443,9 +440,6 @@ class OutputGuard:
             path.mkdir(parents=True, exist_ok=True)
         self._dirs.extend(reversed(missing))
         return path
-
-    def add_files(self, paths: Sequence[Path]) -> None:
-        self._files.extend(paths)
 
     def add_link(self, path: Path) -> None:
         self._files.append(path)

@@ -1,6 +1,7 @@
 """Shared test fixtures: isolation of environment and working folder, the reference data folder."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,20 @@ def _isolated(monkeypatch, tmp_path_factory):
     torch.manual_seed(0)
 
 
+def require_shared(path: Path) -> None:
+    """A folder of ../shared that a test needs: skipped with the reason outside CI, a failure under
+    CI=true (where shared/ is always laid beside the clone, so a missing one is a broken setup, not
+    a reason to pass without checking anything)."""
+    if path.is_dir():
+        return
+    message = f"{path} is not available"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message} (CI=true: the parity tests must run)")
+    pytest.skip(message)
+
+
 @pytest.fixture
 def reference_dir() -> Path:
-    """../shared/reference beside the repo; tests using it skip cleanly when it is absent."""
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip("../shared/reference is not available")
+    """../shared/reference beside the repo (see `require_shared`)."""
+    require_shared(REFERENCE_DIR)
     return REFERENCE_DIR

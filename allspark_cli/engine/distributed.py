@@ -3,7 +3,7 @@
 `init_distributed()` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the
 run is one process and every helper here is the identity. Backends: NCCL on CUDA, gloo on CPU.
 Nothing here patches `print`, touches settings, or writes files: callers decide what rank 0 does
-with `is_main()`.
+(`DistInfo.rank == 0`).
 """
 from __future__ import annotations
 
@@ -105,13 +105,6 @@ def shutdown_distributed(dist: DistInfo) -> None:
     """Leaves the process group (no-op for one process)."""
     if dist.is_distributed and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
-
-
-def is_main(dist: DistInfo | None = None) -> bool:
-    """True on rank 0 (and in any single-process run): the one process that writes files."""
-    if dist is not None:
-        return dist.rank == 0
-    return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
 
 
 def _active() -> bool:

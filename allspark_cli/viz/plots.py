@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from allspark_cli.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
-from allspark_cli.fileio import atomic_path, write_png
+from allspark_cli.fileio import atomic_path
 from allspark_cli.viz.overlay import FONT, FONT_PX_AT_SCALE_1, draw_legend, legend_height
 from allspark_cli.labels import full_palette
 from allspark_cli.viz.palette import colorize
@@ -194,8 +194,3 @@ def _mosaic_grid(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], palet
         parts.append(np.concatenate([padded[0], gap, padded[1], gap, padded[2]], axis=1))
         parts.append(np.full((MOSAIC_GAP, parts[-1].shape[1], 3), WHITE, dtype=np.uint8))
     return np.concatenate(parts[:-1], axis=0)
-
-
-def write_validation_mosaic(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: list, path: Path,
-                            class_names: list[str] | None = None) -> None:
-    write_png(path, validation_mosaic(samples, palette, class_names))
