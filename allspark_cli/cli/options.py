@@ -45,3 +45,8 @@ RecipeOption = Annotated[
     typer.Option("--recipe", help="Unlabeled loss of every semi-supervised method: reference (the paper's) or "
                  "weak-to-strong (confidence-filtered, on a strong view; DESIGN.md 3a).", show_default=False),
 ]
+AccumulateOption = Annotated[
+    str | None,
+    typer.Option("--accumulate", metavar="N|auto", help="Micro-steps per optimizer step (whole groups each: the same "
+                 "step in less memory); auto: 1 on CPU, measured on CUDA.", show_default=False),
+]

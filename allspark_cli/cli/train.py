@@ -1,6 +1,7 @@
 """`allspark train`: settings from a preset (or a run to resume) + overrides, then engine.train."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +26,8 @@ from allspark_cli.engine.training import train as engine
 from allspark_cli.engine.distributed import launched_rank
 from allspark_cli.engine.training.presets import find_preset, list_presets
 from allspark_cli.engine.training.resume import resume_base
-from allspark_cli.errors import SettingsError
+from allspark_cli.engine.training.memory_plan import GIB
+from allspark_cli.errors import ResourceError, SettingsError
 from allspark_cli.model.mit import Backbone
 from allspark_cli.model.segmentor import Method
 from allspark_cli.threads import apply_threads
@@ -128,6 +130,7 @@ def train_command(
     name: NameOption = None,
     exist_ok: ExistOkOption = False,
     save_every: Annotated[int | None, typer.Option("--save-every", min=0, rich_help_panel="Run", help="Save last.pt every N iterations.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", rich_help_panel="Run", help="Measure one step per micro-step count on the device (peak memory, time), print the plan and exit; writes nothing.")] = False,
 ) -> None:
     """Train a segmentor (AllSpark or an ablation) from a preset; writes runs/<preset>/<name>/.
 
@@ -151,6 +154,9 @@ def train_command(
         base = {**base, "model": {**base.get("model", {}), "pretrained": None}}
     settings = training.settings(base, options=options, method_recipes=method_recipes)
     apply_threads(training.threads)
+    if dry_run:
+        _print_plan(engine.plan_run(settings))
+        return
     reporter = RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
     result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter,
                           build_missing=None if resume else dataset_builder_for(settings.preset, settings.data.manifest))
@@ -158,6 +164,26 @@ def train_command(
         return
     Console().print(f"[green]done[/]: best mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1}), "
                     f"last {result.last_miou:.2f}; run folder {result.run_dir}")
+
+
+def _print_plan(plan: engine.RunPlan) -> None:
+    """The dry run's table: one row per micro-step count measured, the pick and the projection."""
+    table = Table(title=f"one training step on {plan.device} ({plan.groups} group(s) per process)")
+    for column in ("micro-steps", "peak memory", "step time"):
+        table.add_column(column, justify="right")
+    for row in plan.measures:
+        peak = "out of memory" if math.isinf(row.peak_bytes) else f"{row.peak_bytes / GIB:.2f} GiB"
+        seconds = "-" if math.isnan(row.seconds) else f"{row.seconds:.2f} s"
+        table.add_row(str(row.micro_steps), peak, seconds)
+    out = Console()
+    out.print(table)
+    if plan.device.startswith("cpu"):
+        out.print("peak memory on CPU: the process's peak resident set so far (the first row is the step's own)")
+    if plan.chosen is None:
+        raise ResourceError(plan.problem or "no micro-step count fits this device")
+    capacity = "" if math.isinf(plan.capacity_bytes) else f" of {plan.capacity_bytes / GIB:.1f} GiB"
+    out.print(f"--accumulate auto would pick {plan.chosen} micro-step(s){capacity}; projected training time "
+              f"{plan.projected_seconds / 60:.1f} min for {plan.total_iterations} iterations (evaluations not included)")
 
 
 def _base_layer(preset: str | None, resume: Path | None,

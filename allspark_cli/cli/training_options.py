@@ -16,6 +16,7 @@ from allspark_cli.cli.options import (
     DataOption,
     DeviceOption,
     EpochsOption,
+    AccumulateOption,
     LrOption,
     RecipeOption,
     SetOption,
@@ -44,6 +45,7 @@ class TrainingOptions:
     device: DeviceOption = None
     workers: WorkersOption = None
     threads: ThreadsOption = None
+    accumulate: AccumulateOption = None
     set_values: SetOption = None
 
     def overrides(self) -> dict[str, Any]:
@@ -52,6 +54,7 @@ class TrainingOptions:
             "train.epochs": self.epochs, "train.batch_size": self.batch_size, "data.crop": self.crop, "optim.lr": self.lr,
             "train.amp": self.amp, "train.device": self.device, "data.workers": self.workers,
             "data.manifest": str(self.data) if self.data else None, "train.recipe": self.recipe,
+            "train.accumulation_steps": _accumulation_value(self.accumulate),
         }
 
     def settings(
@@ -66,6 +69,13 @@ class TrainingOptions:
         own `options` < --set < `forced` (KEY=VALUE settings the command itself decides)."""
         return build_settings(base=base, config=self.config, options={**self.overrides(), **(options or {})},
                               sets=[*(self.set_values or []), *forced], method_recipes=method_recipes)
+
+
+def _accumulation_value(text: str | None) -> int | str | None:
+    """--accumulate N|auto as the setting's value (validated with the settings: 0 or 'x' is refused there)."""
+    if text is None:
+        return None
+    return int(text) if text.strip().lstrip("-").isdigit() else text.strip()
 
 
 # `train` and `ablate` take the options as `training: TrainingOptions` under this decorator.

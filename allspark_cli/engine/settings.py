@@ -8,7 +8,7 @@ is engine/settings_layers.py. The recipe values of the presets come from DESIGN.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -31,6 +31,7 @@ OptimizerName = Literal["sgd", "adamw"]
 PseudoLabelPass = Literal["group", "image"]
 UnlabeledPadding = Literal["pseudo-label", "ignore"]
 Recipe = Literal["reference", "weak-to-strong"]
+AccumulationSteps = Annotated[int, Field(ge=1)] | Literal["auto"]
 LossWeighting = Literal["mean", "fixmatch"]
 EpochLength = Literal["unlabeled", "labeled"]
 BaselineRecipe = Literal["reference", "method"]
@@ -143,6 +144,16 @@ class LoopSettings(_Section):
         default=100, ge=0, json_schema_extra=REPORTING_ONLY,
         description="iterations over which the pseudo labels' class shares are compared with the labeled masks' "
         "for the collapse warning (0: no warning)",
+    )
+    accumulation_steps: AccumulationSteps = Field(
+        default="auto",
+        description="micro-steps per optimizer step, each whole groups of the process's batch (forward and "
+        "backward in pieces: the same step in less memory; only the head's BatchNorm batch statistics see fewer "
+        "images). auto: 1 on CPU; on CUDA the fewest whose measured peak stays under train.memory_fraction",
+    )
+    memory_fraction: float = Field(
+        default=0.9, gt=0.0, le=1.0,
+        description="share of the device's memory that --accumulate auto lets one micro-step's peak reach",
     )
     loss: LossName = "ce"
     ohem_thresh: float = Field(default=0.7, gt=0.0, le=1.0)

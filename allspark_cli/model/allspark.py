@@ -243,6 +243,18 @@ class AllSparkModule(nn.Module):
         return out[:B_l], out[B_l:]
 
     @torch.no_grad()
+    def memory_tokens(self, features_u: torch.Tensor) -> torch.Tensor:
+        """The normed tokens (B, N, C) that `forward_train` writes into the memory for the
+        unlabeled maps (B, C, h, w): for a step whose unlabeled images reach the module in pieces
+        (gradient accumulation), whose memory must hold every piece before any piece reads it."""
+        return self._tokens(features_u)[1]
+
+    @torch.no_grad()
+    def write_memory(self, tokens_u: torch.Tensor, grid: tuple[int, int], step: MemoryStep) -> None:
+        """Writes `memory_tokens` of a whole step at once (see `MemoryStep`; `use_memory` is not read)."""
+        self._update_memory(tokens_u, grid, step)
+
+    @torch.no_grad()
     def _update_memory(self, e_u: torch.Tensor, grid: torch.Size, step: MemoryStep) -> None:
         tokens = e_u.detach()
         class_logits = resize_logits_to_grid(step.pseudo_logits_u.detach(), tuple(grid))

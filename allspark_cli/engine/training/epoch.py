@@ -25,6 +25,7 @@ from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.training.events import StepInfo, TrainReporter, format_step
 from allspark_cli.engine.training.rundir import RunFolder
 from allspark_cli.engine.training.state import TrainState
+from allspark_cli.engine.training.accumulation import accumulated_step
 from allspark_cli.engine.training.pseudo_labels import CollapseMonitor, HealthSummary, PseudoHealth, summarize_health
 from allspark_cli.engine.training.step import StepRecipe, loss_weights, train_step
 from allspark_cli.engine.training.tensorboard import TensorBoardLog
@@ -168,6 +169,7 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
     batches_u = iter(loaders.unlabeled) if loaders.unlabeled is not None else None
     num_classes = len(loop.class_names)
     recipe = step_recipe(settings, loaders.groups, num_classes)
+    micro_steps = settings.train.accumulation_steps
     health_size = PseudoHealth.size(num_classes) if num_classes else 0
     window, epoch_window = _LossWindow(dist.device, health_size), _LossWindow(dist.device)
     unread: tuple[torch.Tensor, int, int] | None = None  # a step's flags not read on the host yet
@@ -179,17 +181,23 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
             group["lr"] = lr * group["base_lr"] / settings.optim.lr
         batch_l = [t.to(dist.device, non_blocking=True) for t in batch_l]
         batch_u = None if batches_u is None else [t.to(dist.device, non_blocking=True) for t in next(batches_u)]
-        losses = train_step(loop.runner, loop.segmentor, batch_l, batch_u, criterion_l=loop.criterion_l,
-                            use_memory=use_memory, iteration=iteration, gather=loop.gather, autocast=loop.autocast,
-                            recipe=recipe)
+        loop.optimizer.zero_grad(set_to_none=True)
+        if micro_steps == 1:
+            losses = train_step(loop.runner, loop.segmentor, batch_l, batch_u, criterion_l=loop.criterion_l,
+                                use_memory=use_memory, iteration=iteration, gather=loop.gather,
+                                autocast=loop.autocast, recipe=recipe)
+            loop.scaler.scale(losses.total).backward()
+        else:  # forward and backward in pieces of whole groups (engine/training/accumulation.py)
+            losses = accumulated_step(loop.runner, loop.segmentor, batch_l, batch_u, micro_steps=micro_steps,
+                                      backward=lambda loss: loop.scaler.scale(loss).backward(),
+                                      criterion_l=loop.criterion_l, use_memory=use_memory, iteration=iteration,
+                                      gather=loop.gather, autocast=loop.autocast, recipe=recipe)
         # [loss non-finite, stop requested], summed over ranks on the device; read on the host one
         # step late (or now, where the host waits anyway), so the host never waits for the step it
         # has just queued. No save happens before the flags of every step until then were read, so
         # a non-finite loss never reaches a checkpoint.
         flags = D.all_reduce_(torch.stack([(~torch.isfinite(losses.total.detach())).float(),
                                            torch.tensor(float(loop.stop.requested), device=dist.device)]))
-        loop.optimizer.zero_grad(set_to_none=True)
-        loop.scaler.scale(losses.total).backward()
         loop.scaler.step(loop.optimizer)
         loop.scaler.update()
         state.iteration, state.batch, state.epoch = iteration + 1, batch_index + 1, epoch

@@ -42,6 +42,7 @@ class StartInfo:
     paper_gpus: int | None
     notes: list[str] = field(default_factory=list)
     recipe: str = "reference"  # the unlabeled loss's recipe, with its threshold and weighting ("" for sup)
+    micro_steps: int = 1  # gradient accumulation (engine/training/accumulation.py)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def format_start(info: StartInfo) -> str:
         f"global batch {info.global_batch}+{info.global_batch} in groups of {info.group_size}, lr {info.lr:g} "
         f"(head {info.head_lr:g}){paper}; "
         f"{info.epochs} epochs x {info.iterations_per_epoch} iterations; "
+        + (f"{info.micro_steps} micro-steps per step (accumulated); " if info.micro_steps > 1 else "")
         + (f"recipe {info.recipe}; " if info.recipe else "")
         + f"run folder {info.run_dir}"
     )
@@ -169,5 +171,5 @@ def start_info(settings, run_dir, dist, loaders, start_iteration, notes) -> Star
         labeled_images=len(loaders.datasets.labeled.entries),
         unlabeled_images=len(unlabeled) if unlabeled is not None else 0, start_iteration=start_iteration,
         paper_batch=paper_batch, paper_lr=paper_lr, paper_gpus=PAPER_GPUS if paper_batch else None, notes=notes,
-        recipe=recipe_text(settings),
+        recipe=recipe_text(settings), micro_steps=settings.train.accumulation_steps,
     )

@@ -152,6 +152,70 @@ def _confident_loss(logits_u: torch.Tensor, targets: ConfidentTargets, groups: i
     return torch.stack([confident_cross_entropy(logits, ConfidentTargets(*rest)) for logits, *rest in parts]).mean()
 
 
+class UnlabeledBatch(NamedTuple):
+    """The unlabeled half of a step, ready for the train-mode forward: the images it sees (the
+    strong mixed view under weak-to-strong), the eval-mode logits the memory groups by (mixed like
+    the images), the loss targets, and the sample ids (B,)."""
+
+    images: torch.Tensor  # (B, 3, S, S)
+    memory_logits: torch.Tensor  # (B, K, S, S) float32
+    targets: ConfidentTargets
+    pseudo: torch.Tensor  # (B, S, S) int64: the reference recipe's targets (padding per the recipe)
+    sample_ids: torch.Tensor
+
+
+def prepare_unlabeled(
+    segmentor: nn.Module,
+    batch_u: tuple[torch.Tensor, ...],
+    autocast: Callable[[], ContextManager],
+    recipe: StepRecipe,
+) -> UnlabeledBatch:
+    """The pseudo-label pass over `batch_u` (see `train_step`) and, under weak-to-strong, the CutMix
+    of the strong view within groups."""
+    images_u, pad_mask, sample_ids = batch_u[:3]
+    logits_u_eval, pseudo = pseudo_labels(segmentor, images_u, pad_mask, autocast, recipe)
+    if recipe.weak_to_strong:
+        strong, boxes = batch_u[3:]
+        partners = group_partners(images_u.shape[0], recipe.groups, images_u.device)
+        logits_u_eval = cutmix(logits_u_eval, boxes, partners)
+        images_u = cutmix(strong, boxes, partners)
+        targets = confident_targets(logits_u_eval, cutmix(pad_mask, boxes, partners), recipe.confidence_threshold)
+    else:  # every non-padding pixel counts as passing (no threshold)
+        targets = confident_targets(logits_u_eval, pad_mask, threshold=0.0)
+    return UnlabeledBatch(images_u, logits_u_eval, targets, pseudo, sample_ids)
+
+
+def step_losses(
+    runner: nn.Module,
+    batch_l: tuple[torch.Tensor, torch.Tensor],
+    unlabeled: UnlabeledBatch | None,
+    *,
+    criterion_l: Criterion,
+    memory_step: MemoryStep,
+    iteration: int,
+    autocast: Callable[[], ContextManager],
+    recipe: StepRecipe,
+) -> StepLosses:
+    """The train-mode forward of labeled + unlabeled and the weighted losses (see `train_step`)."""
+    images_l, masks_l = batch_l
+    if unlabeled is None:
+        with autocast():
+            output = runner(images_l, None)
+        loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
+        return StepLosses(loss_x, loss_x.detach(), None)
+    with autocast():
+        output = runner(images_l, unlabeled.images, memory_step=memory_step, groups=recipe.groups)
+    loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
+    if recipe.weak_to_strong:
+        loss_u = _confident_loss(output.logits_u, unlabeled.targets, recipe.groups)
+    else:
+        loss_u = grouped_loss(_unlabeled_loss, output.logits_u, unlabeled.pseudo, recipe.groups)
+    ramp = rampup_factor(iteration, recipe.unlabeled_rampup)
+    total = recipe.labeled_weight * loss_x + recipe.unlabeled_weight * ramp * loss_u
+    health = health_counts(unlabeled.targets, masks_l, recipe.num_classes) if recipe.num_classes else None
+    return StepLosses(total, loss_x.detach(), loss_u.detach(), health)
+
+
 def train_step(
     runner: nn.Module,
     segmentor: nn.Module,
@@ -169,31 +233,8 @@ def train_step(
     pad_mask (B,S,S) with 255 on padding, sample ids (B,)), under weak-to-strong followed by (strong
     images (B,3,S,S), CutMix boxes (B,S,S)), or None (`sup`). `runner` is the (possibly DDP-wrapped)
     TrainForward of `segmentor`; all tensors are on the model's device."""
-    images_l, masks_l = batch_l
-    if batch_u is None:
-        with autocast():
-            output = runner(images_l, None)
-        loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
-        return StepLosses(loss_x, loss_x.detach(), None)
-    images_u, pad_mask, sample_ids = batch_u[:3]
-    logits_u_eval, pseudo = pseudo_labels(segmentor, images_u, pad_mask, autocast, recipe)
-    if recipe.weak_to_strong:
-        strong, boxes = batch_u[3:]
-        partners = group_partners(images_u.shape[0], recipe.groups, images_u.device)
-        logits_u_eval = cutmix(logits_u_eval, boxes, partners)
-        images_u = cutmix(strong, boxes, partners)
-        targets = confident_targets(logits_u_eval, cutmix(pad_mask, boxes, partners), recipe.confidence_threshold)
-    else:  # every non-padding pixel counts as passing (no threshold)
-        targets = confident_targets(logits_u_eval, pad_mask, threshold=0.0)
-    with autocast():
-        memory_step = MemoryStep(logits_u_eval, use_memory, sample_ids, iteration, gather)
-        output = runner(images_l, images_u, memory_step=memory_step, groups=recipe.groups)
-    loss_x = grouped_loss(criterion_l, output.logits_l, masks_l, recipe.groups)
-    if recipe.weak_to_strong:
-        loss_u = _confident_loss(output.logits_u, targets, recipe.groups)
-    else:
-        loss_u = grouped_loss(_unlabeled_loss, output.logits_u, pseudo, recipe.groups)
-    ramp = rampup_factor(iteration, recipe.unlabeled_rampup)
-    total = recipe.labeled_weight * loss_x + recipe.unlabeled_weight * ramp * loss_u
-    health = health_counts(targets, masks_l, recipe.num_classes) if recipe.num_classes else None
-    return StepLosses(total, loss_x.detach(), loss_u.detach(), health)
+    unlabeled = prepare_unlabeled(segmentor, batch_u, autocast, recipe) if batch_u is not None else None
+    memory_step = (MemoryStep(unlabeled.memory_logits, use_memory, unlabeled.sample_ids, iteration, gather)
+                   if unlabeled is not None else MemoryStep())
+    return step_losses(runner, batch_l, unlabeled, criterion_l=criterion_l, memory_step=memory_step,
+                       iteration=iteration, autocast=autocast, recipe=recipe)

@@ -9,6 +9,7 @@ non-finite loss saves the last good state and stops; CUDA OOM becomes ResourceEr
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from allspark_cli.engine.precision import (
 )
 from allspark_cli.engine.settings import SETTINGS_VERSION, TrainSettings, model_config_for
 from allspark_cli.engine.settings_layers import dump_settings_yaml
-from allspark_cli.engine.training.epoch import EpochLoop, train_epoch
+from allspark_cli.engine.training.epoch import EpochLoop, step_recipe, train_epoch
 from allspark_cli.engine.training.events import (
     EvalInfo,
     TrainReporter,
@@ -43,6 +44,15 @@ from allspark_cli.engine.training.events import (
     start_info,
 )
 from allspark_cli.engine.training.losses import build_criterion
+from allspark_cli.engine.training.accumulation import accumulated_step, check_accumulation
+from allspark_cli.engine.training.memory_plan import (
+    StepMeasure,
+    candidate_micro_steps,
+    choose_micro_steps,
+    device_capacity,
+    measure,
+    timed,
+)
 from allspark_cli.engine.training.pseudo_labels import CollapseMonitor, collapse_remedy
 from allspark_cli.engine.training.resume import (
     capture_rng,
@@ -158,6 +168,96 @@ def _check_same_dataset(run_dir: Path, now: DatasetFingerprint, settings: TrainS
     return [f"resumed on another dataset (--force): {now.manifest}: {'; '.join(differences)}"]
 
 
+def _measured_step(settings: TrainSettings, dist: D.DistInfo, loaders, num_classes: int) -> Callable[[int], float]:
+    """`one_step(N)`: two whole training steps with N micro-steps of a freshly built model (random
+    weights: memory does not depend on them) on the run's first batch, for the memory plan; returns
+    the seconds of the second (the first pays one-off costs: allocations, kernel choice). The real
+    model is built afterwards from the seed, so measuring changes no number of the run."""
+    for sampler in loaders.samplers:
+        sampler.set_epoch(0, 0)
+    batch_l = [t.to(dist.device) for t in next(iter(loaders.labeled))]
+    batch_u = None if loaders.unlabeled is None else [t.to(dist.device) for t in next(iter(loaders.unlabeled))]
+    recipe = step_recipe(settings, loaders.groups, num_classes)
+    autocast = autocast_factory(settings.train.amp, dist.device)
+    criterion = build_criterion(settings.train.loss, ohem_thresh=settings.train.ohem_thresh,
+                                ohem_min_kept=settings.train.ohem_min_kept)
+
+    def one_step(micro_steps: int) -> float:
+        model = build_model(model_config_for(settings, num_classes)).to(dist.device).train()
+        runner, optimizer = TrainForward(model), _optimizer(model, settings)
+        scaler = make_scaler(settings.train.amp, dist.device)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            accumulated_step(runner, model, batch_l, batch_u, micro_steps=micro_steps,
+                             backward=lambda loss: scaler.scale(loss).backward(), criterion_l=criterion,
+                             use_memory=True, iteration=0, gather=None, autocast=autocast, recipe=recipe)
+            scaler.step(optimizer)
+            scaler.update()
+
+        step()
+        return timed(dist.device, step)
+
+    return one_step
+
+
+def _what_fits(settings: TrainSettings) -> str:
+    return (f"--amp bf16 (now {settings.train.amp}), a smaller --crop (now {settings.data.crop}), or a smaller "
+            f"train.group_size (now {settings.train.group_size or 'the whole batch'}) with a proportionally smaller "
+            "--batch-size")
+
+
+def _accumulation(settings: TrainSettings, dist: D.DistInfo, loaders, num_classes: int) -> int:
+    """The run's micro-steps: as set, or `auto` (1 on CPU; on CUDA measured, engine/training/memory_plan.py)."""
+    wanted = settings.train.accumulation_steps
+    if wanted != "auto":
+        return wanted
+    if dist.device.type != "cuda":
+        return 1
+    one_step = _measured_step(settings, dist, loaders, num_classes)
+    chosen, _ = choose_micro_steps(loaders.groups, lambda n: measure(dist.device, n, one_step),
+                                   device_capacity(dist.device), settings.train.memory_fraction,
+                                   what_fits=_what_fits(settings))
+    return chosen
+
+
+@dataclass
+class RunPlan:
+    """What `train --dry-run` measured: one step per candidate micro-step count, the count `auto`
+    picks (None: none fits), and the projected training time at that count."""
+
+    device: str
+    groups: int
+    measures: list[StepMeasure]
+    chosen: int | None
+    capacity_bytes: float
+    total_iterations: int
+    projected_seconds: float | None
+    problem: str | None = None
+
+
+def plan_run(settings: TrainSettings) -> RunPlan:
+    """`allspark train --dry-run`: the run's model and first batch on its device, one measured step
+    per candidate micro-step count; nothing is written (a missing dataset is an error, not built)."""
+    dist = D.init_distributed(settings.train.device)
+    try:
+        groups = process_groups(settings, dist.world_size)
+        manifest = open_dataset(settings, dist)
+        loaders = build_loaders(settings, manifest, dist)
+        one_step = _measured_step(settings, dist, loaders, manifest.num_classes)
+        measures = [measure(dist.device, n, one_step) for n in candidate_micro_steps(groups)]
+        capacity = device_capacity(dist.device)
+        fitting = [m for m in measures if m.peak_bytes <= settings.train.memory_fraction * capacity]
+        chosen = (1 if dist.device.type != "cuda" else fitting[0].micro_steps) if fitting else None
+        total = settings.train.epochs * loaders.iterations_per_epoch
+        seconds = next((m.seconds for m in measures if m.micro_steps == chosen), None)
+        problem = None if chosen is not None else f"no micro-step count fits; what would fit: {_what_fits(settings)}"
+        return RunPlan(str(dist.device), groups, measures, chosen, capacity, total,
+                       None if seconds is None else seconds * total, problem)
+    finally:
+        D.shutdown_distributed(dist)
+
+
 def train(
     settings: TrainSettings,
     *,
@@ -185,7 +285,9 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     check_amp(settings.train.amp, dist.device)
     configure_cuda_math(tf32=settings.train.tf32, cudnn_benchmark=settings.train.cudnn_benchmark)
     wanted(settings.run.tensorboard)  # `on` without the package is refused before any work
-    process_groups(settings, dist.world_size)  # so is a group size that does not divide the batch
+    groups = process_groups(settings, dist.world_size)  # so is a group size that does not divide the batch
+    if settings.train.accumulation_steps != "auto":
+        check_accumulation(settings.train.accumulation_steps, groups)
     # Data: checked before any compute; the loaders' order is a function of (seed, epoch). A resume
     # trains on the dataset its run started on, or on none.
     resumed_dir = run_dir_of_checkpoint(resume) if resume else None
@@ -200,6 +302,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                                 train_crop=settings.data.crop)
     settings = _resolved(settings, protocol)
     loaders = build_loaders(settings, manifest, dist)
+    micro_steps = _accumulation(settings, dist, loaders, manifest.num_classes)
+    settings = settings.model_copy(update={"train": settings.train.model_copy(update={"accumulation_steps": micro_steps})})
     val_set = eval_dataset(settings, manifest)
     checkpoint = read_checkpoint(resume) if resume else None
     resume_changes: list[str] = []

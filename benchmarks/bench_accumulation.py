@@ -1,0 +1,99 @@
+"""Peak memory and time of one training step with gradient accumulation over groups, on CPU.
+
+The demo model (MiT-B0, E = 128, allspark reading its memory) with 8 + 8 images at crop 256 in
+groups of 2 (4 groups), as 1, 2 and 4 micro-steps. Each count runs in its own process (the peak
+resident set never goes down): the model and batch are built, one step runs as warm-up, then
+`--steps` steps are timed (median). "step memory" is the peak resident set minus the resident set
+before the first step (model, batch and runtime); "peak" is the process's whole peak.
+
+    python benchmarks/bench_accumulation.py [--steps 3] [--crop 256] [--batch 8] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+KIB = 1024
+MIB = 1024**2
+DEMO_CLASSES = 7
+GROUP_SIZE = 2
+MICRO_STEPS = (1, 2, 4)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:  # resident pages now (Linux)
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def _child(micro_steps: int, steps: int, crop: int, batch: int, threads: int) -> None:
+    import torch
+
+    from allspark_cli.engine.training.accumulation import accumulated_step
+    from allspark_cli.engine.training.losses import build_criterion
+    from allspark_cli.engine.training.step import StepRecipe, TrainForward
+    from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="b0", method="allspark", num_classes=DEMO_CLASSES, head_dim=128,
+                                    memory_tokens=tokens_for_crop(crop))).train()
+    runner, criterion = TrainForward(model), build_criterion("ce", ohem_thresh=0.7, ohem_min_kept=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    images = torch.randn(2 * batch, 3, crop, crop)
+    batch_l = (images[:batch], torch.randint(0, DEMO_CLASSES, (batch, crop, crop)))
+    batch_u = (images[batch:], torch.zeros(batch, crop, crop, dtype=torch.long), torch.arange(batch))
+    recipe = StepRecipe(groups=batch // GROUP_SIZE)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        accumulated_step(runner, model, batch_l, batch_u, micro_steps=micro_steps, backward=lambda loss: loss.backward(),
+                         criterion_l=criterion, use_memory=True, iteration=0, gather=None,
+                         autocast=contextlib.nullcontext, recipe=recipe)
+        optimizer.step()
+
+    before = _rss_bytes()
+    step()  # warm-up: also creates the optimizer's momentum buffers
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
+    print(json.dumps({"seconds": statistics.median(times), "peak": peak, "step_memory": peak - before}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        _child(args.child, args.steps, args.crop, args.batch, args.threads)
+        return
+    rows = {}
+    for micro_steps in MICRO_STEPS:
+        command = [sys.executable, __file__, "--child", str(micro_steps), "--steps", str(args.steps), "--crop",
+                   str(args.crop), "--batch", str(args.batch), "--threads", str(args.threads)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        rows[micro_steps] = json.loads(out.strip().splitlines()[-1])
+    base = rows[1]
+    print(f"one step, MiT-B0 allspark, {args.batch} + {args.batch} at crop {args.crop} in groups of {GROUP_SIZE}, "
+          f"CPU {args.threads} threads (median of {args.steps})")
+    print(f"{'micro-steps':>11} {'s/step':>8} {'vs 1':>6} {'step memory':>12} {'vs 1':>6} {'peak RSS':>10}")
+    for micro_steps, row in rows.items():
+        print(f"{micro_steps:>11} {row['seconds']:>8.2f} {row['seconds'] / base['seconds']:>5.2f}x "
+              f"{row['step_memory'] / MIB:>9.0f} MiB {row['step_memory'] / base['step_memory']:>5.2f}x "
+              f"{row['peak'] / MIB:>6.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
