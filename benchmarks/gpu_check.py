@@ -13,7 +13,9 @@ commands end to end. One table on stdout, every figure in a JSON file.
    513, 8 + 8 images in groups of 2 (the reference's 4 GPUs), memory read as keys/values: time and peak
    memory in fp32, fp32 + TF32 and bf16, with our module and with a naive one (the paper's formula in
    plain autograd, keys and values repeated per labeled image as the reference does), memory 1x and 4x
-   C; and the module's own forward + backward, for its share of the iteration.
+   C; and the module's own forward + backward, for its share of the iteration. The same fp32 step as
+   1, 2 and 4 micro-steps of whole groups (gradient accumulation): time and `max_memory_allocated`,
+   which say which cards can train the paper's 8 + 8 recipe.
 3. `train` -> `eval` -> `predict` through the CLI on a tiny dataset, a 1-process torchrun `train`, and
    NCCL's all_reduce / all_gather in a 1-rank group (CUDA).
 The targets of the issue are evaluated at the end (only meaningful on a GPU at full size).
@@ -44,6 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the tiny dat
 from allspark_cli.engine.training.losses import OhemCrossEntropy, build_criterion  # noqa: E402
 from allspark_cli.engine.inference.metrics import ConfusionMatrix  # noqa: E402
 from allspark_cli.engine.precision import autocast_factory, configure_cuda_math  # noqa: E402
+from allspark_cli.engine.training.accumulation import accumulated_step  # noqa: E402
 from allspark_cli.engine.training.step import StepRecipe, TrainForward, train_step  # noqa: E402
 from allspark_cli.model.allspark import AllSparkModule, ChannelCrossAttention, MemoryStep  # noqa: E402
 from allspark_cli.model.attention import normalized_attention_map  # noqa: E402
@@ -59,9 +62,10 @@ MODULES = ("ours", "naive")
 # Sizes: the paper's pascal setting, and a tiny one for --smoke.
 FULL = {"backbone": "b5", "crop": 513, "batch": 8, "groups": 4, "head_dim": 768, "classes": 21, "repeats": 3,
         "attention": {"images": 2, "channels": 512, "tokens": 289, "sources": 21}}
-SMOKE = {"backbone": "b0", "crop": 64, "batch": 2, "groups": 1, "head_dim": 32, "classes": 3, "repeats": 1,
+SMOKE = {"backbone": "b0", "crop": 64, "batch": 2, "groups": 2, "head_dim": 32, "classes": 3, "repeats": 1,
          "attention": {"images": 2, "channels": 16, "tokens": 5, "sources": 3}}
 HEADS = 2
+ACCUMULATION_STEPS = (1, 2, 4)  # micro-steps of the paper's 4 groups (engine/training/accumulation.py)
 EVAL_LOGITS_TOLERANCE = 1e-4  # reference README: what a faithful float32 implementation meets
 TARGETS = {"module_share_max": 0.10, "bf16_speedup_min": 1.8, "ours_vs_naive_min": 1.3}
 END_TO_END_TIMEOUT_S = 600
@@ -246,6 +250,37 @@ def measure_iteration(device, sizes, precision_name: str, module: str, memory_mu
     return result
 
 
+def measure_accumulation(device, sizes, micro_steps: int) -> dict[str, Any]:
+    """The paper's step (fp32, our module, memory 1x) as `micro_steps` micro-steps of whole groups
+    (engine/training/accumulation.py): which cards can train the 8 + 8 recipe, and at what cost."""
+    crop, batch = sizes["crop"], sizes["batch"]
+    torch.manual_seed(0)
+    config = ModelConfig(backbone=sizes["backbone"], num_classes=sizes["classes"], head_dim=sizes["head_dim"],
+                         memory_tokens=tokens_for_crop(crop))
+    model = build_model(config).to(device)
+    runner = TrainForward(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    criterion = build_criterion("ce", ohem_thresh=0.7, ohem_min_kept=1)
+    images = torch.randn(2 * batch, 3, crop, crop, device=device)
+    batch_l = (images[:batch], torch.randint(0, sizes["classes"], (batch, crop, crop), device=device))
+    batch_u = (images[batch:], torch.zeros(batch, crop, crop, dtype=torch.uint8, device=device),
+               torch.arange(batch, device=device))
+    autocast = autocast_factory("off", device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        accumulated_step(runner, model, batch_l, batch_u, micro_steps=micro_steps,
+                         backward=lambda loss: loss.backward(), criterion_l=criterion, use_memory=True, iteration=0,
+                         gather=None, autocast=autocast, recipe=StepRecipe(groups=sizes["groups"]))
+        optimizer.step()
+
+    result = _measure(step, device, sizes["repeats"])
+    del model, runner, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
 def measure_module(device, sizes, precision_name: str, memory_multiple: int) -> dict[str, Any]:
     """The AllSpark module alone at the iteration's stage-4 shapes: forward_train + backward."""
     dim = MIT_VARIANTS[sizes["backbone"]].dims[-1]
@@ -400,6 +435,9 @@ def print_table(report: dict[str, Any]) -> None:
     for key, value in report["iteration"].items():
         rows.append((f"iteration {key}", "out of memory" if value["oom"] else
                      f"{_cell(value['seconds'])} s, peak {_cell(value['peak_gib'])} GiB", ""))
+    for key, value in report["accumulation"].items():
+        rows.append((f"accumulation {key} micro-steps (fp32)", "out of memory" if value["oom"] else
+                     f"{_cell(value['seconds'])} s, peak {_cell(value['peak_gib'])} GiB", "max_memory_allocated"))
     for key, value in report["module"].items():
         rows.append((f"module alone {key}", f"{_cell(value['seconds'])} s", ""))
     for key, value in report["end_to_end"].items():
@@ -435,6 +473,8 @@ def main() -> None:
         f"{module}/{precision_name}/{multiple}x": measure_iteration(device, sizes, precision_name, module, multiple)
         for multiple in MEMORY_MULTIPLES for module in MODULES for precision_name in precisions
     }
+    report["accumulation"] = {str(n): measure_accumulation(device, sizes, n) for n in ACCUMULATION_STEPS
+                              if sizes["groups"] % n == 0}
     report["module"] = {f"{precision_name}/{multiple}x": measure_module(device, sizes, precision_name, multiple)
                         for multiple in MEMORY_MULTIPLES for precision_name in precisions}
     report["end_to_end"] = end_to_end(device)
