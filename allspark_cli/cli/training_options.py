@@ -19,6 +19,7 @@ from allspark_cli.cli.options import (
     LrOption,
     RecipeOption,
     SetOption,
+    SplitOption,
     ThreadsOption,
     WorkersOption,
 )
@@ -35,6 +36,7 @@ class TrainingOptions:
 
     config: ConfigOption = None
     data: DataOption = None
+    split: SplitOption = None
     epochs: EpochsOption = None
     recipe: RecipeOption = None
     batch_size: BatchSizeOption = None
@@ -51,7 +53,8 @@ class TrainingOptions:
         return {
             "train.epochs": self.epochs, "train.batch_size": self.batch_size, "data.crop": self.crop, "optim.lr": self.lr,
             "train.amp": self.amp, "train.device": self.device, "data.workers": self.workers,
-            "data.manifest": str(self.data) if self.data else None, "train.recipe": self.recipe,
+            "data.manifest": str(self.data) if self.data else None, "data.split": self.split,
+            "train.recipe": self.recipe,
         }
 
     def settings(
