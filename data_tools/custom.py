@@ -17,6 +17,16 @@ Of the training images with masks, `ratio` (or `count`) are labeled; the others,
 the image folder without a mask (with `unlabeled_from_images`) and every image of
 `unlabeled_dir` are unlabeled. `full` labels every training image with a mask.
 
+Images are read as displayed: a JPEG's EXIF Orientation tag (phone photos) is applied, here and
+when training on the dataset (`exif_orientation: true` in its manifest), so masks are drawn on the
+image as a viewer shows it. A quarter-turn tag (5..8) on an image whose mask has the stored
+(unturned) size is refused, naming both; a half turn or a mirror (2..4) cannot be told from the
+sizes, so the summary counts the images that carry a tag.
+
+The training crop (`train_crop`, which `allspark train --data` uses) follows the images: the
+largest multiple of 32 (the backbone's coarsest stride) not above the shorter side of the median
+training image, at most MAX_TRAIN_CROP (the paper's 513) and at least 32.
+
 Every file is checked (images decode, masks are the size of their image, values within the
 classes) and no image may play two roles (val and training, labeled and unlabeled: the same file
 through two folders is refused, naming it). Nothing is copied: `OUT/images`, `OUT/masks`,
@@ -26,13 +36,15 @@ converted colour masks are written to `OUT/converted/<masks|val_masks>/<name>.pn
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from allspark_cli.constants import IGNORE_INDEX
-from allspark_cli.data.imageio import read_mask, read_size
+from allspark_cli.constants import CROP_STRIDE, IGNORE_INDEX, MIN_CROP
+from allspark_cli.data.imageio import QUARTER_TURNS, UPRIGHT, read_mask, read_orientation, read_size
+from allspark_cli.data.manifest import FULL_SPLIT
 from allspark_cli.data.splits import SplitEntry, read_split
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import encode_png, remove_stale_temps
@@ -58,8 +70,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 MASK_SUFFIX = ".png"
 DEFAULT_RATIO = "1/8"
 DEFAULT_VAL_RATIO = "1/10"
-DEFAULT_TRAIN_CROP = 513
-FULL_SPLIT = "full"
+MAX_TRAIN_CROP = 513  # the paper's crop: larger images are cropped, not trained whole
 # Link names inside OUT (the first column of the split lines); converted colour masks go to CONVERTED_DIR.
 IMAGES_LINK, MASKS_LINK, UNLABELED_LINK = "images", "masks", "unlabeled"
 VAL_IMAGES_LINK, VAL_MASKS_LINK = "val_images", "val_masks"
@@ -126,22 +137,37 @@ def _read_colour_mask(path: Path) -> np.ndarray:
         raise DataError(f"mask cannot be decoded ({error}): {path}") from None
 
 
+def _check_displayed_size(mask_shape: tuple[int, ...], image: Path, stored: tuple[int, int], mask: Path) -> None:
+    """The mask covers the image as displayed (`stored`: its (H, W) before the EXIF turn); a mask of
+    the stored size under a quarter-turn tag is named as such, since it is turned against the image."""
+    orientation = read_orientation(image)
+    displayed = stored[::-1] if orientation in QUARTER_TURNS else stored
+    if orientation in QUARTER_TURNS and tuple(mask_shape[:2]) == tuple(stored):
+        raise DataError(
+            f"image {image.name} has EXIF orientation {orientation} (shown turned a quarter, {displayed[1]}x{displayed[0]}) "
+            f"but its mask has the stored size {stored[1]}x{stored[0]}: masks are read in the displayed orientation; "
+            f"turn the mask to match the image as shown, or remove the tag if the mask fits the stored pixels: {mask}"
+        )
+    check_same_size(mask_shape, displayed, mask, image)
+
+
 def check_sample(task: SampleCheck) -> TaskResult:
-    """Image decodes; mask is the image's size with values 0..K-1 or 255 (a colour mask: colours of
-    the palette, written as class ids to `task.converted` unless an identical file is there)."""
+    """Image decodes; mask is the image's size as displayed (EXIF orientation applied) with values
+    0..K-1 or 255 (a colour mask: colours of the palette, written as class ids to `task.converted`
+    unless an identical file is there)."""
     image_size = verify_image(task.image)
     if task.mask is None:
         return TaskResult("checked")
     mode = read_size(task.mask, "mask")[2]
     if mode not in COLOUR_MODES:
         mask = read_mask(task.mask)
-        check_same_size(mask.shape, image_size, task.mask, task.image)
+        _check_displayed_size(mask.shape, task.image, image_size, task.mask)
         check_values(mask, task.num_classes - 1, IGNORE_INDEX, task.mask)
         return TaskResult("checked")
     if task.palette is None or task.converted is None:
         raise DataError(f"mask is a colour image (mode {mode}); give --palette (one colour per class) to convert it: {task.mask}")
     mask = colours_to_classes(_read_colour_mask(task.mask), task.palette, task.mask)
-    check_same_size(mask.shape, image_size, task.mask, task.image)
+    _check_displayed_size(mask.shape, task.image, image_size, task.mask)
     data = encode_png(mask, np.array(task.palette, dtype=np.uint8))
     if task.converted.is_file() and task.converted.read_bytes() == data:
         return TaskResult("skipped", task.converted)
@@ -296,16 +322,26 @@ def _refuse_shared_files(roles: dict[str, dict[str, Path]], hint: str = "") -> N
         raise DataError("; ".join(parts) + hint)
 
 
-def _labeled_count(ratio: str | None, count: int | None, available: int) -> tuple[str, str, int]:
-    """(manifest name, folder, labeled count) for --ratio or --count."""
-    if ratio is not None and count is not None:
+def _labeled_counts(ratios: Sequence[str], count: int | None, available: int) -> list[tuple[str, str, int]]:
+    """(manifest name, folder, labeled count) of each split asked for: every --ratio (repeated or
+    comma-separated, e.g. '1/8,1/4'; default 1/8), or --count."""
+    if ratios and count is not None:
         raise SettingsError("give --ratio or --count, not both")
     if count is not None:
         if not 1 <= count <= available:
             raise SettingsError(f"--count must be 1..{available} (the training images with masks), got {count}")
-        return str(count), str(count), count
-    fraction = parse_ratio(ratio or DEFAULT_RATIO)
-    return ratio_name(fraction), ratio_folder(fraction), count_for_ratio(fraction, available)
+        return [(str(count), str(count), count)]
+    texts = [part for text in ratios for part in text.split(",") if part.strip()] or [DEFAULT_RATIO]
+    fractions = sorted({parse_ratio(text) for text in texts})
+    return [(ratio_name(f), ratio_folder(f), count_for_ratio(f, available)) for f in fractions]
+
+
+def train_crop_for(shorter_sides: Sequence[int]) -> int:
+    """The training crop for images whose shorter sides are `shorter_sides` (see the module
+    docstring): a multiple of the stride below the median image's shorter side, within
+    [MIN_CROP, MAX_TRAIN_CROP]."""
+    median = int(np.median(shorter_sides))
+    return max(MIN_CROP, min(MAX_TRAIN_CROP, median // CROP_STRIDE * CROP_STRIDE))
 
 
 @dataclass(frozen=True)
@@ -372,16 +408,19 @@ def prepare_custom(
     train_list: Path | None = None,
     val_list: Path | None = None,
     palette_file: Path | None = None,
-    ratio: str | None = None,
+    ratio: str | Sequence[str] | None = None,
     count: int | None = None,
     val_ratio: str | None = None,
     seed: int = 0,
     name: str | None = None,
-    train_crop: int = DEFAULT_TRAIN_CROP,
+    train_crop: int | None = None,
     workers: int | None = None,
     progress: ProgressFn | None = None,
 ) -> PrepareSummary:
-    """Checks a custom dataset and writes its splits and `dataset.yaml` into `out_dir` (see module docstring)."""
+    """Checks a custom dataset and writes its splits and `dataset.yaml` into `out_dir` (see module docstring).
+
+    `ratio`: one or several labeled shares (each a training split; '1/8,1/4' or a list); `train_crop`:
+    None computes it from the training images' sizes (`train_crop_for`)."""
     sources = resolve_sources(
         images_dir, masks_dir, mmseg_root=mmseg_root, val_images_dir=val_images_dir, val_masks_dir=val_masks_dir,
         unlabeled_dir=unlabeled_dir, val_list=val_list, train_list=train_list, val_ratio=val_ratio,
@@ -426,8 +465,10 @@ def prepare_custom(
         train = [key for key in masked if key not in set(val)]
     if not train:
         raise DataError(f"no training images with masks left in {sources.images} once the val images are taken out")
-    split_name, folder, labeled_count = _labeled_count(ratio, count, len(train))
-    labeled = set(draw_labeled(train, labeled_count, seed=seed, family="labeled"))
+    ratios = [ratio] if isinstance(ratio, str) else list(ratio or [])
+    # Drawn from one seeded permutation: the labeled set of a smaller split lies inside a larger one's.
+    labeled_sets = {name: (folder, set(draw_labeled(train, labeled_count, seed=seed, family="labeled")))
+                    for name, folder, labeled_count in _labeled_counts(ratios, count, len(train))}
 
     out_dir = out_dir.absolute()
     converted_dir = out_dir / CONVERTED_DIR
@@ -445,6 +486,10 @@ def prepare_custom(
         guard.keep(report.written)
         converted = {path.relative_to(out_dir).as_posix() for path in [*report.written, *report.skipped_outputs]}
         raise_if_errors(report.errors, "files")
+        oriented = sum(read_orientation(images[key]) != UPRIGHT for key in [*val, *train])
+        oriented += sum(read_orientation(path) != UPRIGHT for path in val_images.values())
+        if train_crop is None:
+            train_crop = train_crop_for([min(read_size(images[key], exif_orientation=True)[:2]) for key in train])
 
         def mask_of(link: str, key: str, mask: Path, folder: Path) -> str:
             relpath = f"{CONVERTED_DIR}/{link}/{key}{MASK_SUFFIX}"
@@ -461,15 +506,19 @@ def prepare_custom(
                               mask_of(VAL_MASKS_LINK, key, val_masks[key], sources.val_masks))
 
         splits = SplitOutput(notes=notes)
-        unlabeled = [entry(key) for key in train if key not in labeled]
-        unlabeled += [SplitEntry(f"{IMAGES_LINK}/{images[key].relative_to(sources.images).as_posix()}", None)
-                      for key in sorted(unmasked)]
-        unlabeled += [SplitEntry(f"{UNLABELED_LINK}/{path.relative_to(sources.unlabeled).as_posix()}", None)
-                      for path in extra.values()]
-        splits.add_train(split_name, folder, [entry(key) for key in sorted(labeled)], unlabeled)
+        unlabeled_only = [SplitEntry(f"{IMAGES_LINK}/{images[key].relative_to(sources.images).as_posix()}", None)
+                          for key in sorted(unmasked)]
+        unlabeled_only += [SplitEntry(f"{UNLABELED_LINK}/{path.relative_to(sources.unlabeled).as_posix()}", None)
+                           for path in extra.values()]
+        for split_name, (folder, labeled) in labeled_sets.items():
+            unlabeled = [entry(key) for key in train if key not in labeled] + unlabeled_only
+            splits.add_train(split_name, folder, [entry(key) for key in sorted(labeled)], unlabeled)
         splits.add_train(FULL_SPLIT, FULL_SPLIT, [entry(key) for key in train], None)
         splits.add_eval("val", [val_entry(key) for key in (sorted(val_images) if sources.val_images else val)])
         splits.check_no_leaks()
+        if oriented:
+            splits.notes.append(f"{oriented} images with masks carry an EXIF orientation tag: they are read as displayed "
+                                "(turned or mirrored by the tag), so their masks must be drawn on the image as shown")
         if converted:
             splits.notes.append(f"{len(converted)} colour masks converted to class ids through the --palette in {converted_dir}")
         for link, source in sources.links().items():
@@ -482,5 +531,6 @@ def prepare_custom(
             palette=palette,
             eval_mode="whole",
             train_crop=train_crop,
+            exif_orientation=True,
         )
     return PrepareSummary.of_build(manifest.name, out_dir, report, splits, samples_checked=len(tasks))

@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, TrainSplit, write_manifest
+from allspark_cli.data.manifest import FULL_SPLIT, MANIFEST_NAME, DatasetManifest, TrainSplit, write_manifest
 from allspark_cli.data.splits import SplitEntry, write_split
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_write_bytes, atomic_write_text, encode_palette_png
@@ -265,7 +265,7 @@ def _write_splits(out_dir: Path, seed: int, num_train: int, num_val: int) -> tup
         write_split(out_dir / folder / "unlabeled.txt", [train[i] for i in range(num_train) if i not in chosen])
         splits[name] = TrainSplit(labeled=f"{folder}/labeled.txt", unlabeled=f"{folder}/unlabeled.txt")
     write_split(out_dir / "splits/full/labeled.txt", train)
-    splits["full"] = TrainSplit(labeled="splits/full/labeled.txt", unlabeled=None)
+    splits[FULL_SPLIT] = TrainSplit(labeled="splits/full/labeled.txt", unlabeled=None)
     write_split(out_dir / "splits/val.txt", [_relpaths("val", index) for index in range(num_val)])
     return splits, "splits/val.txt"
 

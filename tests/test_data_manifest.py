@@ -70,7 +70,7 @@ def test_root_outside_the_yaml_folder_is_stored_absolute(tmp_path):
         ({"ignore_index": 1}, "ignore_index: must not be a class id"),
         ({"train_crop": 0}, "train_crop"),
         ({"classes": ["a", "a"], "palette": [[0, 0, 0], [1, 1, 1]]}, "classes: class names must be unique"),
-        ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({"colour": "red"}, "unknown key 'colour'"),
         ({"root": "missing-folder"}, "root: dataset root folder does not exist"),
     ],
 )

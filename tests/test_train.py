@@ -195,7 +195,7 @@ def test_demo_preset_builds_its_dataset_when_missing(tmp_path: Path, monkeypatch
 
     def build_demo(out_dir, **kwargs):  # stands in for data_tools.demo.build_demo (minutes for the real one)
         built.append(Path(out_dir))
-        return make_dataset(Path(out_dir).resolve())
+        return make_dataset(Path(out_dir).resolve(), name="demo")  # named as the real builder names it
 
     monkeypatch.setattr("data_tools.demo.build_demo", build_demo)
     layer = tiny_layer(Path("data/demo/dataset.yaml"), tmp_path / "runs")  # the demo presets' own path

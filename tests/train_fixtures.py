@@ -40,7 +40,7 @@ def _sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
     return image, mask
 
 
-def make_dataset(root: Path, *, num_train: int = 8, num_val: int = 3, seed: int = 0) -> Path:
+def make_dataset(root: Path, *, num_train: int = 8, num_val: int = 3, seed: int = 0, name: str = "tiny") -> Path:
     """Writes the tiny dataset under `root`; returns the path of its dataset.yaml."""
     rng = np.random.default_rng(seed)
     lines: dict[str, list[str]] = {"train": [], "val": []}
@@ -58,7 +58,7 @@ def make_dataset(root: Path, *, num_train: int = 8, num_val: int = 3, seed: int 
         (root / relpath).parent.mkdir(parents=True, exist_ok=True)
         (root / relpath).write_text("\n".join(content) + "\n")
     manifest = DatasetManifest(
-        name="tiny", root=root, classes=CLASSES, palette=PALETTE,
+        name=name, root=root, classes=CLASSES, palette=PALETTE,
         train_splits={"half": TrainSplit(labeled="splits/half/labeled.txt", unlabeled="splits/half/unlabeled.txt"),
                       "full": TrainSplit(labeled="splits/full/labeled.txt", unlabeled=None)},
         eval_splits={"val": "splits/val.txt"}, eval_mode="whole", train_crop=TINY_CROP,

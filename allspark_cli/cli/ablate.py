@@ -23,6 +23,7 @@ from allspark_cli.engine.training.ablate import (
     run_name,
 )
 from allspark_cli.engine.training.presets import find_preset
+from allspark_cli.engine.training.train_data import run_group_of
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.segmentor import METHODS
 from allspark_cli.threads import apply_threads
@@ -61,14 +62,14 @@ def ablate_command(
     """Train and evaluate every method x seed with one recipe; writes a table, chart, results.csv.
 
     Re-running the same command resumes: finished runs are not trained again. The output folder is
-    runs/<preset>/<name> (default name: ablation).
+    runs/<group>/<name> (default name: ablation; the group as train's run folders: docs/training.md).
     """
     console = Console(stderr=True)
     method_list = _methods(methods)
     found = find_preset(preset)
     probe = training.settings(found.layer)
     apply_threads(training.threads)
-    folder = Path(probe.run.root).expanduser() / found.folder_name / (name or DEFAULT_NAME)
+    folder = Path(probe.run.root).expanduser() / run_group_of(probe) / (name or DEFAULT_NAME)
 
     def settings_for(method: str, seed: int):
         forced = [f"model.method={method}", f"train.seed={seed}", f"run.root={folder / RUNS_DIR}",

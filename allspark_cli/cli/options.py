@@ -26,6 +26,11 @@ DataOption = Annotated[
     Path | None,
     typer.Option("--data", help="A prepared dataset: its dataset.yaml or folder.", show_default=False),
 ]
+SplitOption = Annotated[
+    str | None,
+    typer.Option("--split", help="Training split of the dataset, e.g. 1/8 (default: the preset's; without a preset "
+                 "the dataset's only one).", show_default=False),
+]
 NameOption = Annotated[str | None, typer.Option("--name", "-n", help="Name of the output folder.", show_default=False)]
 ExistOkOption = Annotated[bool, typer.Option("--exist-ok", help="Reuse an existing output folder of that name.")]
 SetOption = Annotated[

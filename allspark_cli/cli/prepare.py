@@ -7,6 +7,7 @@ DataError (exit 3) and the one error boundary in `cli/errors.py` prints it. A st
 """
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,12 +98,13 @@ def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
-def _build(builder: Callable[[ProgressFn], PrepareSummary]) -> None:
+def _build(builder: Callable[[ProgressFn], PrepareSummary]) -> PrepareSummary:
     """Runs `builder(progress)` with the stages' bars (a stop ends it with the resume hint), then
     prints its summary."""
     with _resumable(), _progress_bar() as progress:
         summary = builder(progress)
     _show_summary(summary)
+    return summary
 
 
 def _show_summary(summary: PrepareSummary) -> None:
@@ -183,7 +185,7 @@ def custom(
     unlabeled: Annotated[Path | None, typer.Option("--unlabeled", help="Folder of images without masks.", show_default=False)] = None,
     unlabeled_from_images: Annotated[bool, typer.Option("--unlabeled-from-images", help="Images of --images without a mask are unlabeled (instead of an error).")] = False,
     palette: Annotated[Path | None, typer.Option("--palette", help="Text file: one colour 'R G B' or '#rrggbb' per class; colour (RGB) masks are converted through it.", show_default=False)] = None,
-    ratio: Annotated[str | None, typer.Option("--ratio", help="Labeled share of the training images, e.g. 1/8 (default).", show_default=False)] = None,
+    ratio: Annotated[list[str] | None, typer.Option("--ratio", help="Labeled share of the training images, e.g. 1/8 (default); one training split each: repeat it or give a comma list (1/8,1/4).", show_default=False)] = None,
     count: Annotated[int | None, typer.Option("--count", min=1, help="Labeled training images (instead of --ratio).", show_default=False)] = None,
     val_ratio: Annotated[str | None, typer.Option("--val-ratio", help="Share of the masked images drawn for val (default 1/10) when val is not fixed.", show_default=False)] = None,
     name: Annotated[str | None, typer.Option("--name", help="Dataset name (default: the --out folder name).", show_default=False)] = None,
@@ -191,14 +193,20 @@ def custom(
     workers: PrepareWorkersOption = None,
 ) -> None:
     """Your own images and masks: checks every file, writes splits and dataset.yaml."""
+    from allspark_cli.data.manifest import FULL_SPLIT
     from data_tools.custom import prepare_custom
 
-    _build(lambda progress: prepare_custom(
+    summary = _build(lambda progress: prepare_custom(
         images, masks, classes, out, unlabeled_dir=unlabeled, unlabeled_from_images=unlabeled_from_images,
         val_images_dir=val_images, val_masks_dir=val_masks, mmseg_root=mmseg_root, train_list=train_list,
         val_list=val_list, palette_file=palette, ratio=ratio, count=count, val_ratio=val_ratio, seed=seed or 0,
         name=name, workers=workers, progress=progress,
     ))
+    # The exact command that trains on it: the default recipe for your own data (docs/training.md).
+    for split in summary.split_sizes:
+        if split != FULL_SPLIT and summary.split_sizes[split][1] is not None:
+            console.print(f"next: allspark train --data {shlex.quote(str(out))} --split {shlex.quote(split)}",
+                          soft_wrap=True, markup=False, highlight=False)
 
 
 DEMO_PRESET_PREFIX = "demo-"

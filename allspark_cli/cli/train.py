@@ -24,7 +24,7 @@ from allspark_cli.cli.training_options import TrainingOptions, with_training_opt
 from allspark_cli.engine.training import events
 from allspark_cli.engine.training import train as engine
 from allspark_cli.engine.distributed import launched_rank
-from allspark_cli.engine.training.presets import find_preset, list_presets
+from allspark_cli.engine.training.presets import custom_recipe, find_preset, list_presets
 from allspark_cli.engine.training.resume import resume_base
 from allspark_cli.engine.training.memory_plan import GIB
 from allspark_cli.errors import ResourceError, SettingsError
@@ -132,7 +132,8 @@ def train_command(
     save_every: Annotated[int | None, typer.Option("--save-every", min=0, rich_help_panel="Run", help="Save last.pt every N iterations.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", rich_help_panel="Run", help="Measure one step per micro-step count on the device (peak memory, time), print the plan and exit; writes nothing.")] = False,
 ) -> None:
-    """Train a segmentor (AllSpark or an ablation) from a preset; writes runs/<preset>/<name>/.
+    """Train a segmentor (AllSpark or an ablation) from a preset, or on your own data with --data
+    alone (the demo's CPU-sized recipe); writes runs/<preset or dataset-split>/<name>/.
 
     Settings precedence: preset < --config < ALLSPARK_<SECTION>__<FIELD> < options < --set.
     """
@@ -149,7 +150,7 @@ def train_command(
         "model.method": method, "train.seed": seed, "run.name": name,
         "run.exist_ok": exist_ok or None, "train.save_every": save_every,
     }
-    base, method_recipes, checkpoint = _base_layer(preset, resume, training.config)
+    base, method_recipes, checkpoint = _base_layer(preset, resume, training.config, training.data)
     if no_pretrained:
         base = {**base, "model": {**base.get("model", {}), "pretrained": None}}
     settings = training.settings(base, options=options, method_recipes=method_recipes)
@@ -186,12 +187,12 @@ def _print_plan(plan: engine.RunPlan) -> None:
               f"{plan.projected_seconds / 60:.1f} min for {plan.total_iterations} iterations (evaluations not included)")
 
 
-def _base_layer(preset: str | None, resume: Path | None,
-                config: Path | None) -> tuple[dict[str, Any], dict[str, Any], Path | None]:
-    """The lowest settings layer (the preset's, or the resumed run's saved settings), the preset's
-    baseline recipes (none for a resumed run: its saved settings already hold them) and the last.pt
-    to resume (None: a fresh run, or one started again in its folder). The checkpoint is read once
-    here; the engine reads it again for the weights."""
+def _base_layer(preset: str | None, resume: Path | None, config: Path | None,
+                data: Path | None) -> tuple[dict[str, Any], dict[str, Any], Path | None]:
+    """The lowest settings layer (the preset's, the resumed run's saved settings, or for --data alone
+    the recipe for your own data), the preset's baseline recipes (none for a resumed run: its saved
+    settings already hold them) and the last.pt to resume (None: a fresh run, or one started again
+    in its folder). The checkpoint is read once here; the engine reads it again for the weights."""
     if preset and resume:
         raise SettingsError("--resume continues a run with its saved settings; do not combine it with --preset")
     if resume:
@@ -200,9 +201,12 @@ def _base_layer(preset: str | None, resume: Path | None,
     if preset:
         found = find_preset(preset)
         return found.layer, dict(found.info.baselines), None
-    if config is None:
-        raise SettingsError("nothing to train: give --preset NAME (see --list-presets), --config FILE or --resume RUN_DIR")
-    return {}, {}, None
+    if config is not None:
+        return {}, {}, None
+    if data is None:
+        raise SettingsError("nothing to train: give --data DATASET (your prepared dataset, with the default recipe), "
+                            "--preset NAME (see --list-presets), --config FILE or --resume RUN_DIR")
+    return custom_recipe(), {}, None
 
 
 def register(app: typer.Typer) -> None:

@@ -20,6 +20,7 @@ from allspark_cli.cli.options import (
     LrOption,
     RecipeOption,
     SetOption,
+    SplitOption,
     ThreadsOption,
     WorkersOption,
 )
@@ -36,6 +37,7 @@ class TrainingOptions:
 
     config: ConfigOption = None
     data: DataOption = None
+    split: SplitOption = None
     epochs: EpochsOption = None
     recipe: RecipeOption = None
     batch_size: BatchSizeOption = None
@@ -53,8 +55,8 @@ class TrainingOptions:
         return {
             "train.epochs": self.epochs, "train.batch_size": self.batch_size, "data.crop": self.crop, "optim.lr": self.lr,
             "train.amp": self.amp, "train.device": self.device, "data.workers": self.workers,
-            "data.manifest": str(self.data) if self.data else None, "train.recipe": self.recipe,
-            "train.accumulation_steps": _accumulation_value(self.accumulate),
+            "data.manifest": str(self.data) if self.data else None, "data.split": self.split,
+            "train.recipe": self.recipe, "train.accumulation_steps": _accumulation_value(self.accumulate),
         }
 
     def settings(

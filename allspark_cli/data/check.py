@@ -43,6 +43,7 @@ _HIST_BINS = 256
 _SHOWN_BAD_VALUES = 5
 _SINGLE_CHANNEL_MODES = frozenset({"P", "L", "1", "I", "I;16", "I;16B", "I;16L"})
 TRAIN_GROUP = "train"
+SPLIT_FILE_RULE = "split-file"  # a split list is missing or malformed
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class _Item:
 
 
 def _check_item(
-    root: Path, item: _Item, num_classes: int, ignore_index: int
+    root: Path, item: _Item, num_classes: int, ignore_index: int, exif_orientation: bool = False
 ) -> tuple[list[Problem], np.ndarray | None]:
     """Checks one (image, mask) pair; returns its problems and its mask histogram (if decoded)."""
     problems: list[Problem] = []
@@ -124,9 +125,9 @@ def _check_item(
     else:
         try:
             if item.decode_image:
-                image_size = read_image(image_path).shape[:2][::-1]
+                image_size = read_image(image_path, exif_orientation=exif_orientation).shape[:2][::-1]
             else:
-                image_size = read_size(image_path)[:2]
+                image_size = read_size(image_path, exif_orientation=exif_orientation)[:2]
         except DataError as error:
             problems.append(Problem(item.image, "unreadable", str(error)))
     if item.mask is not None:
@@ -164,20 +165,20 @@ def _check_item_star(args: tuple) -> tuple[list[Problem], np.ndarray | None]:
 def _read_lists(manifest: DatasetManifest, report: CheckReport) -> tuple[dict, dict]:
     """Reads every split list; returns {train split: (labeled, unlabeled)} and {eval split: entries}."""
 
-    def read(relpath: str, require_mask: bool) -> list[SplitEntry]:
+    def read(relpath: str, require_mask: bool, field: str) -> list[SplitEntry]:
         try:
             return read_split(manifest.split_file(relpath), require_mask=require_mask)
-        except DataError as error:
-            report.problems.append(Problem(relpath, "split-file", str(error)))
+        except DataError as error:  # the field that names the list: what to fix in dataset.yaml
+            report.problems.append(Problem(relpath, SPLIT_FILE_RULE, f"dataset.yaml field {field}: {error}"))
             return []
 
     train = {}
     for name, split in manifest.train_splits.items():
-        labeled = read(split.labeled, True)
-        unlabeled = read(split.unlabeled, False) if split.unlabeled is not None else []
+        labeled = read(split.labeled, True, f"train_splits.{name}.labeled")
+        unlabeled = read(split.unlabeled, False, f"train_splits.{name}.unlabeled") if split.unlabeled is not None else []
         train[name] = (labeled, unlabeled)
         report.split_sizes[name] = (len(labeled), len(unlabeled))
-    evals = {name: read(relpath, True) for name, relpath in manifest.eval_splits.items()}
+    evals = {name: read(relpath, True, f"eval_splits.{name}") for name, relpath in manifest.eval_splits.items()}
     for name, entries in evals.items():
         report.split_sizes[name] = (len(entries), 0)
     return train, evals
@@ -254,7 +255,8 @@ def check_dataset(
     else:
         sampled = set(with_mask)
     tasks = [
-        (manifest.root, _Item(image, mask, not fast, index in sampled), manifest.num_classes, manifest.ignore_index)
+        (manifest.root, _Item(image, mask, not fast, index in sampled), manifest.num_classes, manifest.ignore_index,
+         manifest.exif_orientation)
         for index, (image, mask) in enumerate(pairs)
     ]
     report.stats = {TRAIN_GROUP: ClassStats.empty(manifest.num_classes)}
@@ -276,7 +278,9 @@ def raise_if_problems(report: CheckReport, *, listed: bool = False) -> None:
     the user to `prepare check` for the full list."""
     if report.ok:
         return
-    shown = "; ".join(f"{p.file} ({p.rule})" for p in report.problems[:SUMMARY_FILES])
+    # A split list's problem says which dataset.yaml field names it and where it was looked for.
+    shown = "; ".join(f"{p.file} ({p.rule}): {p.detail}" if p.rule == SPLIT_FILE_RULE else f"{p.file} ({p.rule})"
+                      for p in report.problems[:SUMMARY_FILES])
     more = len(report.problems) - SUMMARY_FILES
     tail = f"; and {more} more" if more > 0 else ""
     hint = " (listed above)" if listed else " (run 'allspark prepare check' for the full list)"

@@ -50,7 +50,8 @@ class _TrainDataset(Dataset):
 
     view: int = 0
 
-    def __init__(self, root: str | os.PathLike, entries: list[SplitEntry], *, crop: int, seed: int) -> None:
+    def __init__(self, root: str | os.PathLike, entries: list[SplitEntry], *, crop: int, seed: int,
+                 exif_orientation: bool = False) -> None:
         if not entries:
             raise DataError(f"empty sample list for dataset root {root}")
         self.root = Path(root)
@@ -58,6 +59,10 @@ class _TrainDataset(Dataset):
         self.crop = crop
         self.seed = seed
         self.epoch = 0
+        self.exif_orientation = exif_orientation  # the manifest's: images as displayed, or as stored
+
+    def read_image(self, relpath: str) -> np.ndarray:
+        return read_image(self.root / relpath, exif_orientation=self.exif_orientation)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose augmentations `__getitem__` draws (see the module docstring)."""
@@ -85,8 +90,9 @@ class LabeledDataset(_TrainDataset):
         seed: int,
         length: int | None = None,
         ignore_index: int = IGNORE_INDEX,
+        exif_orientation: bool = False,
     ) -> None:
-        super().__init__(root, entries, crop=crop, seed=seed)
+        super().__init__(root, entries, crop=crop, seed=seed, exif_orientation=exif_orientation)
         missing = [entry.image for entry in self.entries if entry.mask is None]
         if missing:
             raise DataError(f"labeled samples need a mask column; first without one: {missing[0]}")
@@ -100,7 +106,7 @@ class LabeledDataset(_TrainDataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         entry = self.entries[index % len(self.entries)]
-        image = read_image(self.root / entry.image)
+        image = self.read_image(entry.image)
         mask = read_mask(self.root / entry.mask)
         _check_sizes(image, mask, entry)
         image, mask = self.transform(image, mask, self.rng(index))
@@ -121,8 +127,8 @@ class UnlabeledDataset(_TrainDataset):
     view = 1
 
     def __init__(self, root: str | os.PathLike, entries: list[SplitEntry], *, crop: int, seed: int,
-                 strong_view: bool = False) -> None:
-        super().__init__(root, entries, crop=crop, seed=seed)
+                 strong_view: bool = False, exif_orientation: bool = False) -> None:
+        super().__init__(root, entries, crop=crop, seed=seed, exif_orientation=exif_orientation)
         self.transform = unlabeled_transform(crop=crop)
         self.strong = strong_photometric_transform() if strong_view else None
 
@@ -132,7 +138,7 @@ class UnlabeledDataset(_TrainDataset):
     def __getitem__(self, index: int) -> tuple:
         if not 0 <= index < len(self.entries):
             raise IndexError(index)
-        image = read_image(self.root / self.entries[index].image)
+        image = self.read_image(self.entries[index].image)
         marker = np.full(image.shape[:2], UNLABELED_VALID, dtype=np.uint8)
         rng = self.rng(index)
         image, marker = self.transform(image, marker, rng)
@@ -149,7 +155,7 @@ class EvalDataset(Dataset):
     index -> (image float32 (3, H, W) normalised, mask int64 (H, W), image relpath str).
     """
 
-    def __init__(self, root: str | os.PathLike, entries: list[SplitEntry]) -> None:
+    def __init__(self, root: str | os.PathLike, entries: list[SplitEntry], *, exif_orientation: bool = False) -> None:
         if not entries:
             raise DataError(f"empty evaluation list for dataset root {root}")
         missing = [entry.image for entry in entries if entry.mask is None]
@@ -157,13 +163,14 @@ class EvalDataset(Dataset):
             raise DataError(f"evaluation samples need a mask column; first without one: {missing[0]}")
         self.root = Path(root)
         self.entries = list(entries)
+        self.exif_orientation = exif_orientation
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         entry = self.entries[index]
-        image = read_image(self.root / entry.image)
+        image = read_image(self.root / entry.image, exif_orientation=self.exif_orientation)
         mask = read_mask(self.root / entry.mask)
         _check_sizes(image, mask, entry)
         return normalize(image), mask_to_tensor(mask), entry.image
@@ -194,10 +201,12 @@ def build_train_datasets(
     length = len(labeled_entries)
     if split.unlabeled is not None:
         unlabeled_entries = read_split(manifest.split_file(split.unlabeled))
-        unlabeled = UnlabeledDataset(manifest.root, unlabeled_entries, crop=crop, seed=seed, strong_view=strong_view)
+        unlabeled = UnlabeledDataset(manifest.root, unlabeled_entries, crop=crop, seed=seed, strong_view=strong_view,
+                                     exif_orientation=manifest.exif_orientation)
         length = max(length, len(unlabeled_entries)) if repeat_labeled else length
     labeled = LabeledDataset(
-        manifest.root, labeled_entries, crop=crop, seed=seed, length=length, ignore_index=manifest.ignore_index
+        manifest.root, labeled_entries, crop=crop, seed=seed, length=length, ignore_index=manifest.ignore_index,
+        exif_orientation=manifest.exif_orientation,
     )
     return TrainDatasets(labeled, unlabeled)
 
@@ -205,4 +214,4 @@ def build_train_datasets(
 def build_eval_dataset(manifest: DatasetManifest, split_name: str = "val") -> EvalDataset:
     """Evaluation dataset of the manifest's eval split `split_name`."""
     entries = read_split(manifest.eval_split_file(split_name), require_mask=True)
-    return EvalDataset(manifest.root, entries)
+    return EvalDataset(manifest.root, entries, exif_orientation=manifest.exif_orientation)

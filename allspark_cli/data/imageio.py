@@ -4,8 +4,12 @@ Images are decoded with OpenCV (fast JPEG/PNG decoding) and returned as RGB. Mas
 Pillow, because OpenCV expands 8-bit palette PNGs (VOC's SegmentationClass format) to BGR colours
 instead of returning the class indices. Every failure is a DataError naming the file.
 
-EXIF orientation is ignored on purpose: the masks are stored unrotated and the reference pipeline
-(Pillow) ignores it too, so honouring it would turn image and mask against each other.
+EXIF orientation (the Orientation tag of phone and camera JPEGs: the stored pixels are turned
+or mirrored when displayed) is applied only when asked (`exif_orientation=True`): `predict`
+always (its masks match the image as displayed), training and evaluation when the dataset's
+manifest says so (`prepare custom` datasets, whose masks are drawn on the displayed image). The
+benchmarks' masks were drawn on the stored pixels and the reference pipeline (Pillow) reads them
+so, so for them the tag is ignored: honouring it would turn image and mask against each other.
 """
 from __future__ import annotations
 
@@ -18,7 +22,14 @@ from PIL import Image, UnidentifiedImageError
 
 from allspark_cli.errors import DataError
 
-_IMAGE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# OpenCV applies the EXIF Orientation tag unless told to ignore it (the same turn as Pillow's
+# ImageOps.exif_transpose; tests/test_exif_orientation.py checks all eight values).
+_STORED_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+_DISPLAYED_FLAGS = cv2.IMREAD_COLOR
+EXIF_ORIENTATION_TAG = 0x0112
+UPRIGHT = 1  # the Orientation value (and the default when there is none) of pixels shown as stored
+# Orientations 5..8 turn the image by a quarter: the displayed width is the stored height.
+QUARTER_TURNS = frozenset({5, 6, 7, 8})
 _JPEG_START = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
 # Some writers append padding or metadata after the end-of-image marker; look for it near the end.
@@ -37,8 +48,9 @@ def _read_bytes(path: Path, kind: str) -> bytes:
         raise DataError(f"cannot read {kind} {path}: {error.strerror or error}") from None
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decodes an image file to RGB uint8 of shape (H, W, 3).
+def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np.ndarray:
+    """Decodes an image file to RGB uint8 of shape (H, W, 3); with `exif_orientation` as displayed
+    (the EXIF Orientation tag applied), else as stored.
 
     Grey and RGBA images are converted to 3 channels. Raises DataError naming the file when it is
     missing, not a decodable image, or a JPEG cut short (OpenCV would silently return grey rows).
@@ -47,7 +59,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     data = _read_bytes(path, "image")
     if data.startswith(_JPEG_START) and _JPEG_END not in data[-_JPEG_END_SEARCH_BYTES:]:
         raise DataError(f"image is truncated (JPEG without end marker): {path}")
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _IMAGE_FLAGS)
+    flags = _DISPLAYED_FLAGS if exif_orientation else _STORED_FLAGS
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if bgr is None:
         raise DataError(f"image cannot be decoded (corrupt or unsupported format): {path}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -81,14 +94,31 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return mask
 
 
-def read_size(path: str | os.PathLike, kind: str = "image") -> tuple[int, int, str]:
-    """(width, height, Pillow mode) from the file header only, without decoding the pixels."""
+def read_size(path: str | os.PathLike, kind: str = "image", *, exif_orientation: bool = False) -> tuple[int, int, str]:
+    """(width, height, Pillow mode) from the file header only, without decoding the pixels; with
+    `exif_orientation` the displayed size (width and height swapped for a quarter turn)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{kind} not found: {path}")
     try:
         with Image.open(path) as image:
             width, height = image.size
+            if exif_orientation and _orientation(image) in QUARTER_TURNS:
+                width, height = height, width
             return width, height, image.mode
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(f"{kind} cannot be decoded ({error}): {path}") from None
+
+
+def _orientation(image: Image.Image) -> int:
+    return int(image.getexif().get(EXIF_ORIENTATION_TAG, UPRIGHT) or UPRIGHT)
+
+
+def read_orientation(path: str | os.PathLike) -> int:
+    """The EXIF Orientation tag of an image file (1..8; 1 when it has none), from its header."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            return _orientation(image)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise DataError(f"image cannot be decoded ({error}): {path}") from None

@@ -18,8 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_write_text
+from allspark_cli.suggestions import did_you_mean
 
 MANIFEST_NAME = "dataset.yaml"
+# The training split that labels every training image (no unlabeled list): the supervised
+# upper bound beside the ratio splits, never the default of a run.
+FULL_SPLIT = "full"
 # Masks are stored as 8-bit images, so class ids and the ignore value must fit in a byte.
 MAX_MASK_VALUE = 255
 EvalMode = Literal["whole", "slide", "center-crop"]
@@ -53,6 +57,10 @@ class DatasetManifest(BaseModel):
     # The `allspark prepare` options that determined the masks (e.g. coco `crowd: ignore`), for
     # the record; None for datasets whose masks no option changes.
     mask_options: dict[str, str] | None = None
+    # True: images are read as displayed, their EXIF Orientation tag applied, and the masks are
+    # in that orientation (`prepare custom`: phone photos); False: the stored pixels as they are
+    # (the benchmarks, whose masks were drawn on the stored pixels, as the reference reads them).
+    exif_orientation: bool = False
 
     @model_validator(mode="after")
     def _check_consistency(self) -> DatasetManifest:
@@ -85,6 +93,15 @@ class DatasetManifest(BaseModel):
         relpath = self.eval_splits.get(name, name)
         return Path(self.root) / relpath
 
+    def default_train_split(self) -> str | None:
+        """The training split a run takes when none is named: the only one, or else the only one
+        besides `full`; None when that is ambiguous (several ratio splits)."""
+        names = list(self.train_splits)
+        if len(names) == 1:
+            return names[0]
+        ratios = [name for name in names if name != FULL_SPLIT]
+        return ratios[0] if len(ratios) == 1 else None
+
     def train_split(self, name: str) -> TrainSplit:
         """The training split called `name`; DataError listing the available names otherwise."""
         if name not in self.train_splits:
@@ -103,9 +120,17 @@ class DatasetManifest(BaseModel):
 
 
 def _format_validation_error(error: ValidationError) -> str:
-    first = error.errors()[0]
+    # An unknown key first: a misspelt field ('clases') is also reported as the missing one.
+    errors = sorted(error.errors(), key=lambda item: item["type"] != "extra_forbidden")
+    first = errors[0]
     field = ".".join(str(part) for part in first["loc"]) or "manifest"
     message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        key = str(first["loc"][-1])
+        # A key inside a training split (train_splits.<name>.<key>) or at the top level.
+        known = TrainSplit.model_fields if len(first["loc"]) == 3 else DatasetManifest.model_fields
+        field, message = field.removesuffix(key).rstrip("."), f"unknown key '{key}'{did_you_mean(key, known)}"
+        return f"{field + ': ' if field else ''}{message}"
     more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
     return f"{field}: {message}{more}"
 
@@ -149,6 +174,8 @@ def write_manifest(manifest: DatasetManifest, path: str | os.PathLike) -> None:
     data = manifest.model_dump(mode="json")
     if data["mask_options"] is None:
         del data["mask_options"]  # only builders with mask options write the field
+    if not data["exif_orientation"]:
+        del data["exif_orientation"]  # only `prepare custom` writes the field
     data["root"] = stored_root or "."
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
     atomic_write_text(path, text)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from allspark_cli.constants import MIN_CROP
 from allspark_cli.data.manifest import EvalMode
 from allspark_cli.model.config import ArchitectureChoices
 
@@ -22,7 +23,6 @@ SETTINGS_VERSION = 2
 # computes: a resumed run may change it freely (engine/training/resume.py). Every field of a
 # section marked so (RunSettings) is.
 REPORTING_ONLY = {"reporting_only": True}
-MIN_CROP = 32  # the stride-32 stage needs at least one token
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 
 AmpMode = Literal["off", "bf16", "fp16"]
@@ -48,8 +48,13 @@ class DataSettings(_Section):
     # path, is what must stay the same.
     manifest: Path = Field(description="dataset.yaml of a prepared dataset (or its folder)",
                            json_schema_extra=REPORTING_ONLY)
-    split: str = Field(min_length=1, description="training split name as in the manifest, e.g. '183', '1/16'")
-    crop: int = Field(default=513, ge=MIN_CROP, description="square training crop in pixels")
+    split: str | None = Field(
+        default=None, min_length=1,
+        description="training split name as in the manifest, e.g. '183', '1/16'; null: the dataset's only split "
+        "(besides 'full'), refused when it has several",
+    )
+    crop: int | None = Field(default=None, ge=MIN_CROP,
+                             description="square training crop in pixels; null: the dataset's train_crop")
     workers: int = Field(default=4, ge=0, description="DataLoader worker processes per training process",
                          json_schema_extra=REPORTING_ONLY)
 
@@ -198,18 +203,20 @@ class EvalSettings(_Section):
 
 
 class RunSettings(_Section):
-    """Where the run folder goes: `<root>/<preset>/<name>`; name auto-numbered exp, exp2, ..."""
+    """Where the run folder goes: `<root>/<group>/<name>`; name auto-numbered exp, exp2, ...; the
+    group named after the recipe and the dataset (engine/training/rundir.py `run_group`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=REPORTING_ONLY)
 
     root: Path = Path("runs")
+    group: str | None = Field(default=None, description="the folder under root; null: from the preset and the dataset")
     name: str | None = None
     exist_ok: bool = False
     tensorboard: Literal["auto", "on", "off"] = Field(
         default="auto", description="TensorBoard events in RUN_DIR/tensorboard: auto = when the package is installed"
     )
 
-    @field_validator("name")
+    @field_validator("name", "group")
     @classmethod
     def _check_name(cls, value: str | None) -> str | None:
         if value is not None and (not value.strip() or "/" in value or "\\" in value or value in (".", "..")):

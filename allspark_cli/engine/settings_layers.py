@@ -9,7 +9,6 @@ did-you-mean) before the merge, and the merged tree is validated once as TrainSe
 """
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,10 +19,10 @@ from pydantic import BaseModel, ValidationError
 
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.errors import SettingsError
+from allspark_cli.suggestions import did_you_mean
 
 ENV_PREFIX = "ALLSPARK_"
 ENV_SEPARATOR = "__"
-SUGGESTION_CUTOFF = 0.6  # difflib similarity below which no did-you-mean is offered
 
 
 def _known_paths(model: type[BaseModel], prefix: str = "") -> dict[str, type[BaseModel] | None]:
@@ -39,15 +38,6 @@ def _known_paths(model: type[BaseModel], prefix: str = "") -> dict[str, type[Bas
 
 
 KNOWN_PATHS = _known_paths(TrainSettings)
-
-
-def did_you_mean(key: str, candidates: list[str]) -> str:
-    """' (did you mean 'x'?)' for the closest candidate, or '' when none is close."""
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=SUGGESTION_CUTOFF)
-    if not close:
-        last = key.rsplit(".", 1)[-1]
-        close = [c for c in candidates if c.rsplit(".", 1)[-1] == last][:1]
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def check_keys(layer: Mapping[str, Any], source: str, prefix: str = "") -> None:

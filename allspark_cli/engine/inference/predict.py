@@ -147,8 +147,9 @@ class Predictor:
         return "whole"
 
     def predict(self, images: Sequence[np.ndarray | str | os.PathLike]) -> list[np.ndarray]:
-        """(H, W) uint8 class-id masks at each input's size, in input order (paths are read as RGB)."""
-        arrays = [to_rgb(item) if isinstance(item, np.ndarray) else read_image(item) for item in images]
+        """(H, W) uint8 class-id masks at each input's size, in input order (paths are read as RGB, as
+        displayed: the EXIF Orientation tag applied)."""
+        arrays = [to_rgb(item) if isinstance(item, np.ndarray) else read_image(item, exif_orientation=True) for item in images]
         return self.predict_arrays(arrays)
 
     @torch.no_grad()

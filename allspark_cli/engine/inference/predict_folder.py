@@ -88,7 +88,7 @@ class _ImageReader(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> _ReadResult:
         try:
-            image = read_image(self.paths[position])
+            image = read_image(self.paths[position], exif_orientation=True)  # masks match the image as displayed
             check_image_size(image, str(self.paths[position]))
             return _ReadResult(position, image, None)
         except DataError as error:

@@ -141,7 +141,7 @@ def inspect_memory(
     if max_channels < 1:
         raise SettingsError(f"--max-channels: expected at least 1, got {max_channels}")
     # Decoded before anything is written, so that a bad image leaves no partial report behind.
-    inputs = [(Path(p), viz.limit_long_side(read_image(p), MAX_IMAGE_SIDE)) for p in images or ()]
+    inputs = [(Path(p), viz.limit_long_side(read_image(p, exif_orientation=True), MAX_IMAGE_SIDE)) for p in images or ()]
     path = resolve_checkpoint(checkpoint)
     report(f"reading {path}")
     info, model = load_for_inference(path, device)

@@ -1,8 +1,8 @@
 """`ablate`: the paper's Table 5 on any prepared dataset — every method x seed trained with one
 recipe, each evaluated, and one table of mean ± std.
 
-Layout of the ablation folder (`<run.root>/<preset>/<name>`, default name `ablation`):
-`runs/<preset>/<method>-seed<k>/` (an ordinary run folder each; its best mIoU and per-class IoU
+Layout of the ablation folder (`<run.root>/<group>/<name>`, default name `ablation`; the group
+as a training run's, engine/training/rundir.py): `runs/<group>/<method>-seed<k>/` (an ordinary run folder each; its best mIoU and per-class IoU
 come from the training's own evaluation history, so nothing is evaluated twice),
 `results.csv` (one row per run, per-class IoU included), `summary.json`, `table.md` and
 `ablation.png` (bar chart, error bars = sample std over seeds). Resumable: a run with a result is
@@ -26,7 +26,7 @@ from allspark_cli.engine.training.events import recipe_text
 from allspark_cli.engine.training.rundir import RunFolder
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.training.train import train
-from allspark_cli.engine.training.train_data import DatasetBuilder, manifest_path
+from allspark_cli.engine.training.train_data import DatasetBuilder, manifest_path, run_group_of
 from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_path, atomic_write_text
 from allspark_cli.model.checkpoint import read_checkpoint
@@ -237,7 +237,7 @@ def ablate(
     recipe = recipe_text(settings_for(semi[0], seeds[0])) if semi else ""
     for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
         settings = settings_for(method, seed)
-        run_dir = Path(settings.run.root) / (settings.preset or "custom").replace("/", "_") / str(settings.run.name)
+        run_dir = Path(settings.run.root) / run_group_of(settings) / str(settings.run.name)
         reporter = reporter_for(method, seed, index, total) if reporter_for is not None else None
         runs.append(run_one(settings, run_dir, reporter, build_missing))
         write_outputs(Ablation(folder, runs[0].class_names, runs, summarise(runs, methods), recipe))  # grows run by run

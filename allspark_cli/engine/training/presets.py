@@ -31,6 +31,11 @@ PRESET_DIR_ENV = "ALLSPARK_PRESET_DIR"
 FAMILY_ORDER = ("pascal", "pascal-aug", "pascal-u2pl", "cityscapes", "coco", "demo")
 # The paper's hardware: 8 labeled + 8 unlabeled images per step over 4 GPUs (DESIGN.md section 3).
 PAPER_GPUS = 4
+# `allspark train --data DATASET` without a preset trains with this preset's recipe (the demo's
+# CPU-sized one: MiT-B0 from scratch, 3 epochs of at most 250 iterations) minus its dataset: the
+# split and the crop then come from the dataset (engine/training/train_data.py with_dataset_defaults).
+CUSTOM_RECIPE_PRESET = "demo-1/16"
+DATASET_KEYS = ("manifest", "split", "crop")
 CLOSE_NAMES = 4  # suggestions shown for an unknown preset
 CLOSE_CUTOFF = 0.5  # difflib similarity below which a name is not suggested
 
@@ -149,3 +154,11 @@ def find_preset(name: str, directory: Path | None = None) -> Preset:
     close = difflib.get_close_matches(name, names, n=CLOSE_NAMES, cutoff=CLOSE_CUTOFF)
     hint = f"; closest: {', '.join(close)}" if close else ""
     raise SettingsError(f"unknown preset '{name}'{hint} (see allspark train --list-presets)")
+
+
+def custom_recipe(directory: Path | None = None) -> dict[str, Any]:
+    """The settings layer of a run on your own data without a preset (CUSTOM_RECIPE_PRESET's
+    recipe, with no preset name and no dataset: manifest, split and crop are the run's)."""
+    layer = find_preset(CUSTOM_RECIPE_PRESET, directory).layer
+    data = {key: value for key, value in layer["data"].items() if key not in DATASET_KEYS}
+    return {**{key: value for key, value in layer.items() if key != "preset"}, "data": data}

@@ -158,7 +158,8 @@ def resume_base(path: str | Path) -> tuple[Path | None, dict[str, Any]]:
     folder = Path(path)
     if folder.is_dir() and (folder / CONFIG_FILE).is_file() and not (folder / WEIGHTS_DIR / LAST_CHECKPOINT).exists():
         settings = read_settings_file(folder / CONFIG_FILE)
-        where = {"root": str(folder.resolve().parent.parent), "name": folder.name, "exist_ok": True}
+        where = {"root": str(folder.resolve().parent.parent), "group": folder.resolve().parent.name,
+                 "name": folder.name, "exist_ok": True}
         return None, {**settings, "run": {**settings.get("run", {}), **where}}
     checkpoint_path = checkpoint_to_resume(path)
     run_dir_of_checkpoint(checkpoint_path)

@@ -1,10 +1,17 @@
-"""The run folder: `<run.root>/<preset>/<name>/` and everything training writes into it.
+"""The run folder: `<run.root>/<group>/<name>/` and everything training writes into it.
+
+The group (`run_group`) names the recipe and the dataset: a preset on its own dataset keeps the
+preset's name (`runs/pascal-1_8`), any other run is named after its dataset and split
+(`runs/mine-1_8`), followed by the preset that gave the recipe (`runs/mine-1_8-demo-1_16`).
 
 Layout: `config.yaml` (resolved settings), `env.json` (versions, device, world size, seed, git
 commit), `train.log` (plain log lines), `metrics.jsonl` (one JSON object per log step),
-`results.csv` (one row per evaluation), `weights/last.pt` and `weights/best.pt`, `plots/
-results.png` and `plots/val_mosaic.png`. Names are auto-numbered `exp`, `exp2`, ... unless given.
-Only rank 0 writes; every whole-file write is atomic; the logs are appended line by line.
+`results.csv` (one row per evaluation), `dataset.json` (the dataset's fingerprint),
+`weights/last.pt` and `weights/best.pt`, `plots/results.png` and `plots/val_mosaic.png`,
+`tensorboard/` events. Names are auto-numbered `exp`, `exp2`, ... unless given. Only rank 0
+writes; every whole-file write is atomic; the logs are appended line by line. A run started anew
+in an existing folder (`--exist-ok`) first removes these files of the run before it (`clear`),
+and nothing else: files of your own in the folder stay.
 """
 from __future__ import annotations
 
@@ -20,7 +27,9 @@ from typing import Any
 import torch
 
 from allspark_cli.constants import WEIGHTS_DIR
-from allspark_cli.errors import SettingsError
+from allspark_cli.data.fingerprint import FINGERPRINT_FILE
+from allspark_cli.engine.training.tensorboard import TENSORBOARD_DIR
+from allspark_cli.errors import SettingsError, WriteError
 from allspark_cli.fileio import atomic_write_text, remove_stale_temps
 
 DEFAULT_RUN_NAME = "exp"
@@ -32,17 +41,37 @@ RESULTS_FILE = "results.csv"
 PLOTS_DIR = "plots"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+RESULTS_PLOT = "results.png"
+MOSAIC_PLOT = "val_mosaic.png"
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the files TensorBoard's SummaryWriter writes
 RESULTS_COLUMNS = ("epoch", "iteration", "lr", "loss_x", "loss_u", "miou", "pixel_accuracy")
 GIT_TIMEOUT_S = 5  # a hung git (network file systems) must not block training
 
 
-def run_dir_for(root: Path, preset_folder: str, name: str | None, exist_ok: bool) -> Path:
+def _folder_name(text: str) -> str:
+    """`pascal-1/8` -> `pascal-1_8`: one folder name (split and preset names hold slashes)."""
+    return text.replace("/", "_").replace("\\", "_")
+
+
+def run_group(preset: str | None, dataset: str, split: str) -> str:
+    """The folder under run.root for a run of `preset` (None: no preset) on the dataset named
+    `dataset` (its manifest's name), training split `split` (see the module docstring). A preset's
+    own dataset is the one its name starts with: `pascal` for pascal-aug-1/16, `demo` for demo-1/16."""
+    data = _folder_name(f"{dataset}-{split}")
+    if preset is None:
+        return data
+    if preset == dataset or preset.startswith(f"{dataset}-"):
+        return _folder_name(preset)
+    return f"{data}-{_folder_name(preset)}"
+
+
+def run_dir_for(root: Path, group: str, name: str | None, exist_ok: bool) -> Path:
     """The folder a new run writes to (not created here).
 
     Without `name`: the first free of exp, exp2, exp3, ... A given name that exists is refused
     unless `exist_ok`.
     """
-    parent = Path(root) / preset_folder
+    parent = Path(root) / group
     if name is not None:
         path = parent / name
         if path.exists() and not exist_ok:
@@ -136,6 +165,26 @@ class RunFolder:
         self.plots = self.path / PLOTS_DIR
         self.last = self.weights / LAST_CHECKPOINT
         self.best = self.weights / BEST_CHECKPOINT
+
+    def previous_run_files(self) -> list[Path]:
+        """The files a run wrote here (those this module names), nothing else."""
+        names = [CONFIG_FILE, ENV_FILE, LOG_FILE, METRICS_FILE, RESULTS_FILE, FINGERPRINT_FILE]
+        files = [self.path / name for name in names]
+        files += [self.last, self.best, self.plots / RESULTS_PLOT, self.plots / MOSAIC_PLOT]
+        files += sorted((self.path / TENSORBOARD_DIR).glob(TENSORBOARD_EVENTS))
+        return [path for path in files if path.is_file()]
+
+    def clear(self) -> int:
+        """Removes the files of an earlier run in this folder (`previous_run_files`), so a run
+        started anew here (--exist-ok) never mixes its logs, results, events or weights with the
+        old ones; returns how many were removed."""
+        removed = self.previous_run_files()
+        for path in removed:
+            try:
+                path.unlink()
+            except OSError as error:
+                raise WriteError(f"could not remove {path} of the earlier run: {error.strerror or error}") from None
+        return len(removed)
 
     def create(self, *, config_text: str, env: dict[str, Any]) -> None:
         """Makes the folders and writes config.yaml and env.json; removes the half-written checkpoint

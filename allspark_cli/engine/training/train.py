@@ -76,6 +76,8 @@ from allspark_cli.engine.training.train_data import (
     manifest_path,
     open_dataset,
     process_groups,
+    run_group_of,
+    with_dataset_defaults,
 )
 from allspark_cli.engine.training.train_eval import evaluate_epoch
 from allspark_cli.errors import DataError, Interrupted, ResourceError, SettingsError
@@ -296,6 +298,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                         "move it back, or pass --data with its new place")
     manifest = open_dataset(settings, dist, notify=reporter.message if reporter is not None else None,
                             build_missing=None if resume else build_missing)
+    settings = with_dataset_defaults(settings, manifest)  # the split and crop a run leaves to its dataset
     fingerprint = take_fingerprint(manifest, manifest_path(settings).resolve())
     dataset_notes = _check_same_dataset(resumed_dir, fingerprint, settings, force) if resumed_dir else []
     protocol = resolve_protocol(manifest, mode=settings.eval.mode, crop=settings.eval.crop, stride=settings.eval.stride,
@@ -348,8 +351,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
         state.saved_iteration = state.iteration
     else:
         torch.manual_seed(settings.train.seed + dist.rank)  # dropout differs across ranks
-        preset_folder = (settings.preset or "custom").replace("/", "_")
-        run_dir = run_dir_for(Path(settings.run.root).expanduser(), preset_folder, settings.run.name,
+        run_dir = run_dir_for(Path(settings.run.root).expanduser(), run_group_of(settings), settings.run.name,
                               settings.run.exist_ok) if main else NO_RUN
         run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0 picks the auto-numbered name
     run_folder = RunFolder(run_dir)
@@ -360,13 +362,18 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
         created = run_dir
         while not created.parent.exists():
             created = created.parent
+    cleared = 0
     if main:
+        if checkpoint is None and created is None:  # a new run in an existing folder (--exist-ok)
+            cleared = run_folder.clear()
         run_folder.create(config_text=dump_settings_yaml(settings),
                           env=environment_info(device=dist.device, world_size=dist.world_size, seed=settings.train.seed))
         write_fingerprint(run_folder.path, fingerprint)
         # A resumed run drops the steps it redoes; a run started again in its folder (killed before
         # its first save, or --exist-ok) drops all the old ones.
         run_folder.truncate_metrics(state.iteration)
+        if cleared:
+            run_folder.log(f"started anew in {run_folder.path}: removed {cleared} files of the run before")
         if checkpoint is not None:
             run_folder.log(f"resumed from {resume} at iteration {state.iteration}")
             for change in resume_changes:

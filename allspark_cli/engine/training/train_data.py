@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from allspark_cli.data.datasets import EvalDataset, TrainDatasets, build_eval_dataset, build_train_datasets
 from allspark_cli.data.manifest import MANIFEST_NAME, DatasetManifest, load_manifest
 from allspark_cli.engine.distributed import DistInfo, barrier
+from allspark_cli.engine.training.rundir import run_group
 from allspark_cli.engine.training.sampling import LABELED_STREAM, UNLABELED_STREAM, EpochBatchSampler
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.signals import ignore_stop_signals
@@ -52,11 +53,7 @@ def open_dataset(
             build_missing(path.parent, notify)
         barrier()
     manifest = load_manifest(path)
-    if settings.data.split not in manifest.train_splits:
-        raise SettingsError(
-            f"data.split: dataset {path} has no training split '{settings.data.split}'; "
-            f"available: {', '.join(manifest.train_splits)}"
-        )
+    training_split(settings, manifest)  # named and present, or refused before any work
     if settings.eval.split not in manifest.eval_splits:
         raise SettingsError(f"eval.split: dataset {path} has no evaluation split '{settings.eval.split}'; "
                             f"available: {', '.join(manifest.eval_splits)}")
@@ -64,6 +61,41 @@ def open_dataset(
 
     raise_if_problems(check_dataset(manifest, fast=fast_check))
     return manifest
+
+
+def training_split(settings: TrainSettings, manifest: DatasetManifest) -> str:
+    """The run's training split: `data.split`, or when it is null the dataset's only split besides
+    `full`. SettingsError (listing the dataset's splits) for an unknown name or a choice to make."""
+    split = settings.data.split or manifest.default_train_split()
+    available = ", ".join(manifest.train_splits)
+    if split is None:
+        raise SettingsError(f"data.split: dataset '{manifest.name}' has several training splits ({available}); "
+                            "choose one with --split NAME")
+    if split not in manifest.train_splits:
+        raise SettingsError(f"data.split: dataset '{manifest.name}' ({manifest_path(settings)}) has no training split "
+                            f"'{split}'; available: {available}")
+    return split
+
+
+def with_dataset_defaults(settings: TrainSettings, manifest: DatasetManifest) -> TrainSettings:
+    """`settings` with what they leave to the dataset filled in: the training split (null:
+    `training_split`) and the crop (null: the manifest's train_crop)."""
+    data = settings.data.model_copy(update={"split": training_split(settings, manifest),
+                                            "crop": settings.data.crop or manifest.train_crop})
+    return settings.model_copy(update={"data": data})
+
+
+def run_group_of(settings: TrainSettings) -> str:
+    """The folder under run.root of a run with these settings: `run.group`, else `rundir.run_group` of
+    the preset and the dataset. A dataset that does not exist yet can only be a preset's own (the
+    demo presets build theirs at their own path; any other is refused when the run opens it)."""
+    if settings.run.group is not None:
+        return settings.run.group
+    path = manifest_path(settings)
+    if settings.preset is not None and not path.is_file():
+        return run_group(settings.preset, settings.preset, "")
+    manifest = load_manifest(path)
+    return run_group(settings.preset, manifest.name, training_split(settings, manifest))
 
 
 def process_groups(settings: TrainSettings, world_size: int) -> int:

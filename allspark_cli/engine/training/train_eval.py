@@ -17,13 +17,11 @@ from allspark_cli.engine.inference.evaluate import evaluate_dataset
 from allspark_cli.engine.inference.inference import segment
 from allspark_cli.engine.inference.protocol import EvalProtocol
 from allspark_cli.engine.settings import TrainSettings
-from allspark_cli.engine.training.rundir import RunFolder
+from allspark_cli.engine.training.rundir import MOSAIC_PLOT, RESULTS_PLOT, RunFolder
 from allspark_cli.engine.training.state import TrainState
 from allspark_cli.fileio import write_png
 from allspark_cli.viz.plots import plot_results, validation_mosaic
 
-RESULTS_PLOT = "results.png"
-MOSAIC_PLOT = "val_mosaic.png"
 
 
 class EpochEval(NamedTuple):
