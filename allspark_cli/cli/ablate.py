@@ -53,7 +53,9 @@ def _table(ablation: Ablation) -> Table:
 @with_training_options
 def ablate_command(
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose recipe every method trains with.", show_default=False)],
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods (paper Table 5).")] = ",".join(METHODS),
+    # The default written out with spaces: one 30-character word would be cut in an 80-column help.
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods (paper Table 5); default: "
+                                         f"all, {', '.join(METHODS)}.", show_default=False)] = ",".join(METHODS),
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per method: 0 .. N-1.")] = DEFAULT_SEEDS,
     name: NameOption = None,
     training: TrainingOptions = TrainingOptions(),
