@@ -182,3 +182,40 @@ def test_bad_inputs(case: str, code: int, fragment: str, tiny, tmp_path) -> None
         assert "3" in result.output  # names both counts
     if case != "out_is_a_file":
         assert not (tmp_path / "ev").exists()  # nothing written
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path) -> Path:
+    """A folder this process cannot write in: a read-only folder, or (as root, whom permissions do not
+    stop) /sys, which refuses new files even to root."""
+    import tempfile
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            tempfile.TemporaryFile(dir=candidate).close()
+        except OSError:
+            yield candidate
+            break
+    else:
+        pytest.skip("no unwritable folder on this machine")
+    folder.chmod(0o755)  # so that pytest can remove it
+
+
+def test_an_unwritable_out_folder_is_refused_before_evaluating(tiny, unwritable_folder) -> None:
+    """The whole evaluation would be lost to its last step: the folder is checked first."""
+    from allspark_cli.engine.inference.evaluate import evaluate_checkpoint
+    from allspark_cli.errors import WriteError
+
+    checkpoint, _ = tiny
+    evaluated: list[int] = []
+    with pytest.raises(WriteError, match="cannot be written"):
+        evaluate_checkpoint(checkpoint, device="cpu", out=unwritable_folder / "ev",
+                            progress=lambda done, total: evaluated.append(done))
+    assert evaluated == []
+    result = invoke(str(checkpoint), "--workers", "0", "--out", str(unwritable_folder / "ev"))
+    assert result.exit_code == 6
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--out" in lines[0], result.output

@@ -66,12 +66,15 @@ def predict_command(
     )
     out_dir = out if out is not None else predict_out_dir(RUNS_ROOT, name)
     columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    current = "image" if predictor.batch_size == 1 else f"batch of up to {predictor.batch_size} images"
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("predict", total=None)
         summary = predict_folder(
             predictor, sources, out_dir, save=_save_kinds(save), opacity=opacity, overwrite=overwrite,
             workers=DEFAULT_WORKERS if workers is None else workers,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            stopping=lambda: progress.console.print(f"stopping after the current {current}...", markup=False,
+                                                    highlight=False),
         )
     for path, message in summary.failed:
         Console(stderr=True).print(f"skipped {path}: {message}", markup=False, highlight=False)
