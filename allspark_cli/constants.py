@@ -17,3 +17,7 @@ ATTENTION_PATHS: tuple[str, ...] = get_args(AttentionPath)
 
 # The folder of a run that holds its checkpoints (RUN_DIR/weights/last.pt, best.pt).
 WEIGHTS_DIR = "weights"
+
+# File suffixes of `allspark export` (engine/inference/export.py), also recognised when an exported
+# model is handed to a command that takes a checkpoint (model/weights.py).
+EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}

@@ -219,3 +219,21 @@ def test_an_unwritable_out_folder_is_refused_before_evaluating(tiny, unwritable_
     assert result.exit_code == 6
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--out" in lines[0], result.output
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+@pytest.mark.parametrize(("command", "name", "runner_hint"), [
+    ("eval", "best.onnx", "onnxruntime"),
+    ("predict", "best.torchscript.pt", "torch.jit.load"),
+    ("eval", "renamed.pt", "torch.jit.load"),  # a TorchScript archive is recognised by its content too
+])
+def test_an_exported_model_is_named_with_how_to_run_it(command, name, runner_hint, tmp_path) -> None:
+    exported = tmp_path / name
+    if name.endswith(".onnx"):
+        exported.write_bytes(b"\x08\x07\x12\x0fallspark export")  # the start of an ONNX protobuf
+    else:
+        torch.jit.trace(torch.nn.Conv2d(3, 2, 1), torch.zeros(1, 3, 8, 8)).save(str(exported))
+    result = CliRunner().invoke(app, [command, str(exported), *(["photos"] if command == "predict" else [])])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "exported" in lines[0] and runner_hint in lines[0], result.output
