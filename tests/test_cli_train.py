@@ -11,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
+from allspark_cli.engine.training import events as events_module
 from allspark_cli.engine.training import train as engine_train
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.model.checkpoint import save_checkpoint
@@ -159,6 +160,57 @@ def test_bad_inputs(tmp_path: Path, args: list[str], code: int, fragment: str) -
     assert result.exit_code == code, _output(result)
     assert fragment in _output(result)
     assert not Path("runs").exists()  # the working folder is the test's own (conftest)
+
+
+def _strip_escapes(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", text)
+
+
+def _start_info(**changes) -> events_module.StartInfo:
+    fields = dict(
+        run_dir=Path("runs/pascal-1_8/exp"), preset="pascal-1/8", method="allspark", backbone="b5", device="cuda:0",
+        world_size=4, global_batch=8, per_process_batch=2, group_size=2, lr=0.001, head_lr=0.01, amp="off", epochs=80,
+        iterations_per_epoch=100, labeled_images=183, unlabeled_images=10399, start_iteration=0, paper_batch=8,
+        paper_lr=0.001, paper_gpus=4, notes=["hello"])
+    return events_module.StartInfo(**{**fields, **changes})
+
+
+def test_rich_reporter_at_80_columns_keeps_the_count_eta_and_status_whole() -> None:
+    """The status (losses, lr, mIoU) has its own line, so the bar keeps done/total, elapsed and ETA;
+    an in-training evaluation shows its own bar (not a bar frozen at the epoch's end)."""
+    import io
+
+    from rich.console import Console
+
+    from allspark_cli.cli.train import RichReporter
+
+    stream = io.StringIO()
+    reporter = RichReporter(Console(file=stream, force_terminal=True, width=80))
+    reporter.start(_start_info())
+    reporter.step(events_module.StepInfo(0, 80, 10, 8000, 0.5, 0.6, 0.4, 0.001, 1.0))
+    reporter.progress.refresh()
+    shown = _strip_escapes(stream.getvalue())
+    assert re.search(r"10/8000 +\d:\d\d:\d\d +(-:--:--|\d+:\d\d:\d\d)", shown), shown
+    assert "epoch 1/80  loss_x 0.600  loss_u 0.400  lr 1.00e-03  mIoU -" in shown
+    reporter.evaluating(3, 12)
+    reporter.progress.refresh()
+    assert re.search(r"eval .*3/12", _strip_escapes(stream.getvalue()))
+    reporter.evaluated(events_module.EvalInfo(0, 42.5, 90.0, 42.5, 0, 3.0))
+    assert reporter.progress.tasks == [reporter.progress.tasks[0]]  # the eval bar is gone
+    reporter.close()
+
+
+def test_plain_reporter_writes_the_evaluation_in_quarters() -> None:
+    import io
+
+    stream = io.StringIO()
+    reporter = events_module.PlainReporter(stream)
+    for done in range(1, 13):
+        reporter.evaluating(done, 12)
+    reporter.evaluated(events_module.EvalInfo(0, 42.5, 90.0, 42.5, 0, 3.0))
+    lines = stream.getvalue().splitlines()
+    assert lines[:4] == [f"evaluating: {done}/12 validation images" for done in (3, 6, 9, 12)]
+    assert lines[4].startswith("epoch 1 eval: mIoU 42.50")
 
 
 def test_rich_reporter_shows_the_banner_bar_and_miou() -> None:

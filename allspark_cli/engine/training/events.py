@@ -14,6 +14,7 @@ from typing import Protocol, TextIO
 from allspark_cli.engine.training.presets import PAPER_GPUS
 
 SECONDS_PER_MINUTE = 60
+PLAIN_EVAL_LINES = 4  # progress lines of one in-training evaluation in plain logs
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class TrainReporter(Protocol):
 
     def step(self, info: StepInfo) -> None: ...
 
+    def evaluating(self, done: int, total: int) -> None:
+        """Progress of an in-training evaluation: `done` of `total` validation images of this
+        process's share (rank 0's; the shares of the other ranks are as large within one image)."""
+
     def evaluated(self, info: EvalInfo) -> None: ...
 
     def message(self, text: str) -> None: ...
@@ -89,6 +94,10 @@ def format_step(info: StepInfo) -> str:
         f"loss {info.loss:.4f} loss_x {info.loss_x:.4f} loss_u {loss_u} lr {info.lr:.3g} "
         f"{info.seconds_per_iteration:.2f}s/it eta {remaining / SECONDS_PER_MINUTE:.1f}min"
     )
+
+
+def format_evaluating(done: int, total: int) -> str:
+    return f"evaluating: {done}/{total} validation images"
 
 
 def format_eval(info: EvalInfo) -> str:
@@ -128,6 +137,7 @@ class PlainReporter:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
+        self._eval_part = 0  # quarters of the running evaluation already written
 
     def _write(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -140,7 +150,15 @@ class PlainReporter:
     def step(self, info: StepInfo) -> None:
         self._write(format_step(info))
 
+    def evaluating(self, done: int, total: int) -> None:
+        # A line at each quarter: a log shows the evaluation advancing without a line per batch.
+        part = done * PLAIN_EVAL_LINES // total
+        if part > self._eval_part:
+            self._eval_part = part
+            self._write(format_evaluating(done, total))
+
     def evaluated(self, info: EvalInfo) -> None:
+        self._eval_part = 0
         self._write(format_eval(info))
 
     def message(self, text: str) -> None:
