@@ -51,6 +51,7 @@ def test_tiny_run_writes_a_complete_run_folder(manifest: Path, tmp_path: Path) -
     rows = list(csv.DictReader((run / "results.csv").open()))
     assert list(rows[0]) == ["epoch", "iteration", "lr", "loss_x", "loss_u", "miou", "pixel_accuracy"]
     assert len(rows) == 1 and float(rows[0]["miou"]) == pytest.approx(result.best_miou)
+    assert {m["epoch"] for m in metrics} == {int(rows[0]["epoch"])} == {1}  # one epoch, counted from 1 in both
     last = read_checkpoint(run / "weights/last.pt")
     assert last.train_state["finished"] and last.train_state["iteration"] == 2
     assert last.settings["data"]["manifest"] == str(manifest.resolve()) and last.settings["data"]["crop"] == 64
