@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +238,14 @@ def test_an_exported_model_is_named_with_how_to_run_it(command, name, runner_hin
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "exported" in lines[0] and runner_hint in lines[0], result.output
+
+
+@pytest.mark.parametrize("columns", ["80", "40"])
+def test_the_summary_keeps_each_number_with_its_unit(tiny, tmp_path, columns) -> None:
+    checkpoint, _ = tiny
+    result = CliRunner().invoke(app, ["eval", str(checkpoint), "--workers", "0", "--out", str(tmp_path / "ev")],
+                                env={"COLUMNS": columns})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("mIoU ") and "pixel accuracy " in line for line in lines), result.output
+    assert any(re.fullmatch(r"3 images at \d+\.\d\d images/s *", line) for line in lines), result.output

@@ -234,3 +234,14 @@ def test_rich_reporter_shows_the_banner_bar_and_miou() -> None:
     text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", stream.getvalue())  # drop terminal escapes
     assert "[allspark, MiT-B5]" in text and "global batch 8+8 in groups of 2" in text and "paper: 8+8 on 4 GPUs, lr 0.001" in text and "hello" in text
     assert "mIoU 42.50" in text
+
+
+def test_counts_agree_with_their_nouns() -> None:
+    """'1 epoch x 1 iteration', not '1 epochs x 1 iterations' (a one-epoch smoke run)."""
+    from allspark_cli.text import plural
+
+    assert [plural(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
+    assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"
+    banner = events_module.format_start(_start_info(epochs=1, iterations_per_epoch=1))
+    assert "1 epoch x 1 iteration;" in banner
+    assert "80 epochs x 100 iterations;" in events_module.format_start(_start_info())

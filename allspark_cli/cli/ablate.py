@@ -25,6 +25,7 @@ from allspark_cli.engine.training.ablate import (
 from allspark_cli.engine.training.presets import find_preset
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.segmentor import METHODS
+from allspark_cli.text import plural
 from allspark_cli.threads import apply_threads
 
 DEFAULT_SEEDS = 3
@@ -84,7 +85,7 @@ def ablate_command(
     result = ablate(settings_for, method_list, list(range(seeds)), folder, reporter_for=reporter_for,
                     build_missing=dataset_builder_for(probe.preset, probe.data.manifest))
     Console().print(_table(result))
-    Console().print(f"[green]done[/]: {len(result.runs)} runs; table, chart and results.csv in {folder}")
+    Console().print(f"[green]done[/]: {plural(len(result.runs), 'run')}; table, chart and results.csv in {folder}")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from allspark_cli.cli.options import AmpOption, BatchSizeOption, DeviceOption, NameOption, ThreadsOption, WorkersOption
 from allspark_cli.engine.inference.predict import PredictMode
+from allspark_cli.text import plural
 
 RUNS_ROOT = Path("runs")
 DEFAULT_WORKERS = 2
@@ -80,12 +81,12 @@ def predict_command(
         Console(stderr=True).print(f"skipped {path}: {message}", markup=False, highlight=False)
     modes = ", ".join(f"{count} {kind}" for kind, count in sorted(summary.mode_counts.items()))
     console.print(
-        f"{summary.found} images: {summary.predicted} predicted ({modes or 'none'}), {summary.skipped} already done, "
+        f"{plural(summary.found, 'image')}: {summary.predicted} predicted ({modes or 'none'}), {summary.skipped} already done, "
         f"{len(summary.failed)} unreadable; {summary.images_per_second:.2f} images/s"
     )
     console.print(f"outputs in {summary.out_dir}")
     if summary.failed:
-        raise DataError(f"{len(summary.failed)} of {summary.found} images could not be read (listed above)")
+        raise DataError(f"{len(summary.failed)} of {plural(summary.found, 'image')} could not be read (listed above)")
 
 
 def register(app: typer.Typer) -> None:

@@ -19,6 +19,7 @@ from allspark_cli.engine.inference.predict import Predictor, check_image_size
 from allspark_cli.engine.inference.shared import ProgressCallback, check_out_dir
 from allspark_cli.errors import DataError, Interrupted, SettingsError
 from allspark_cli.signals import StopRequest, ignore_stop_signals
+from allspark_cli.text import plural
 
 SaveKind = Literal["mask", "color", "overlay"]
 
@@ -173,7 +174,7 @@ def predict_folder(
             if progress is not None:
                 progress(done, total)
             if stop.requested and done < total:  # a stop after the last image changes nothing
-                raise Interrupted(f"predict stopped after {done} of {total} images, whose outputs are complete; "
+                raise Interrupted(f"predict stopped after {done} of {plural(total, 'image')}, whose outputs are complete; "
                                   "run the same command again to continue (finished images are skipped)")
 
         for results in loader:

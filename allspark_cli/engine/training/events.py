@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from allspark_cli.engine.training.presets import PAPER_GPUS
+from allspark_cli.text import plural
 
 SECONDS_PER_MINUTE = 60
 PLAIN_EVAL_LINES = 4  # progress lines of one in-training evaluation in plain logs
@@ -97,7 +98,7 @@ def format_step(info: StepInfo) -> str:
 
 
 def format_evaluating(done: int, total: int) -> str:
-    return f"evaluating: {done}/{total} validation images"
+    return f"evaluating: {done}/{plural(total, 'validation image')}"
 
 
 def format_eval(info: EvalInfo) -> str:
@@ -115,7 +116,7 @@ def format_start(info: StartInfo) -> str:
         f"training {info.preset or 'custom'} [{info.method}, MiT-{info.backbone.upper()}] on {info.device} x{info.world_size}: "
         f"global batch {info.global_batch}+{info.global_batch} in groups of {info.group_size}, lr {info.lr:g} "
         f"(head {info.head_lr:g}){paper}; "
-        f"{info.epochs} epochs x {info.iterations_per_epoch} iterations; "
+        f"{plural(info.epochs, 'epoch')} x {plural(info.iterations_per_epoch, 'iteration')}; "
         + (f"recipe {info.recipe}; " if info.recipe else "")
         + f"run folder {info.run_dir}"
     )
