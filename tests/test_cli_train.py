@@ -245,3 +245,17 @@ def test_counts_agree_with_their_nouns() -> None:
     banner = events_module.format_start(_start_info(epochs=1, iterations_per_epoch=1))
     assert "1 epoch x 1 iteration;" in banner
     assert "80 epochs x 100 iterations;" in events_module.format_start(_start_info())
+
+
+def test_list_presets_fits_80_columns_and_the_full_table_stays_available() -> None:
+    from allspark_cli.engine.training.presets import list_presets
+
+    names = [preset.info.name for preset in list_presets()]
+    compact = CliRunner().invoke(app, ["train", "--list-presets"], env={"COLUMNS": "80"})
+    assert compact.exit_code == 0, compact.output
+    assert max(len(line) for line in compact.output.splitlines()) <= 80 and "…" not in compact.output
+    assert all(name in compact.output.split() for name in names)
+    assert "allspark train --list-presets --wide" in compact.output
+    wide = CliRunner().invoke(app, ["train", "--list-presets", "--wide"], env={"COLUMNS": "80"})
+    assert wide.exit_code == 0 and "…" not in wide.output and "baselines" in wide.output
+    assert "sup: batch 16 /4, epochs over the labeled list" in wide.output

@@ -32,7 +32,9 @@ from allspark_cli.model.mit import Backbone
 from allspark_cli.model.segmentor import Method
 from allspark_cli.threads import apply_threads
 
-PRESETS_TABLE_WIDTH = 180
+# Wider than any presets table: the width at which the full table's natural width is measured.
+MEASURING_WIDTH = 1000
+COMPACT_PRESETS_HINT = "all columns (aliases, lr, mIoU, baselines): allspark train --list-presets --wide"
 
 
 class _ProgressWithStatus(Progress):
@@ -106,12 +108,42 @@ def presets_table() -> Table:
     for preset in list_presets():
         s, info = preset.info.settings, preset.info
         name = info.name + (f" ({', '.join(info.aliases)})" if info.aliases else "")
-        group = f" /{s.train.group_size}" if s.train.group_size else ""
-        table.add_row(name, str(info.labeled_count or "-"), str(s.data.crop), str(s.train.epochs),
-                      f"{s.train.batch_size}+{s.train.batch_size}{group}", f"{s.optim.lr:g}",
+        table.add_row(name, *_size_cells(preset), f"{s.optim.lr:g}",
                       f"x{s.optim.head_lr_multiplier:g}", _recipe_cell(s), "-" if info.paper_miou is None else f"{info.paper_miou:.2f}",
                       info.paper_source or "-", _baselines_text(preset))
     return table
+
+
+def compact_presets_table() -> Table:
+    """The presets in 80 columns: name, data and schedule, and the recipe's name."""
+    table = Table(title="allspark presets (recipes: DESIGN.md section 3)")
+    table.add_column("preset", no_wrap=True)
+    for column in ("labeled", "crop", "epochs", "batch", "recipe"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for preset in list_presets():
+        table.add_row(preset.info.name, *_size_cells(preset), preset.info.settings.train.recipe)
+    return table
+
+
+def _size_cells(preset) -> list[str]:
+    """The labeled, crop, epochs and batch cells of a preset's row (both tables)."""
+    s, info = preset.info.settings, preset.info
+    group = f" /{s.train.group_size}" if s.train.group_size else ""
+    return [str(info.labeled_count or "-"), str(s.data.crop), str(s.train.epochs),
+            f"{s.train.batch_size}+{s.train.batch_size}{group}"]
+
+
+def _print_presets(wide: bool) -> None:
+    """The full table where it fits (or with --wide, however wide: for a file or `less -S`), else
+    the compact one and how to see the rest."""
+    stdout = Console()
+    full = presets_table()
+    natural = stdout.measure(full, options=stdout.options.update_width(MEASURING_WIDTH)).maximum
+    if wide or natural <= stdout.width:
+        Console(width=max(stdout.width, natural)).print(full)
+        return
+    stdout.print(compact_presets_table())
+    stdout.print(COMPACT_PRESETS_HINT, markup=False, highlight=False)
 
 
 def _recipe_cell(settings) -> str:
@@ -142,6 +174,7 @@ def train_command(
     preset: Annotated[str | None, typer.Option("--preset", "-p", rich_help_panel="Run", help="Preset name, e.g. pascal-1/8 or demo-1/16 (see --list-presets).", show_default=False)] = None,
     training: TrainingOptions = TrainingOptions(),
     list_presets_flag: Annotated[bool, typer.Option("--list-presets", rich_help_panel="Run", help="Print the presets table and exit.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", rich_help_panel="Run", help="With --list-presets: every column, however wide.")] = False,
     resume: Annotated[Path | None, typer.Option("--resume", rich_help_panel="Run", help="Continue a run: RUN_DIR or RUN_DIR/weights/last.pt.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", rich_help_panel="Run", help="Resume even if the world size or batch changed.")] = False,
     backbone: Annotated[Backbone | None, typer.Option("--backbone", rich_help_panel="Recipe", help="MiT variant.", show_default=False)] = None,
@@ -159,9 +192,7 @@ def train_command(
     """
     console = Console(stderr=True)
     if list_presets_flag:
-        stdout = Console()
-        # Pipes get rich's 80 columns by default, which would truncate the table.
-        Console(width=max(stdout.width, PRESETS_TABLE_WIDTH)).print(presets_table())
+        _print_presets(wide)
         return
     if no_pretrained and pretrained is not None:
         raise SettingsError("--pretrained and --no-pretrained exclude each other")
