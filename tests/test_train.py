@@ -66,6 +66,23 @@ def test_tiny_run_writes_a_complete_run_folder(manifest: Path, tmp_path: Path) -
         run_dir_for(tmp_path / "runs", "tiny", "exp", False)
 
 
+def test_the_in_training_evaluation_reports_its_progress(manifest: Path, tmp_path: Path) -> None:
+    """The reporter sees the validation images advance (a bar, not a display frozen at the epoch's end)."""
+    import io
+
+    from allspark_cli.engine.training.events import PlainReporter
+
+    seen: list[tuple[int, int]] = []
+
+    class Recorder(PlainReporter):
+        def evaluating(self, done: int, total: int) -> None:
+            seen.append((done, total))
+
+    train(build_settings(base=tiny_layer(manifest, tmp_path)), reporter=Recorder(io.StringIO()))
+    images = len(build_eval_dataset(load_manifest(manifest)))
+    assert seen and seen[-1] == (images, images) and [done for done, _ in seen] == sorted({d for d, _ in seen})
+
+
 def test_sup_on_a_fully_labeled_split_makes_one_pass_over_the_labeled_list(manifest: Path, tmp_path: Path) -> None:
     layer = tiny_layer(manifest, tmp_path, data={"split": "full"}, model={"method": "sup"})
     result = train(build_settings(base=layer))
