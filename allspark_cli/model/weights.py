@@ -70,8 +70,9 @@ _HF_RENAMES = (
 _IMAGENET_HEAD = re.compile(r"^(head|classifier)\.")
 
 
-# How to run each kind of exported model: the commands themselves take checkpoints only.
-_EXPORTED_RUNNERS = {"onnx": "onnxruntime (onnxruntime.InferenceSession)", "torchscript": "torch.jit.load"}
+# The name of each kind of exported model and how to run it: the commands take checkpoints only.
+_EXPORTED_RUNNERS = {"onnx": ("ONNX", "onnxruntime (onnxruntime.InferenceSession)"),
+                     "torchscript": ("TorchScript", "torch.jit.load")}
 
 
 def _exported_format(path: Path) -> str | None:
@@ -91,9 +92,9 @@ def _refuse_exported(path: Path) -> None:
     """SettingsError (exit 2: the wrong kind of file for the command) for an exported model."""
     fmt = _exported_format(path)
     if fmt is not None:
-        raise SettingsError(f"{path} is an exported {fmt} model, not a checkpoint: run it with "
-                            f"{_EXPORTED_RUNNERS[fmt]} (README, Export), or give this command the .pt "
-                            "checkpoint it was exported from")
+        kind, runner = _EXPORTED_RUNNERS[fmt]
+        raise SettingsError(f"{path} is an exported {kind} model, not a checkpoint: run it with {runner} "
+                            "(README, Export), or give this command the .pt checkpoint it was exported from")
 
 
 def torch_load_safely(path: str | Path) -> object:
