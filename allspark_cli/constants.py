@@ -20,3 +20,7 @@ WEIGHTS_DIR = "weights"
 # The backbone's coarsest stride (MiT's last stage): a training crop is at least one such cell.
 CROP_STRIDE = 32
 MIN_CROP = CROP_STRIDE
+
+# File suffixes of `allspark export` (engine/inference/export.py), also recognised when an exported
+# model is handed to a command that takes a checkpoint (model/weights.py).
+EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}

@@ -12,7 +12,8 @@ and turning the stop into a loader error.
 
 While installed, the first signal only sets `requested`; the training loop checks it after each
 step (all ranks agree through an all-reduce), saves last.pt and raises Interrupted; `eval` and
-`predict` check it after each batch (predict's finished outputs are kept, eval writes nothing);
+`predict` check it after each batch (predict's finished outputs are kept, eval writes nothing;
+predict says at once that it is stopping, through `on_request`);
 prepare's conversion stage checks it as results come in and stops after the chunks in progress.
 Around every command, `stop_signals_interrupt` turns a stop elsewhere (startup, dataset checks)
 into the one-line "interrupted" (exit 130). A second
@@ -92,13 +93,20 @@ def start_resource_tracker_immune_to_stops() -> None:
 
 
 class StopRequest:
-    def __init__(self) -> None:
+    """`requested` turns True at the first stop signal; `on_request` (if given) is called then, at
+    once, so that a command can say it is stopping (a loop may take a while to reach its check)."""
+
+    def __init__(self, on_request: Callable[[], None] | None = None) -> None:
         self.requested = False
+        self.on_request = on_request
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        first = not self.requested
         self.requested = True
+        if first and self.on_request is not None:
+            self.on_request()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:

@@ -147,7 +147,7 @@ def find_samples(root: Path) -> dict[str, list[LabelTask]]:
         if not tasks:
             problems.append(f"no */*{LABEL_IDS_SUFFIX} masks in {label_dir}")
         samples[split] = tasks
-    raise_if_errors(problems, "Cityscapes layout checks")
+    raise_if_errors(problems, "Cityscapes layout check")
     return samples
 
 

@@ -44,6 +44,7 @@ from allspark_cli.data.manifest import MANIFEST_NAME
 from allspark_cli.errors import AllsparkError, DataError, Interrupted, SettingsError, WriteError
 from allspark_cli.fileio import TEMP_MARKER, atomic_write_bytes
 from allspark_cli.signals import StopRequest, ignore_stop_signals, start_resource_tracker_immune_to_stops
+from allspark_cli.text import plural
 
 # progress(stage, done, total): called from the main process as samples finish.
 ProgressFn = Callable[[str, int, int], None]
@@ -170,9 +171,14 @@ class _Stopped(Exception):
         self.error = error
 
 
+def _output_noun(stage: str) -> str:
+    """One output of a conversion stage: its bar names the outputs in the plural ('trainId masks')."""
+    return stage.removesuffix("s")
+
+
 def _stop_error(stopped: bool, report: MapReport, stage: str, counts_outputs: bool) -> AllsparkError | None:
     """The error that ends the run now, if any: a failed write first (it names the cause), then a stop."""
-    kept = f" ({report.kept} {stage} kept)" if counts_outputs else ""
+    kept = f" ({plural(report.kept, _output_noun(stage))} kept)" if counts_outputs else ""
     if report.write_errors:
         return WriteError(f"{sorted(report.write_errors)[0]}; {RESUME_HINT} once the cause is fixed{kept}")
     if stopped:
@@ -279,12 +285,13 @@ def run_parallel(
 
 
 def raise_if_errors(errors: Sequence[str], what: str, *, suffix: str = "") -> None:
-    """One DataError line naming the first few problems (sorted, so the message is reproducible)."""
+    """One DataError line naming the first few problems (sorted, so the message is reproducible);
+    `what` names one failing item ('file': '1 file failed', '3 files failed')."""
     if not errors:
         return
     shown = "; ".join(errors[:MAX_REPORTED_ERRORS])
     more = f" (and {len(errors) - MAX_REPORTED_ERRORS} more)" if len(errors) > MAX_REPORTED_ERRORS else ""
-    raise DataError(f"{len(errors)} {what} failed: {shown}{more}{suffix}")
+    raise DataError(f"{plural(len(errors), what)} failed: {shown}{more}{suffix}")
 
 
 def convert_all(
@@ -305,8 +312,8 @@ def convert_all(
     guard.keep(report.written)
     if report.errors:
         raise_if_errors(
-            report.errors, stage,
-            suffix=f"; {report.kept} {stage} are complete and kept: fix these files and {RESUME_HINT}",
+            report.errors, _output_noun(stage),
+            suffix=f"; {plural(report.kept, _output_noun(stage))} complete and kept: fix these files and {RESUME_HINT}",
         )
     return report
 

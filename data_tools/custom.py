@@ -49,6 +49,7 @@ from allspark_cli.data.splits import SplitEntry, read_split
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import encode_png, remove_stale_temps
 from allspark_cli.labels import voc_palette
+from allspark_cli.text import plural
 from data_tools.common import (
     MAX_REPORTED_ERRORS,
     PrepareSummary,
@@ -263,7 +264,7 @@ def pair_masks(images: dict[str, Path], masks: dict[str, Path], masks_dir: Path,
     problems += [f"mask {masks[key]} has no image" for key in masks if key not in images]
     if unmasked and not allow_unmasked:
         problems.append("(use --unlabeled-from-images to make images without a mask unlabeled)")
-    raise_if_errors(problems, "image/mask pairings")
+    raise_if_errors(problems, "image/mask pairing")
     return unmasked
 
 
@@ -456,7 +457,7 @@ def prepare_custom(
         train = [key for key in train if key not in set(val)]
         left_out = len(masked) - len(train) - len(val)
         if left_out:
-            notes.append(f"{left_out} images with masks are in neither --train-list nor --val-list: left out")
+            notes.append(f"{plural(left_out, 'image')} with a mask in neither --train-list nor --val-list: left out")
     else:
         if len(masked) < 2:
             raise DataError(f"need at least 2 images with masks (one for val, one for training), found {len(masked)} in {sources.images}")
@@ -485,7 +486,7 @@ def prepare_custom(
         report = run_parallel(check_sample, tasks, stage="check", workers=workers, progress=progress, counts_outputs=False)
         guard.keep(report.written)
         converted = {path.relative_to(out_dir).as_posix() for path in [*report.written, *report.skipped_outputs]}
-        raise_if_errors(report.errors, "files")
+        raise_if_errors(report.errors, "file")
         oriented = sum(read_orientation(images[key]) != UPRIGHT for key in [*val, *train])
         oriented += sum(read_orientation(path) != UPRIGHT for path in val_images.values())
         if train_crop is None:

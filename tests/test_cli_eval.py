@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,69 @@ def test_bad_inputs(case: str, code: int, fragment: str, tiny, tmp_path) -> None
         assert "3" in result.output  # names both counts
     if case != "out_is_a_file":
         assert not (tmp_path / "ev").exists()  # nothing written
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path) -> Path:
+    """A folder this process cannot write in: a read-only folder, or (as root, whom permissions do not
+    stop) /sys, which refuses new files even to root."""
+    import tempfile
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            tempfile.TemporaryFile(dir=candidate).close()
+        except OSError:
+            yield candidate
+            break
+    else:
+        pytest.skip("no unwritable folder on this machine")
+    folder.chmod(0o755)  # so that pytest can remove it
+
+
+def test_an_unwritable_out_folder_is_refused_before_evaluating(tiny, unwritable_folder) -> None:
+    """The whole evaluation would be lost to its last step: the folder is checked first."""
+    from allspark_cli.engine.inference.evaluate import evaluate_checkpoint
+    from allspark_cli.errors import WriteError
+
+    checkpoint, _ = tiny
+    evaluated: list[int] = []
+    with pytest.raises(WriteError, match="cannot be written"):
+        evaluate_checkpoint(checkpoint, device="cpu", out=unwritable_folder / "ev",
+                            progress=lambda done, total: evaluated.append(done))
+    assert evaluated == []
+    result = invoke(str(checkpoint), "--workers", "0", "--out", str(unwritable_folder / "ev"))
+    assert result.exit_code == 6
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--out" in lines[0], result.output
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+@pytest.mark.parametrize(("command", "name", "runner_hint"), [
+    ("eval", "best.onnx", "onnxruntime"),
+    ("predict", "best.torchscript.pt", "torch.jit.load"),
+    ("eval", "renamed.pt", "torch.jit.load"),  # a TorchScript archive is recognised by its content too
+])
+def test_an_exported_model_is_named_with_how_to_run_it(command, name, runner_hint, tmp_path) -> None:
+    exported = tmp_path / name
+    if name.endswith(".onnx"):
+        exported.write_bytes(b"\x08\x07\x12\x0fallspark export")  # the start of an ONNX protobuf
+    else:
+        torch.jit.trace(torch.nn.Conv2d(3, 2, 1), torch.zeros(1, 3, 8, 8)).save(str(exported))
+    result = CliRunner().invoke(app, [command, str(exported), *(["photos"] if command == "predict" else [])])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "exported" in lines[0] and runner_hint in lines[0], result.output
+
+
+@pytest.mark.parametrize("columns", ["80", "40"])
+def test_the_summary_keeps_each_number_with_its_unit(tiny, tmp_path, columns) -> None:
+    checkpoint, _ = tiny
+    result = CliRunner().invoke(app, ["eval", str(checkpoint), "--workers", "0", "--out", str(tmp_path / "ev")],
+                                env={"COLUMNS": columns})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("mIoU ") and "pixel accuracy " in line for line in lines), result.output
+    assert any(re.fullmatch(r"3 images at \d+\.\d\d images/s *", line) for line in lines), result.output

@@ -11,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
+from allspark_cli.engine.training import events as events_module
 from allspark_cli.engine.training import train as engine_train
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.model.checkpoint import save_checkpoint
@@ -161,6 +162,57 @@ def test_bad_inputs(tmp_path: Path, args: list[str], code: int, fragment: str) -
     assert not Path("runs").exists()  # the working folder is the test's own (conftest)
 
 
+def _strip_escapes(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", text)
+
+
+def _start_info(**changes) -> events_module.StartInfo:
+    fields = dict(
+        run_dir=Path("runs/pascal-1_8/exp"), preset="pascal-1/8", method="allspark", backbone="b5", device="cuda:0",
+        world_size=4, global_batch=8, per_process_batch=2, group_size=2, lr=0.001, head_lr=0.01, amp="off", epochs=80,
+        iterations_per_epoch=100, labeled_images=183, unlabeled_images=10399, start_iteration=0, paper_batch=8,
+        paper_lr=0.001, paper_gpus=4, notes=["hello"])
+    return events_module.StartInfo(**{**fields, **changes})
+
+
+def test_rich_reporter_at_80_columns_keeps_the_count_eta_and_status_whole() -> None:
+    """The status (losses, lr, mIoU) has its own line, so the bar keeps done/total, elapsed and ETA;
+    an in-training evaluation shows its own bar (not a bar frozen at the epoch's end)."""
+    import io
+
+    from rich.console import Console
+
+    from allspark_cli.cli.train import RichReporter
+
+    stream = io.StringIO()
+    reporter = RichReporter(Console(file=stream, force_terminal=True, width=80))
+    reporter.start(_start_info())
+    reporter.step(events_module.StepInfo(0, 80, 10, 8000, 0.5, 0.6, 0.4, 0.001, 1.0))
+    reporter.progress.refresh()
+    shown = _strip_escapes(stream.getvalue())
+    assert re.search(r"10/8000 +\d:\d\d:\d\d +(-:--:--|\d+:\d\d:\d\d)", shown), shown
+    assert "epoch 1/80  loss_x 0.600  loss_u 0.400  lr 1.00e-03  mIoU -" in shown
+    reporter.evaluating(3, 12)
+    reporter.progress.refresh()
+    assert re.search(r"eval .*3/12", _strip_escapes(stream.getvalue()))
+    reporter.evaluated(events_module.EvalInfo(0, 42.5, 90.0, 42.5, 0, 3.0))
+    assert reporter.progress.tasks == [reporter.progress.tasks[0]]  # the eval bar is gone
+    reporter.close()
+
+
+def test_plain_reporter_writes_the_evaluation_in_quarters() -> None:
+    import io
+
+    stream = io.StringIO()
+    reporter = events_module.PlainReporter(stream)
+    for done in range(1, 13):
+        reporter.evaluating(done, 12)
+    reporter.evaluated(events_module.EvalInfo(0, 42.5, 90.0, 42.5, 0, 3.0))
+    lines = stream.getvalue().splitlines()
+    assert lines[:4] == [f"evaluating: {done}/12 validation images" for done in (3, 6, 9, 12)]
+    assert lines[4].startswith("epoch 1 eval: mIoU 42.50")
+
+
 def test_rich_reporter_shows_the_banner_bar_and_miou() -> None:
     import io
 
@@ -182,3 +234,28 @@ def test_rich_reporter_shows_the_banner_bar_and_miou() -> None:
     text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", stream.getvalue())  # drop terminal escapes
     assert "[allspark, MiT-B5]" in text and "global batch 8+8 in groups of 2" in text and "paper: 8+8 on 4 GPUs, lr 0.001" in text and "hello" in text
     assert "mIoU 42.50" in text
+
+
+def test_counts_agree_with_their_nouns() -> None:
+    """'1 epoch x 1 iteration', not '1 epochs x 1 iterations' (a one-epoch smoke run)."""
+    from allspark_cli.text import plural
+
+    assert [plural(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
+    assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"
+    banner = events_module.format_start(_start_info(epochs=1, iterations_per_epoch=1))
+    assert "1 epoch x 1 iteration;" in banner
+    assert "80 epochs x 100 iterations;" in events_module.format_start(_start_info())
+
+
+def test_list_presets_fits_80_columns_and_the_full_table_stays_available() -> None:
+    from allspark_cli.engine.training.presets import list_presets
+
+    names = [preset.info.name for preset in list_presets()]
+    compact = CliRunner().invoke(app, ["train", "--list-presets"], env={"COLUMNS": "80"})
+    assert compact.exit_code == 0, compact.output
+    assert max(len(line) for line in compact.output.splitlines()) <= 80 and "…" not in compact.output
+    assert all(name in compact.output.split() for name in names)
+    assert "allspark train --list-presets --wide" in compact.output
+    wide = CliRunner().invoke(app, ["train", "--list-presets", "--wide"], env={"COLUMNS": "80"})
+    assert wide.exit_code == 0 and "…" not in wide.output and "baselines" in wide.output
+    assert "sup: batch 16 /4, epochs over the labeled list" in wide.output

@@ -1,5 +1,5 @@
 """Dependencies run one way (STYLE.md habit 1): cli -> engine -> model / data / viz -> the core
-modules (errors, fileio, labels, signals, constants, suggestions); `data_tools` (the dataset builders) sits
+modules (errors, fileio, labels, signals, constants, suggestions, text); `data_tools` (the dataset builders) sits
 beside the engine and is reached from the CLI only. Checked twice: statically on every import
 statement, and by importing everything below the CLI (typer and the CLI must stay unloaded)."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ FORBIDDEN = {
     "allspark_cli/viz": ("allspark_cli.cli", "allspark_cli.engine", "data_tools"),
     "data_tools": ("allspark_cli.cli", "allspark_cli.engine", "allspark_cli.viz", "typer"),
 }
-CORE_MODULES = ("errors", "fileio", "labels", "signals", "constants", "suggestions")
+CORE_MODULES = ("errors", "fileio", "labels", "signals", "constants", "suggestions", "text")
 
 
 def _imports(path: Path) -> list[str]:

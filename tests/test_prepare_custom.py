@@ -167,7 +167,7 @@ def test_train_and_val_lists(tmp_path: Path) -> None:
     val = read_split(load_manifest(out).eval_split_file("val"))
     assert [Path(e.image).stem for e in val] == ["img000", "img001", "img002"]
     assert summary.split_sizes["full"] == (12, None)
-    assert any("5 images with masks are in neither" in note for note in summary.notes)
+    assert any("5 images with a mask in neither" in note for note in summary.notes)
     (tmp_path / "train.txt").write_text("img001\nimg004\n")
     with pytest.raises(DataError, match=r"1 image\(s\) are in both --train-list and --val-list: img001"):
         prepare_custom(folders["images"], folders["masks"], folders["classes"], tmp_path / "b", workers=1,
@@ -278,3 +278,10 @@ def test_out_inside_a_source_is_refused(tmp_path: Path, inside: str) -> None:
     with pytest.raises(SettingsError, match="inside the source folder"):
         _prepare(folders, tmp_path / inside)
     assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_one_broken_file_is_counted_in_the_singular(tmp_path: Path) -> None:
+    folders = make_custom(tmp_path)
+    Image.fromarray(np.full((HEIGHT, WIDTH), 9, np.uint8)).save(folders["masks"] / "img002.png")
+    with pytest.raises(DataError, match=r"^1 file failed: .*img002.png"):
+        _prepare(folders, tmp_path / "out")

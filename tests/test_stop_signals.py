@@ -85,13 +85,42 @@ def test_predict_stopped_by_its_group_exits_130_and_a_rerun_continues(tiny_check
     _, stderr = process.communicate(timeout=STARTUP_LIMIT_S)
     assert process.returncode == INTERRUPTED_EXIT, stderr
     assert "Traceback" not in stderr and "DataLoader worker" not in stderr
-    assert re.search(r"predict stopped after \d+ of 12 images.*run the same command again to continue", stderr)
+    assert "stopping after the current image..." in stderr  # said at once, before the last image ends
+    stopped = re.search(r"predict stopped after (\d+) of 12 images.*run the same command again to continue", stderr)
     kept = sorted(path.name for path in masks.iterdir())
+    assert int(stopped[1]) == len(kept)  # the count it states is the count on disk
     assert all(not name.startswith(".") for name in kept)  # no half-written file under any name
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{len(kept)} already done" in rerun.stdout + rerun.stderr
     assert len(list(masks.iterdir())) == PREDICT_IMAGES
+
+
+def test_predict_stops_after_the_current_image_and_states_the_true_count(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Ctrl-C during the first image of six: acknowledged at once, stopped after that image (not after
+    its read-ahead chunk of four, nor after all six), and the message counts the images done."""
+    import cv2
+    import numpy as np
+
+    from allspark_cli.engine.inference.predict import Predictor
+    from allspark_cli.engine.inference.predict_folder import predict_folder
+    from allspark_cli.errors import Interrupted
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for index in range(6):
+        cv2.imwrite(str(images / f"{index}.png"), np.full((PREDICT_SIZE, PREDICT_SIZE, 3), index * 40, np.uint8))
+    said: list[str] = []
+
+    def ctrl_c_in_the_first_image(done: int, total: int) -> None:
+        if not said:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted, match="predict stopped after 1 of 6 images"):
+        predict_folder(Predictor(tiny_checkpoint, device="cpu"), [str(images)], tmp_path / "out", save=["mask"],
+                       progress=ctrl_c_in_the_first_image, stopping=lambda: said.append("stopping"))
+    assert said == ["stopping"]
+    assert len(list((tmp_path / "out" / "masks").iterdir())) == 1
 
 
 def test_eval_stopped_exits_with_nothing_written(tiny_checkpoint: Path, tmp_path: Path) -> None:

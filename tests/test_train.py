@@ -51,6 +51,7 @@ def test_tiny_run_writes_a_complete_run_folder(manifest: Path, tmp_path: Path) -
     rows = list(csv.DictReader((run / "results.csv").open()))
     assert list(rows[0]) == ["epoch", "iteration", "lr", "loss_x", "loss_u", "miou", "pixel_accuracy"]
     assert len(rows) == 1 and float(rows[0]["miou"]) == pytest.approx(result.best_miou)
+    assert {m["epoch"] for m in metrics} == {int(rows[0]["epoch"])} == {1}  # one epoch, counted from 1 in both
     last = read_checkpoint(run / "weights/last.pt")
     assert last.train_state["finished"] and last.train_state["iteration"] == 2
     assert last.settings["data"]["manifest"] == str(manifest.resolve()) and last.settings["data"]["crop"] == 64
@@ -63,6 +64,23 @@ def test_tiny_run_writes_a_complete_run_folder(manifest: Path, tmp_path: Path) -
     assert run_dir_for(tmp_path / "runs", "tiny", None, False).name == "exp2"
     with pytest.raises(SettingsError, match="--exist-ok"):
         run_dir_for(tmp_path / "runs", "tiny", "exp", False)
+
+
+def test_the_in_training_evaluation_reports_its_progress(manifest: Path, tmp_path: Path) -> None:
+    """The reporter sees the validation images advance (a bar, not a display frozen at the epoch's end)."""
+    import io
+
+    from allspark_cli.engine.training.events import PlainReporter
+
+    seen: list[tuple[int, int]] = []
+
+    class Recorder(PlainReporter):
+        def evaluating(self, done: int, total: int) -> None:
+            seen.append((done, total))
+
+    train(build_settings(base=tiny_layer(manifest, tmp_path)), reporter=Recorder(io.StringIO()))
+    images = len(build_eval_dataset(load_manifest(manifest)))
+    assert seen and seen[-1] == (images, images) and [done for done, _ in seen] == sorted({d for d, _ in seen})
 
 
 def test_sup_on_a_fully_labeled_split_makes_one_pass_over_the_labeled_list(manifest: Path, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from allspark_cli.engine.training.presets import find_preset
 from allspark_cli.engine.training.train_data import run_group_of
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.segmentor import METHODS
+from allspark_cli.text import plural
 from allspark_cli.threads import apply_threads
 
 DEFAULT_SEEDS = 3
@@ -54,7 +55,9 @@ def _table(ablation: Ablation) -> Table:
 @with_training_options
 def ablate_command(
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset whose recipe every method trains with.", show_default=False)],
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods (paper Table 5).")] = ",".join(METHODS),
+    # The default written out with spaces: one 30-character word would be cut in an 80-column help.
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods (paper Table 5); default: "
+                                         f"all, {', '.join(METHODS)}.", show_default=False)] = ",".join(METHODS),
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per method: 0 .. N-1.")] = DEFAULT_SEEDS,
     name: NameOption = None,
     training: TrainingOptions = TrainingOptions(),
@@ -83,7 +86,7 @@ def ablate_command(
     result = ablate(settings_for, method_list, list(range(seeds)), folder, reporter_for=reporter_for,
                     build_missing=dataset_builder_for(probe.preset, probe.data.manifest))
     Console().print(_table(result))
-    Console().print(f"[green]done[/]: {len(result.runs)} runs; table, chart and results.csv in {folder}")
+    Console().print(f"[green]done[/]: {plural(len(result.runs), 'run')}; table, chart and results.csv in {folder}")
 
 
 def register(app: typer.Typer) -> None:

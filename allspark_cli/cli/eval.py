@@ -12,6 +12,7 @@ from rich.table import Table
 
 from allspark_cli.cli.options import AmpOption, BatchSizeOption, DataOption, DeviceOption, ThreadsOption, WorkersOption
 from allspark_cli.data.manifest import EvalMode
+from allspark_cli.text import plural
 
 if TYPE_CHECKING:
     from allspark_cli.engine.inference.eval_report import EvalReport
@@ -37,10 +38,10 @@ def _render(console: Console, report: EvalReport, checkpoint_name: str, tta: boo
     for class_id, name in enumerate(report.class_names):
         table.add_row(str(class_id), name, _percent(metrics.iou[class_id]), _percent(metrics.accuracy[class_id]))
     console.print(table)
-    console.print(
-        f"mIoU [bold]{_percent(metrics.miou)}[/bold]  pixel accuracy {_percent(metrics.pixel_accuracy)}  "
-        f"({report.result.num_images} images, {report.result.images_per_second:.2f} images/s)"
-    )
+    # Two short lines rather than one long one: a narrow terminal would wrap it between a number
+    # and its unit.
+    console.print(f"mIoU [bold]{_percent(metrics.miou)}[/bold]  pixel accuracy {_percent(metrics.pixel_accuracy)}")
+    console.print(f"{plural(report.result.num_images, 'image')} at {report.result.images_per_second:.2f} images/s")
     if report.result.out_of_range_pixels:
         console.print(
             f"[yellow]warning:[/yellow] {report.result.out_of_range_pixels} labelled pixels had a mask value "

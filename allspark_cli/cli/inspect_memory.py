@@ -24,7 +24,7 @@ def inspect_memory_command(
     ] = None,
     classes: Annotated[
         list[str] | None,
-        typer.Option("--classes", "-c", help="Class names or ids to draw (repeat or comma-separate). Default: all."),
+        typer.Option("--classes", "-c", metavar="NAMES", help="Class names or ids to draw (repeat or comma-separate). Default: all."),
     ] = None,
     max_channels: Annotated[
         int | None,
@@ -32,7 +32,7 @@ def inspect_memory_command(
     ] = None,
     images: Annotated[
         list[Path] | None,
-        typer.Option("--images", "-i", help="Image to show before/after the module, with its attention on the memory."),
+        typer.Option("--images", "-i", metavar="IMAGE", help="Image to show before/after the module, with its attention on the memory."),
     ] = None,
     data: Annotated[
         Path | None,

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from allspark_cli.cli.options import AmpOption, BatchSizeOption, DeviceOption, NameOption, ThreadsOption, WorkersOption
 from allspark_cli.engine.inference.predict import PredictMode
+from allspark_cli.text import plural
 
 RUNS_ROOT = Path("runs")
 DEFAULT_WORKERS = 2
@@ -66,23 +67,26 @@ def predict_command(
     )
     out_dir = out if out is not None else predict_out_dir(RUNS_ROOT, name)
     columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    current = "image" if predictor.batch_size == 1 else f"batch of up to {predictor.batch_size} images"
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("predict", total=None)
         summary = predict_folder(
             predictor, sources, out_dir, save=_save_kinds(save), opacity=opacity, overwrite=overwrite,
             workers=DEFAULT_WORKERS if workers is None else workers,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            stopping=lambda: progress.console.print(f"stopping after the current {current}...", markup=False,
+                                                    highlight=False),
         )
     for path, message in summary.failed:
         Console(stderr=True).print(f"skipped {path}: {message}", markup=False, highlight=False)
     modes = ", ".join(f"{count} {kind}" for kind, count in sorted(summary.mode_counts.items()))
     console.print(
-        f"{summary.found} images: {summary.predicted} predicted ({modes or 'none'}), {summary.skipped} already done, "
+        f"{plural(summary.found, 'image')}: {summary.predicted} predicted ({modes or 'none'}), {summary.skipped} already done, "
         f"{len(summary.failed)} unreadable; {summary.images_per_second:.2f} images/s"
     )
     console.print(f"outputs in {summary.out_dir}")
     if summary.failed:
-        raise DataError(f"{len(summary.failed)} of {summary.found} images could not be read (listed above)")
+        raise DataError(f"{len(summary.failed)} of {plural(summary.found, 'image')} could not be read (listed above)")
 
 
 def register(app: typer.Typer) -> None:

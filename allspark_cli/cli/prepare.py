@@ -22,6 +22,7 @@ from rich.table import Table
 from allspark_cli.cli.option_groups import with_option_group
 from allspark_cli.cli.options import SeedOption
 from allspark_cli.errors import Interrupted
+from allspark_cli.text import plural
 
 if TYPE_CHECKING:
     from allspark_cli.data.check import CheckReport
@@ -116,7 +117,7 @@ def _show_summary(summary: PrepareSummary) -> None:
         table.add_row(name, str(labeled), "-" if unlabeled is None else str(unlabeled))
     console.print(table)
     if summary.samples_checked:
-        console.print(f"checked {summary.samples_checked} files")
+        console.print(f"checked {plural(summary.samples_checked, 'file')}")
     else:
         console.print(f"masks: {summary.masks_written} written, {summary.masks_skipped} already complete (skipped)")
     for note in summary.notes:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -17,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from allspark_cli.cli.options import ExistOkOption, NameOption, SeedOption
 from allspark_cli.cli.prepare import dataset_builder_for
@@ -32,18 +34,33 @@ from allspark_cli.model.mit import Backbone
 from allspark_cli.model.segmentor import Method
 from allspark_cli.threads import apply_threads
 
-PRESETS_TABLE_WIDTH = 200
+# Wider than any presets table: the width at which the full table's natural width is measured.
+MEASURING_WIDTH = 1000
+COMPACT_PRESETS_HINT = "all columns (aliases, lr, mIoU, baselines): allspark train --list-presets --wide"
+
+
+class _ProgressWithStatus(Progress):
+    """The bars, then the status (losses, lr, mIoU) on a line of its own: beside the bars it would
+    take the width the done/total and ETA columns need at 80 columns."""
+
+    status = ""
+
+    def get_renderables(self) -> Iterator[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        if self.status:
+            yield Text(self.status, no_wrap=True, overflow="ellipsis")
 
 
 class RichReporter:
-    """A live bar with ETA, losses, lr and the last mIoU (terminals only)."""
+    """A live bar with done/total and ETA, the losses, lr and last mIoU below it, and a second bar
+    while the model is evaluated (terminals only)."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                                 console=console)
+        self.progress = _ProgressWithStatus(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                            TimeElapsedColumn(), TimeRemainingColumn(), console=console)
         self.task = None
+        self.eval_task = None
         self.miou = "-"
 
     def start(self, info: events.StartInfo) -> None:
@@ -53,14 +70,23 @@ class RichReporter:
             self.console.print(f"note: {note}", style="yellow", markup=False, highlight=False)
         total = info.epochs * info.iterations_per_epoch
         self.progress.start()
-        self.task = self.progress.add_task("train", total=total, completed=info.start_iteration, status="")
+        self.task = self.progress.add_task("train", total=total, completed=info.start_iteration)
 
     def step(self, info: events.StepInfo) -> None:
         loss_u = "-" if info.loss_u is None else f"{info.loss_u:.3f}"
-        status = f"ep {info.epoch + 1}/{info.epochs} loss_x {info.loss_x:.3f} loss_u {loss_u} lr {info.lr:.2e} mIoU {self.miou}"
-        self.progress.update(self.task, completed=info.iteration, status=status)
+        self.progress.status = (f"epoch {info.epoch + 1}/{info.epochs}  loss_x {info.loss_x:.3f}  loss_u {loss_u}  "
+                                f"lr {info.lr:.2e}  mIoU {self.miou}")
+        self.progress.update(self.task, completed=info.iteration)
+
+    def evaluating(self, done: int, total: int) -> None:
+        if self.eval_task is None:
+            self.eval_task = self.progress.add_task("eval", total=total)
+        self.progress.update(self.eval_task, completed=done, total=total)
 
     def evaluated(self, info: events.EvalInfo) -> None:
+        if self.eval_task is not None:
+            self.progress.remove_task(self.eval_task)
+            self.eval_task = None
         self.miou = f"{info.miou:.2f}"
         self.progress.console.print(events.format_eval(info), markup=False, highlight=False)
 
@@ -84,12 +110,42 @@ def presets_table() -> Table:
     for preset in list_presets():
         s, info = preset.info.settings, preset.info
         name = info.name + (f" ({', '.join(info.aliases)})" if info.aliases else "")
-        group = f" /{s.train.group_size}" if s.train.group_size else ""
-        table.add_row(name, str(info.labeled_count or "-"), str(s.data.crop), str(s.train.epochs),
-                      f"{s.train.batch_size}+{s.train.batch_size}{group}", f"{s.optim.lr:g}",
+        table.add_row(name, *_size_cells(preset), f"{s.optim.lr:g}",
                       f"x{s.optim.head_lr_multiplier:g}", _recipe_cell(s), "-" if info.paper_miou is None else f"{info.paper_miou:.2f}",
                       info.paper_source or "-", _baselines_text(preset))
     return table
+
+
+def compact_presets_table() -> Table:
+    """The presets in 80 columns: name, data and schedule, and the recipe's name."""
+    table = Table(title="allspark presets (recipes: DESIGN.md section 3)")
+    table.add_column("preset", no_wrap=True)
+    for column in ("labeled", "crop", "epochs", "batch", "recipe"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for preset in list_presets():
+        table.add_row(preset.info.name, *_size_cells(preset), preset.info.settings.train.recipe)
+    return table
+
+
+def _size_cells(preset) -> list[str]:
+    """The labeled, crop, epochs and batch cells of a preset's row (both tables)."""
+    s, info = preset.info.settings, preset.info
+    group = f" /{s.train.group_size}" if s.train.group_size else ""
+    return [str(info.labeled_count or "-"), str(s.data.crop), str(s.train.epochs),
+            f"{s.train.batch_size}+{s.train.batch_size}{group}"]
+
+
+def _print_presets(wide: bool) -> None:
+    """The full table where it fits (or with --wide, however wide: for a file or `less -S`), else
+    the compact one and how to see the rest."""
+    stdout = Console()
+    full = presets_table()
+    natural = stdout.measure(full, options=stdout.options.update_width(MEASURING_WIDTH)).maximum
+    if wide or natural <= stdout.width:
+        Console(width=max(stdout.width, natural)).print(full)
+        return
+    stdout.print(compact_presets_table())
+    stdout.print(COMPACT_PRESETS_HINT, markup=False, highlight=False)
 
 
 def _recipe_cell(settings) -> str:
@@ -120,6 +176,7 @@ def train_command(
     preset: Annotated[str | None, typer.Option("--preset", "-p", rich_help_panel="Run", help="Preset name, e.g. pascal-1/8 or demo-1/16 (see --list-presets).", show_default=False)] = None,
     training: TrainingOptions = TrainingOptions(),
     list_presets_flag: Annotated[bool, typer.Option("--list-presets", rich_help_panel="Run", help="Print the presets table and exit.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", rich_help_panel="Run", help="With --list-presets: every column, however wide.")] = False,
     resume: Annotated[Path | None, typer.Option("--resume", rich_help_panel="Run", help="Continue a run: RUN_DIR or RUN_DIR/weights/last.pt.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", rich_help_panel="Run", help="Resume even if the world size or batch changed.")] = False,
     backbone: Annotated[Backbone | None, typer.Option("--backbone", rich_help_panel="Recipe", help="MiT variant.", show_default=False)] = None,
@@ -139,9 +196,7 @@ def train_command(
     """
     console = Console(stderr=True)
     if list_presets_flag:
-        stdout = Console()
-        # Pipes get rich's 80 columns by default, which would truncate the table.
-        Console(width=max(stdout.width, PRESETS_TABLE_WIDTH)).print(presets_table())
+        _print_presets(wide)
         return
     if no_pretrained and pretrained is not None:
         raise SettingsError("--pretrained and --no-pretrained exclude each other")

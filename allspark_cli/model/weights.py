@@ -14,6 +14,7 @@ reference's `previous_best` needs are allow-listed. Nothing is ever downloaded.
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from timm.models.pvt_v2 import checkpoint_filter_fn
 from torch import nn
 
+from allspark_cli.constants import EXPORT_SUFFIXES
 from allspark_cli.errors import DataError, SettingsError
 
 # The reference stores `previous_best` as a numpy float64 scalar; unpickling it needs exactly these.
@@ -68,11 +70,40 @@ _HF_RENAMES = (
 _IMAGENET_HEAD = re.compile(r"^(head|classifier)\.")
 
 
+# The name of each kind of exported model and how to run it: the commands take checkpoints only.
+_EXPORTED_RUNNERS = {"onnx": ("ONNX", "onnxruntime (onnxruntime.InferenceSession)"),
+                     "torchscript": ("TorchScript", "torch.jit.load")}
+
+
+def _exported_format(path: Path) -> str | None:
+    """'onnx' / 'torchscript' when `path` is a model written by `allspark export` (by its suffix; a
+    TorchScript archive also by its content: a zip holding compiled code), else None."""
+    for fmt, suffix in EXPORT_SUFFIXES.items():
+        if path.name.endswith(suffix):
+            return fmt
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any("/code/" in name for name in archive.namelist()):
+                return "torchscript"
+    return None
+
+
+def _refuse_exported(path: Path) -> None:
+    """SettingsError (exit 2: the wrong kind of file for the command) for an exported model."""
+    fmt = _exported_format(path)
+    if fmt is not None:
+        kind, runner = _EXPORTED_RUNNERS[fmt]
+        raise SettingsError(f"{path} is an exported {kind} model, not a checkpoint: run it with {runner} "
+                            "(README, Export), or give this command the .pt checkpoint it was exported from")
+
+
 def torch_load_safely(path: str | Path) -> object:
-    """torch.load(weights_only=True) with only the numpy scalar types allow-listed; errors name the file."""
+    """torch.load(weights_only=True) with only the numpy scalar types allow-listed; errors name the file
+    (an exported model: SettingsError saying how to run it)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    _refuse_exported(path)
     try:
         with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)

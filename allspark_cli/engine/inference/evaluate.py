@@ -49,6 +49,7 @@ from allspark_cli.engine.precision import (
 from allspark_cli.engine.settings import AmpMode
 from allspark_cli.errors import DataError, Interrupted, SettingsError
 from allspark_cli.signals import StopRequest, ignore_stop_signals
+from allspark_cli.text import plural
 
 CLASS_DIM = 1
 
@@ -144,7 +145,7 @@ def evaluate_dataset(
                 if progress is not None:
                     progress(done, total)
                 if stop is not None and stop.requested:
-                    raise Interrupted(f"evaluation stopped after {done} of {total} images; nothing was written: "
+                    raise Interrupted(f"evaluation stopped after {done} of {plural(total, 'image')}; nothing was written: "
                                       "run the same command again")
     finally:
         model.train(was_training)

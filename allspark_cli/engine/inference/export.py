@@ -18,14 +18,14 @@ from typing import Literal
 
 import torch
 
-from allspark_cli.constants import IMAGENET_MEAN, IMAGENET_STD
+from allspark_cli.constants import EXPORT_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD
 from allspark_cli.errors import AllsparkError, EnvError
 from allspark_cli.fileio import atomic_path
 from allspark_cli.model.checkpoint import load_for_inference
 
 ExportFormat = Literal["onnx", "torchscript"]
 DEFAULT_OPSET = 17
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+SUFFIXES = EXPORT_SUFFIXES
 TORCHSCRIPT_METADATA = "metadata.json"
 # Two check inputs: (batch, height, width); different from each other and from the tracing input.
 TRACE_INPUT = (1, 64, 64)

@@ -13,7 +13,7 @@ and its whole-image forward would need many times the memory.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -152,10 +152,18 @@ class Predictor:
         arrays = [to_rgb(item) if isinstance(item, np.ndarray) else read_image(item, exif_orientation=True) for item in images]
         return self.predict_arrays(arrays)
 
-    @torch.no_grad()
     def predict_arrays(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Like `predict` for (H, W, 3) uint8 RGB arrays; equal sizes are batched together."""
         masks: list[np.ndarray | None] = [None] * len(images)
+        for indices, batch_masks in self.predict_batches(images):
+            for index, mask in zip(indices, batch_masks):
+                masks[index] = mask
+        return masks  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def predict_batches(self, images: Sequence[np.ndarray]) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+        """The masks of `images` one batch at a time, as (positions in `images`, their masks): images
+        of equal size are batched together, so a caller can stop or write between two batches."""
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
             check_image_size(image)
@@ -171,6 +179,4 @@ class Predictor:
                         placement=PREDICT_PLACEMENT,
                     )
                 labels = scores.argmax(dim=CLASS_DIM).to(torch.uint8).cpu().numpy()
-                for offset, index in enumerate(chunk):
-                    masks[index] = labels[offset]
-        return masks  # type: ignore[return-value]
+                yield chunk, list(labels)

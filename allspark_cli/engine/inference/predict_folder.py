@@ -6,7 +6,7 @@ run continues), and an unreadable image is reported and skipped.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, get_args
@@ -19,6 +19,7 @@ from allspark_cli.engine.inference.predict import Predictor, check_image_size
 from allspark_cli.engine.inference.shared import ProgressCallback, check_out_dir
 from allspark_cli.errors import DataError, Interrupted, SettingsError
 from allspark_cli.signals import StopRequest, ignore_stop_signals
+from allspark_cli.text import plural
 
 SaveKind = Literal["mask", "color", "overlay"]
 
@@ -127,13 +128,16 @@ def predict_folder(
     overwrite: bool = False,
     workers: int = 0,
     progress: ProgressCallback | None = None,
+    stopping: Callable[[], None] | None = None,
 ) -> PredictSummary:
     """Predicts every image of `sources` (files, folders, globs) into `out_dir`/{masks,color,overlay}.
 
     Outputs mirror each image's relative path (engine.sources); every file is written atomically.
     An image whose requested outputs all exist is skipped unless `overwrite`. An unreadable image
     is recorded in `summary.failed` and skipped. Inputs are only read. progress(done, total) counts
-    the images to process (skipped ones excluded).
+    the images to process (skipped ones excluded), after each batch. A stop signal (Ctrl-C, SIGTERM)
+    calls `stopping()` at once (the CLI acknowledges it) and raises Interrupted after the batch in
+    progress, naming how many images are done.
     """
     import time
 
@@ -162,30 +166,37 @@ def predict_folder(
     chunk = predictor.batch_size * READ_AHEAD_BATCHES
     loader = torch.utils.data.DataLoader(reader, batch_size=chunk, num_workers=workers, collate_fn=list,
                                          worker_init_fn=ignore_stop_signals)
-    done = 0
-    with StopRequest().installed() as stop:
-        for results in loader:
-            _predict_chunk(results, pending, predictor, opacity, summary)
-            done += len(results)
+    total = len(pending)
+    with StopRequest(on_request=stopping).installed() as stop:
+
+        def finished_batch() -> None:
+            done = summary.predicted + len(summary.failed)
             if progress is not None:
-                progress(done, len(pending))
-            if stop.requested:
-                raise Interrupted(f"predict stopped after {done} of {len(pending)} images, whose outputs are complete; "
+                progress(done, total)
+            if stop.requested and done < total:  # a stop after the last image changes nothing
+                raise Interrupted(f"predict stopped after {done} of {plural(total, 'image')}, whose outputs are complete; "
                                   "run the same command again to continue (finished images are skipped)")
+
+        for results in loader:
+            _predict_chunk(results, pending, predictor, opacity, summary, finished_batch)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _predict_chunk(results: list[_ReadResult], pending: list[tuple[Path, dict[str, Path]]], predictor: Predictor,
-                   opacity: float, summary: PredictSummary) -> None:
-    """Predicts the readable images of one read-ahead chunk and writes their outputs."""
+                   opacity: float, summary: PredictSummary, finished_batch: Callable[[], None]) -> None:
+    """Predicts the readable images of one read-ahead chunk batch by batch, writes each batch's
+    outputs, then calls `finished_batch` (where a stop takes effect)."""
     readable = [result for result in results if result.image is not None]
     for result in results:
         if result.error is not None:
             summary.failed.append((str(pending[result.position][0]), result.error))
-    masks = predictor.predict_arrays([result.image for result in readable])
-    for result, mask in zip(readable, masks):
-        _write_outputs(pending[result.position][1], result.image, mask, predictor, opacity)
-        mode = predictor.mode_for(*mask.shape)
-        summary.mode_counts[mode] = summary.mode_counts.get(mode, 0) + 1
-    summary.predicted += len(readable)
+    if len(readable) < len(results):
+        finished_batch()
+    for positions, masks in predictor.predict_batches([result.image for result in readable]):
+        for result, mask in zip((readable[p] for p in positions), masks):
+            _write_outputs(pending[result.position][1], result.image, mask, predictor, opacity)
+            mode = predictor.mode_for(*mask.shape)
+            summary.mode_counts[mode] = summary.mode_counts.get(mode, 0) + 1
+        summary.predicted += len(positions)
+        finished_batch()

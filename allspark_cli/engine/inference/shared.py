@@ -4,6 +4,7 @@ saved recipe, the check of an output folder, and the progress callback's type.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from allspark_cli.engine.inference.protocol import SavedRecipe
-from allspark_cli.errors import SettingsError
+from allspark_cli.errors import SettingsError, WriteError
 from allspark_cli.labels import default_class_names, voc_palette
 
 
@@ -51,7 +52,18 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """SettingsError when the output folder, or a folder above it, exists as a file."""
+    """Checked before any work, so that a long evaluation is not lost to its last step: SettingsError
+    when the output folder, or a folder above it, exists as a file; WriteError (exit 6) when the
+    nearest existing folder of its path cannot be written (permissions, a read-only file system).
+    Nothing is left behind: the probe is an anonymous temporary file."""
     for parent in (out_dir, *out_dir.parents):
         if parent.exists() and not parent.is_dir():
             raise SettingsError(f"output folder {out_dir}: {parent} exists and is a file")
+    existing = next(parent for parent in (out_dir, *out_dir.parents) if parent.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        cause = error.strerror or type(error).__name__
+        raise WriteError(f"output folder {out_dir} cannot be written ({existing}: {cause}); "
+                         "choose another with --out") from None

@@ -123,7 +123,8 @@ def _log_step(loop: EpochLoop, window: _LossWindow, epoch: int, iteration: int, 
     summary = summarize_health(health, len(loop.class_names)) if health is not None else None
     if loop.dist.rank == 0:
         loop.run_folder.log(format_step(info))
-        record = {"epoch": epoch, "iteration": iteration, "lr": lr, "loss": info.loss, "loss_x": info.loss_x,
+        # Epochs count from 1 here as in results.csv and the log lines (the loop's own count is 0-based).
+        record = {"epoch": epoch + 1, "iteration": iteration, "lr": lr, "loss": info.loss, "loss_x": info.loss_x,
                   "loss_u": info.loss_u, "seconds_per_iteration": info.seconds_per_iteration}
         loop.run_folder.append_metrics({**record, **(_health_record(summary) if summary is not None else {})})
         if health is not None and loop.collapse is not None:

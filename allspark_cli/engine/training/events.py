@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from allspark_cli.engine.training.presets import PAPER_GPUS
+from allspark_cli.text import plural
 
 SECONDS_PER_MINUTE = 60
+PLAIN_EVAL_LINES = 4  # progress lines of one in-training evaluation in plain logs
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class TrainReporter(Protocol):
 
     def step(self, info: StepInfo) -> None: ...
 
+    def evaluating(self, done: int, total: int) -> None:
+        """Progress of an in-training evaluation: `done` of `total` validation images of this
+        process's share (rank 0's; the shares of the other ranks are as large within one image)."""
+
     def evaluated(self, info: EvalInfo) -> None: ...
 
     def message(self, text: str) -> None: ...
@@ -92,6 +98,10 @@ def format_step(info: StepInfo) -> str:
     )
 
 
+def format_evaluating(done: int, total: int) -> str:
+    return f"evaluating: {done}/{plural(total, 'validation image')}"
+
+
 def format_eval(info: EvalInfo) -> str:
     return (
         f"epoch {info.epoch + 1} eval: mIoU {info.miou:.2f} pixel acc {info.pixel_accuracy:.2f} "
@@ -107,7 +117,7 @@ def format_start(info: StartInfo) -> str:
         f"training {info.preset or 'custom'} [{info.method}, MiT-{info.backbone.upper()}] on {info.device} x{info.world_size}: "
         f"global batch {info.global_batch}+{info.global_batch} in groups of {info.group_size}, lr {info.lr:g} "
         f"(head {info.head_lr:g}){paper}; "
-        f"{info.epochs} epochs x {info.iterations_per_epoch} iterations; "
+        f"{plural(info.epochs, 'epoch')} x {plural(info.iterations_per_epoch, 'iteration')}; "
         + (f"{info.micro_steps} micro-steps per step (accumulated); " if info.micro_steps > 1 else "")
         + (f"recipe {info.recipe}; " if info.recipe else "")
         + f"run folder {info.run_dir}"
@@ -130,6 +140,7 @@ class PlainReporter:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
+        self._eval_part = 0  # quarters of the running evaluation already written
 
     def _write(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -142,7 +153,15 @@ class PlainReporter:
     def step(self, info: StepInfo) -> None:
         self._write(format_step(info))
 
+    def evaluating(self, done: int, total: int) -> None:
+        # A line at each quarter: a log shows the evaluation advancing without a line per batch.
+        part = done * PLAIN_EVAL_LINES // total
+        if part > self._eval_part:
+            self._eval_part = part
+            self._write(format_evaluating(done, total))
+
     def evaluated(self, info: EvalInfo) -> None:
+        self._eval_part = 0
         self._write(format_eval(info))
 
     def message(self, text: str) -> None:

@@ -20,6 +20,7 @@ import torch
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.transforms import UNLABELED_PADDING
 from allspark_cli.engine.training.losses import cross_entropy
+from allspark_cli.text import plural
 
 CLASS_DIM = 1
 
@@ -155,7 +156,7 @@ class CollapseMonitor:
                 warnings.append(
                     f"warning: pseudo labels collapse on class '{self.class_names[class_id]}' at iteration "
                     f"{last_iteration}: {pseudo:.2f}% of the pseudo-labeled pixels over the last "
-                    f"{last_iteration - self.start + 1} iterations against {labeled:.2f}% of the labeled ones; "
+                    f"{plural(last_iteration - self.start + 1, 'iteration')} against {labeled:.2f}% of the labeled ones; "
                     f"{self.remedy}")
         self.sums, self.start = None, None
         return warnings

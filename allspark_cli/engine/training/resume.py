@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from allspark_cli.errors import DataError, SettingsError
+from allspark_cli.text import plural
 
 
 def capture_rng() -> dict[str, Any]:
@@ -55,8 +56,9 @@ def check_resumable(train_state: dict[str, Any] | None, *, checkpoint: str, worl
     if not train_state:
         raise SettingsError(f"{checkpoint} holds no training state (only last.pt of a run can be resumed)")
     if train_state.get("finished"):
+        epochs = train_state.get("epochs")
         raise SettingsError(
-            f"{checkpoint}: this run already finished its {train_state.get('epochs', '?')} epochs; "
+            f"{checkpoint}: this run already finished its {'epochs' if epochs is None else plural(epochs, 'epoch')}; "
             "evaluate it with 'allspark eval', or start a new run (e.g. with more --epochs)"
         )
     saved_world, saved_batch = train_state.get("world_size"), train_state.get("batch_size")

@@ -418,7 +418,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                 last_epoch = epoch + 1 == settings.train.epochs
                 if (epoch + 1) % settings.eval.every == 0 or last_epoch:
                     result = evaluate_epoch(segmentor, val_set, settings, protocol, dist, manifest, run_folder, state,
-                                            lr=lr, main=main, losses=epoch_losses, tensorboard=tensorboard)
+                                            lr=lr, main=main, losses=epoch_losses, tensorboard=tensorboard,
+                                            progress=reporter.evaluating if reporter is not None else None)
                     if main and result.improved:  # with its state: resumable if last.pt is ever lost
                         save(run_folder.best, finished=last_epoch)
                     if reporter is not None:

@@ -21,6 +21,7 @@ from allspark_cli.engine.training.rundir import run_group
 from allspark_cli.engine.training.sampling import LABELED_STREAM, UNLABELED_STREAM, EpochBatchSampler
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.signals import ignore_stop_signals
+from allspark_cli.text import plural
 from allspark_cli.errors import SettingsError
 
 # Builds a dataset whose manifest is missing, into the given folder; `notify(text)` may be told
@@ -148,7 +149,7 @@ def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: Dist
     iterations = min(sampler.batches_per_epoch for sampler in samplers)
     if iterations < 1:
         size = len(datasets.unlabeled) if use_unlabeled else len(datasets.labeled)
-        raise SettingsError(f"train.batch_size: split '{settings.data.split}' has {size} images, fewer than "
+        raise SettingsError(f"train.batch_size: split '{settings.data.split}' has {plural(size, 'image')}, fewer than "
                             f"one global batch of {global_batch}")
     return Loaders(labeled, unlabeled, samplers, datasets, iterations, groups)
 

@@ -16,6 +16,7 @@ from allspark_cli.engine.distributed import DistInfo
 from allspark_cli.engine.inference.evaluate import evaluate_dataset
 from allspark_cli.engine.inference.inference import segment
 from allspark_cli.engine.inference.protocol import EvalProtocol
+from allspark_cli.engine.inference.shared import ProgressCallback
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.training.rundir import MOSAIC_PLOT, RESULTS_PLOT, RunFolder
 from allspark_cli.engine.training.state import TrainState
@@ -66,11 +67,14 @@ def evaluate_epoch(
     main: bool,
     losses: dict[str, float] | None = None,
     tensorboard=None,
+    progress: ProgressCallback | None = None,
 ) -> EpochEval:
-    """Evaluates after epoch `state.epoch` (already advanced), updates `state` (best, history)."""
+    """Evaluates after epoch `state.epoch` (already advanced), updates `state` (best, history).
+    progress(done, total): after each batch, over this process's share of the validation images."""
     result = evaluate_dataset(model, dataset, mode=protocol.mode, crop=protocol.crop, stride=protocol.stride,
                               batch_size=settings.eval.batch_size, device=dist.device, amp=settings.train.amp,
-                              dist=dist if dist.is_distributed else None, workers=settings.data.workers)
+                              dist=dist if dist.is_distributed else None, workers=settings.data.workers,
+                              progress=progress)
     miou, pixel_accuracy = float(result.metrics.miou), float(result.metrics.pixel_accuracy)
     epoch = state.epoch - 1
     improved = not math.isnan(miou) and miou > state.best_miou
