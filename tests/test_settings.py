@@ -120,7 +120,7 @@ def test_the_settings_a_resume_may_change_are_the_reporting_ones() -> None:
 
     assert sorted(reporting_only_settings()) == sorted(["run.", "train.log_every", "train.save_every", "data.workers",
                                                          "eval.batch_size", "eval.mosaic_images", "data.manifest",
-                                                         "train.collapse_window"])
+                                                         "train.collapse_window", "train.memory_fraction"])
 
 
 def test_missing_shared_data_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path) -> None:

@@ -23,6 +23,14 @@ SETTINGS_VERSION = 2
 # computes: a resumed run may change it freely (engine/training/resume.py). Every field of a
 # section marked so (RunSettings) is.
 REPORTING_ONLY = {"reporting_only": True}
+# A setting added after runs were saved without it: what a saved run that lacks it computed, so a
+# resume of such a run counts it as unchanged when it still has that value (ANY_VALUE: a setting
+# that only acts together with another new setting, which a run that lacks both never used).
+ANY_VALUE = "any"
+
+
+def unrecorded_means(value: Any) -> dict[str, Any]:
+    return {"unrecorded_means": value}
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 
 AmpMode = Literal["off", "bf16", "fp16"]
@@ -130,34 +138,35 @@ class LoopSettings(_Section):
         "Every method with an unlabeled loss shares it",
     )
     recipe: Recipe = Field(
-        default="reference",
+        default="reference", json_schema_extra=unrecorded_means("reference"),
         description="unlabeled loss of every method that has one: reference (CE on the pseudo-labeled view itself, "
         "every pixel) or weak-to-strong (pseudo labels from the weak view, CE on a strong photometric + CutMix view "
         "of the same crop over the pixels whose weak confidence passes train.confidence_threshold; DESIGN.md 3a)",
     )
     confidence_threshold: float = Field(
-        default=0.95, ge=0.0, le=1.0,
+        default=0.95, ge=0.0, le=1.0, json_schema_extra=unrecorded_means(ANY_VALUE),
         description="weak-to-strong: the max-softmax confidence a pseudo-labeled pixel needs to be trained on",
     )
     loss_weighting: LossWeighting = Field(
-        default="mean",
+        default="mean", json_schema_extra=unrecorded_means("mean"),
         description="mean: (loss_x + loss_u) / 2 (the reference, UniMatch); fixmatch: loss_x + unlabeled_weight x "
         "loss_u. sup trains loss_x at weight 1 under both (so fixmatch compares it at the same labeled weight)",
     )
-    unlabeled_weight: float = Field(default=1.0, ge=0.0, description="lambda of the fixmatch weighting")
+    unlabeled_weight: float = Field(default=1.0, ge=0.0, description="lambda of the fixmatch weighting",
+                                    json_schema_extra=unrecorded_means(ANY_VALUE))
     collapse_window: int = Field(
         default=100, ge=0, json_schema_extra=REPORTING_ONLY,
         description="iterations over which the pseudo labels' class shares are compared with the labeled masks' "
         "for the collapse warning (0: no warning)",
     )
     accumulation_steps: AccumulationSteps = Field(
-        default="auto",
+        default="auto", json_schema_extra=unrecorded_means(1),
         description="micro-steps per optimizer step, each whole groups of the process's batch (forward and "
         "backward in pieces: the same step in less memory; only the head's BatchNorm batch statistics see fewer "
         "images). auto: 1 on CPU; on CUDA the fewest whose measured peak stays under train.memory_fraction",
     )
     memory_fraction: float = Field(
-        default=0.9, gt=0.0, le=1.0,
+        default=0.9, gt=0.0, le=1.0, json_schema_extra=REPORTING_ONLY,  # its effect is accumulation_steps
         description="share of the device's memory that --accumulate auto lets one micro-step's peak reach",
     )
     loss: LossName = "ce"
@@ -222,6 +231,20 @@ class RunSettings(_Section):
         if value is not None and (not value.strip() or "/" in value or "\\" in value or value in (".", "..")):
             raise ValueError(f"a run name is one folder name without slashes, got {value!r}")
         return value
+
+
+def unrecorded_settings() -> dict[str, Any]:
+    """Dotted key -> what a saved run without that setting computed (see `unrecorded_means`)."""
+    found: dict[str, Any] = {}
+    for section_name, section in TrainSettings.model_fields.items():
+        annotation = section.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            continue
+        for name, info in annotation.model_fields.items():
+            extra = info.json_schema_extra
+            if isinstance(extra, dict) and "unrecorded_means" in extra:
+                found[f"{section_name}.{name}"] = extra["unrecorded_means"]
+    return found
 
 
 def reporting_only_settings(section: type[BaseModel] | None = None, prefix: str = "") -> tuple[str, ...]:

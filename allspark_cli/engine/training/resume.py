@@ -89,14 +89,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key: old -> new` for each setting that differs and would make the resumed run differ from
     an uninterrupted one (everything not marked REPORTING_ONLY in engine/settings.py)."""
-    from allspark_cli.engine.settings import reporting_only_settings
+    from allspark_cli.engine.settings import ANY_VALUE, reporting_only_settings, unrecorded_settings
 
-    free = reporting_only_settings()
+    free, unrecorded = reporting_only_settings(), unrecorded_settings()
     before, after = _flatten(saved), _flatten(now)
     changes = []
     for key in sorted(before.keys() | after.keys()):
         if key.startswith(free) or before.get(key) == after.get(key):
             continue
+        if key not in before and key in unrecorded and unrecorded[key] in (ANY_VALUE, after.get(key)):
+            continue  # a setting the saved run predates, at the value that computes what it computed
         changes.append(f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}")
     return changes
 
