@@ -113,3 +113,20 @@ def test_bad_preset_file_names_the_key(tmp_path: Path) -> None:
     bad.write_text(PRESET_FILES[0].read_text().replace("crop: ", "crops: ", 1))
     with pytest.raises(SettingsError, match=r"bad.yaml.*did you mean 'data.crop'"):
         read_preset_file(bad)
+
+
+def test_paper_presets_keep_the_references_recipe_and_the_demo_uses_weak_to_strong() -> None:
+    """Fidelity: every paper preset trains the reference's unlabeled loss and weighting by default;
+    the demo presets (and so the recipe for one's own data) use the recipe that served both demo
+    families better (README, the demo), with UniMatch's published thresholds everywhere."""
+    from allspark_cli.engine.training.presets import custom_recipe, list_presets
+
+    for preset in list_presets():
+        train_settings = preset.info.settings.train
+        if preset.name.startswith("demo-"):
+            assert (train_settings.recipe, train_settings.loss_weighting) == ("weak-to-strong", "fixmatch"), preset.name
+        else:
+            assert (train_settings.recipe, train_settings.loss_weighting) == ("reference", "mean"), preset.name
+        expected_threshold = 0.0 if preset.name.startswith("cityscapes") else 0.95
+        assert train_settings.confidence_threshold == expected_threshold, preset.name
+    assert custom_recipe()["train"]["recipe"] == "weak-to-strong"
