@@ -216,21 +216,26 @@ def _measure(step, device: torch.device, repeats: int) -> dict[str, Any]:
     return {"seconds": statistics.median(times), "peak_gib": peak, "oom": False}
 
 
-def measure_iteration(device, sizes, precision_name: str, module: str, memory_multiple: int) -> dict[str, Any]:
+def _iteration_setup(device, sizes, memory_multiple: int):
+    """The paper's iteration at `sizes`: model, its TrainForward, SGD, CE, and random 8 + 8 batches."""
     crop, batch = sizes["crop"], sizes["batch"]
     torch.manual_seed(0)
     config = ModelConfig(backbone=sizes["backbone"], num_classes=sizes["classes"], head_dim=sizes["head_dim"],
                          memory_multiple=memory_multiple, memory_tokens=tokens_for_crop(crop))
     model = build_model(config).to(device)
-    if module == "naive":
-        _use_naive(model)
-    runner = TrainForward(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     criterion = build_criterion("ce", ohem_thresh=0.7, ohem_min_kept=1)
     images = torch.randn(2 * batch, 3, crop, crop, device=device)
     batch_l = (images[:batch], torch.randint(0, sizes["classes"], (batch, crop, crop), device=device))
     batch_u = (images[batch:], torch.zeros(batch, crop, crop, dtype=torch.uint8, device=device),
                torch.arange(batch, device=device))
+    return model, TrainForward(model), optimizer, criterion, batch_l, batch_u
+
+
+def measure_iteration(device, sizes, precision_name: str, module: str, memory_multiple: int) -> dict[str, Any]:
+    model, runner, optimizer, criterion, batch_l, batch_u = _iteration_setup(device, sizes, memory_multiple)
+    if module == "naive":
+        _use_naive(model)
     amp = "bf16" if precision_name == "bf16" else "off"
     configure_cuda_math(tf32=precision_name == "fp32+tf32", cudnn_benchmark=device.type == "cuda")
     autocast = autocast_factory(amp, device)
@@ -253,18 +258,7 @@ def measure_iteration(device, sizes, precision_name: str, module: str, memory_mu
 def measure_accumulation(device, sizes, micro_steps: int) -> dict[str, Any]:
     """The paper's step (fp32, our module, memory 1x) as `micro_steps` micro-steps of whole groups
     (engine/training/accumulation.py): which cards can train the 8 + 8 recipe, and at what cost."""
-    crop, batch = sizes["crop"], sizes["batch"]
-    torch.manual_seed(0)
-    config = ModelConfig(backbone=sizes["backbone"], num_classes=sizes["classes"], head_dim=sizes["head_dim"],
-                         memory_tokens=tokens_for_crop(crop))
-    model = build_model(config).to(device)
-    runner = TrainForward(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    criterion = build_criterion("ce", ohem_thresh=0.7, ohem_min_kept=1)
-    images = torch.randn(2 * batch, 3, crop, crop, device=device)
-    batch_l = (images[:batch], torch.randint(0, sizes["classes"], (batch, crop, crop), device=device))
-    batch_u = (images[batch:], torch.zeros(batch, crop, crop, dtype=torch.uint8, device=device),
-               torch.arange(batch, device=device))
+    model, runner, optimizer, criterion, batch_l, batch_u = _iteration_setup(device, sizes, memory_multiple=1)
     autocast = autocast_factory("off", device)
 
     def step():

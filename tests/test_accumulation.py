@@ -8,7 +8,6 @@ import contextlib
 import copy
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
-from train_fixtures import make_dataset, tiny_layer
+from train_fixtures import free_port, make_dataset, tiny_layer
 from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
@@ -188,12 +187,6 @@ def test_auto_picks_the_fewest_micro_steps_that_fit_a_device():
 WORLD_SIZE = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, manifest: str, out: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(WORLD_SIZE), "LOCAL_RANK": str(rank)})
@@ -207,7 +200,7 @@ def _ddp_worker(rank: int, port: int, manifest: str, out: str) -> None:
 
 
 def test_ddp_with_micro_steps_keeps_the_ranks_identical(manifest: Path, tmp_path: Path):
-    mp.spawn(_ddp_worker, args=(_free_port(), str(manifest), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), str(manifest), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["weights"] for r in range(WORLD_SIZE))
     for name, value in rank0.items():
         if "running_" in name or "num_batches" in name:

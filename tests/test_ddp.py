@@ -3,23 +3,16 @@ every rank saw different images, and only rank 0 wrote the run folder."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from train_fixtures import make_dataset, tiny_layer
+from train_fixtures import free_port, make_dataset, tiny_layer
 
 from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.engine.training.train import train
 
 WORLD_SIZE = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, port: int, manifest: str, out: str) -> None:
@@ -37,7 +30,7 @@ def _worker(rank: int, port: int, manifest: str, out: str) -> None:
 
 def test_memory_is_identical_on_both_ranks(tmp_path: Path) -> None:
     manifest = make_dataset(tmp_path / "data")
-    mp.spawn(_worker, args=(_free_port(), str(manifest), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(manifest), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE))
     assert torch.equal(rank0["bank"], rank1["bank"]) and torch.equal(rank0["pointer"], rank1["pointer"])
     written = rank0["source_sample"][rank0["source_sample"] >= 0]

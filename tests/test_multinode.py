@@ -10,7 +10,6 @@ a `sitecustomize` on the workers' path that wraps `engine.train` (the launch its
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 
 from allspark_cli.engine.distributed import check_device_for_world
 from allspark_cli.errors import EnvError
-from train_fixtures import make_dataset, tiny_layer
+from train_fixtures import free_port, make_dataset, tiny_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = 2
@@ -44,12 +43,6 @@ if os.environ.get("ALLSPARK_TEST_MEMORY_DIR"):
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("epochs", [pytest.param(1, id="one-epoch"), pytest.param(3, id="three-epochs", marks=pytest.mark.slow)])
 def test_two_nodes_by_rendezvous_hold_one_memory_and_rank_0_alone_writes(tmp_path: Path, epochs: int) -> None:
     manifest = make_dataset(tmp_path / "data")
@@ -65,7 +58,7 @@ def test_two_nodes_by_rendezvous_hold_one_memory_and_rank_0_alone_writes(tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(probe), str(ROOT)]), "OMP_NUM_THREADS": "1",
            "ALLSPARK_TEST_MEMORY_DIR": str(tmp_path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--nproc_per_node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{_free_port()}",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}",
                "-m", "allspark_cli", "train", "--config", str(config)]
     nodes = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(NODES)]

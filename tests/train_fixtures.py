@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,10 @@ def stop_training_at(monkeypatch, iteration: int, stop: signal.Signals = signal.
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(epoch_module, "train_step", step)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on (for a DDP rendezvous in a test)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
