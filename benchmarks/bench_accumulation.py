@@ -4,7 +4,10 @@ The demo model (MiT-B0, E = 128, allspark reading its memory) with 8 + 8 images 
 groups of 2 (4 groups), as 1, 2 and 4 micro-steps. Each count runs in its own process (the peak
 resident set never goes down): the model and batch are built, one step runs as warm-up, then
 `--steps` steps are timed (median). "step memory" is the peak resident set minus the resident set
-before the first step (model, batch and runtime); "peak" is the process's whole peak.
+before the first step (model, batch and runtime); "peak" is the process's whole peak. The children
+run with a fixed malloc mmap threshold (MALLOC_MMAP_THRESHOLD_, glibc): every tensor buffer above it
+is its own mapping, given back to the system when freed, so the resident set follows the live
+tensors (as CUDA's max_memory_allocated does) instead of the heap glibc keeps after a free.
 
     python benchmarks/bench_accumulation.py [--steps 3] [--crop 256] [--batch 8] [--threads 2]
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -24,6 +28,7 @@ MIB = 1024**2
 DEMO_CLASSES = 7
 GROUP_SIZE = 2
 MICRO_STEPS = (1, 2, 4)
+MMAP_THRESHOLD_BYTES = 64 * 1024  # buffers above it are separate mappings (see the module docstring)
 
 
 def _rss_bytes() -> int:
@@ -83,7 +88,8 @@ def main() -> None:
     for micro_steps in MICRO_STEPS:
         command = [sys.executable, __file__, "--child", str(micro_steps), "--steps", str(args.steps), "--crop",
                    str(args.crop), "--batch", str(args.batch), "--threads", str(args.threads)]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}
+        out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
         rows[micro_steps] = json.loads(out.strip().splitlines()[-1])
     base = rows[1]
     print(f"one step, MiT-B0 allspark, {args.batch} + {args.batch} at crop {args.crop} in groups of {GROUP_SIZE}, "
