@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -31,6 +31,7 @@ from allspark_cli.labels import voc_palette
 from data_tools.build import MaskFolder, write_build
 from data_tools.common import (
     MAX_REPORTED_ERRORS,
+    CrowdMode,
     PrepareSummary,
     ProgressFn,
     TaskResult,
@@ -41,7 +42,6 @@ from data_tools.common import (
 from data_tools.masks import is_complete, verify_image, write_mask
 from data_tools.splits import SplitOutput, plan_ratio_splits, resolve_reference_folder
 
-CrowdMode = Literal["background", "ignore"]
 TRAIN_SIZE = 118287
 VAL_SIZE = 5000
 RATIOS = (Fraction(1, 512), Fraction(1, 256), Fraction(1, 128), Fraction(1, 64), Fraction(1, 32))

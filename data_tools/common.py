@@ -46,6 +46,9 @@ from allspark_cli.fileio import TEMP_MARKER, atomic_write_bytes
 from allspark_cli.signals import StopRequest, ignore_stop_signals, start_resource_tracker_immune_to_stops
 from allspark_cli.text import plural
 
+# COCO's crowd regions: class background (as the reference) or the ignore value (data_tools/coco.py).
+CrowdMode = Literal["background", "ignore"]
+
 # progress(stage, done, total): called from the main process as samples finish.
 ProgressFn = Callable[[str, int, int], None]
 TaskStatus = Literal["written", "skipped", "checked"]

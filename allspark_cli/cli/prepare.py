@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,6 +23,7 @@ from allspark_cli.cli.option_groups import with_option_group
 from allspark_cli.cli.options import SeedOption
 from allspark_cli.errors import Interrupted
 from allspark_cli.text import plural
+from data_tools.common import CrowdMode
 
 if TYPE_CHECKING:
     from allspark_cli.data.check import CheckReport
@@ -37,7 +38,6 @@ console = Console()
 # Problems listed row by row by `prepare check`; the rest are counted per rule.
 MAX_PROBLEM_ROWS = 50
 PERCENT = 100
-CrowdMode = Literal["background", "ignore"]  # the same choices as data_tools.coco.CrowdMode
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder of the prepared dataset.", file_okay=False)]
 PrepareWorkersOption = Annotated[
