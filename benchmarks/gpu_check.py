@@ -1,4 +1,4 @@
-"""The GPU check of issue #13: correctness on CUDA, one MiT-B5 training iteration measured, and the
+"""The GPU check: correctness on CUDA, one MiT-B5 training iteration measured, and the
 commands end to end. One table on stdout, every figure in a JSON file.
 
     python benchmarks/gpu_check.py                        # CUDA, the paper's sizes (about 5-8 minutes)

@@ -1,5 +1,5 @@
 """Torture run: kill a tiny CPU training again and again, resume after each kill, and check that
-nothing is lost (issue #14). Not a unit test: it takes minutes.
+nothing is lost. Not a unit test: it takes minutes.
 
 Every trial starts `allspark train` (the first one fresh, then `--resume RUN`) in its own process
 group, with two data-loader workers, and stops the whole group the way a machine or a scheduler

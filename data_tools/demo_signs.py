@@ -1,5 +1,5 @@
 """The second procedural family of the demo, `signs`: a check that a demo recipe is not tuned to one
-dataset (issue #12). `allspark prepare demo --family signs` builds it in the demo's layout.
+dataset. `allspark prepare demo --family signs` builds it in the demo's layout.
 
 Everything differs from the `shapes` family on purpose: four classes (hexagon, crescent, arrow,
 heart) instead of six, other textures (checkerboards, dots, waves instead of stripes, gradients and

@@ -1,5 +1,5 @@
-"""The reference's baseline recipes on the paper presets, and how the batch is laid out in groups
-(issue #11, points 2 and 5): `--method sup` on pascal-1/16 trains the reference's 400 iterations,
+"""The reference's baseline recipes on the paper presets, and how the batch is laid out in groups:
+`--method sup` on pascal-1/16 trains the reference's 400 iterations,
 not ~105,000; the same groups form on 1, 2 or 4 processes; bad group sizes are refused early."""
 from __future__ import annotations
 

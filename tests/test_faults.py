@@ -1,4 +1,4 @@
-"""Faults around saves and resumes (issue #14, points 3-5): a write that fails mid-checkpoint (disk
+"""Faults around saves and resumes: a write that fails mid-checkpoint (disk
 full, permission lost), an unreadable last.pt, and a resume with changed settings. Each ends with one
 line and its exit code, and what was on disk before stays readable."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Checkpoints written before the settings and model-config changes still load (issue #15): a run
+"""Checkpoints written before the settings and model-config changes still load: a run
 whose files are rewritten in the layout of release 0.1 (no group, pseudo-label, padding, epoch,
 baseline, TensorBoard, TF32/cuDNN or attention-path settings; no `attention_path` or `memory_grid` in the
 model config, no settings version) is evaluated, predicted with, inspected and resumed."""

@@ -1,4 +1,4 @@
-"""Your own data as a user brings it (issue #25, point 3): `prepare custom` -> `train --data` with
+"""Your own data as a user brings it: `prepare custom` -> `train --data` with
 no preset (crop and split from the dataset, run folder named after it), `--exist-ok` that never
 mixes two runs, manifest typos and missing lists named, and phone photos with an EXIF
 Orientation tag read as displayed by `prepare custom`, training and `predict`."""

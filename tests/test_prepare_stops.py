@@ -1,4 +1,4 @@
-"""Stops and failed writes during `prepare` (issue #14 for prepare): a stop signal sent to the main
+"""Stops and failed writes during `prepare`: a stop signal sent to the main
 process or to its whole process group (pool workers included) ends the run with exit 130 and the
 resume hint; a failed write ends it with exit 6 naming the file; what was complete stays, nothing
 half-written counts as done, and the rerun continues."""

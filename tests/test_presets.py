@@ -87,7 +87,7 @@ def test_paper_recipe_values(name, crop, epochs, batch, lr, head, warmup, loss, 
     assert s.model.pretrained == Path("weights/mit_b5.pth")
     assert (s.optim.name, s.optim.momentum, s.optim.weight_decay, s.optim.poly_power) == ("sgd", 0.9, 1e-4, 0.9)
     assert (preset.info.paper_miou, preset.info.paper_source) == (miou, source)
-    # The reference's per-GPU coupling (issue #11): group = images per GPU, coupled pseudo-label
+    # The reference's per-GPU coupling: group = images per GPU, coupled pseudo-label
     # pass, padded border pseudo-labeled, epochs over the unlabeled list.
     assert (s.train.group_size, s.train.pseudo_label_pass, s.train.unlabeled_padding) == (group, "group", "pseudo-label")
     assert (s.train.epoch_length, s.train.baseline_recipe) == ("unlabeled", "reference")

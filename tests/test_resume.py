@@ -84,7 +84,7 @@ def test_rng_states_round_trip() -> None:
 
 def test_a_run_killed_before_its_first_save_starts_again_in_its_folder(manifest: Path, tmp_path: Path) -> None:
     """kill -9 before the first checkpoint leaves config.yaml without last.pt: `--resume RUN` starts
-    the run again from the settings in its folder, in that folder (issue #14, point 6)."""
+    the run again from the settings in its folder, in that folder."""
     from typer.testing import CliRunner
 
     from allspark_cli.cli.app import app

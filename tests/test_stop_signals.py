@@ -1,6 +1,6 @@
 """A stop sent to the whole process group (how `timeout`, Slurm, `docker stop` and Kubernetes end a
 job) with data-loader workers running: the run saves last.pt at the iteration it reached and exits
-130 with its one-line message, no traceback (issue #14, point 1, for `train`)."""
+130 with its one-line message, no traceback."""
 from __future__ import annotations
 
 import os

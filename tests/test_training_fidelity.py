@@ -1,4 +1,4 @@
-"""A training run computes what the reference's computes (issue #11): one whole reference iteration
+"""A training run computes what the reference's computes: one whole reference iteration
 through the engine's own step, the module's reference cases, the reference initialisation, and the
 per-GPU grouping of the batch (keys/values, pseudo-label pass, losses, OHEM)."""
 from __future__ import annotations

@@ -17,7 +17,8 @@ from allspark_cli.data.manifest import EvalMode
 from allspark_cli.model.config import ArchitectureChoices
 
 # The layout of the settings tree as stored in checkpoints. 1: written before the number was stored
-# (release 0.1 up to the settings of issue #15), the same keys minus those added since; 2: this tree.
+# (release 0.1 and the trees after it, up to the first settings version), the same keys minus
+# those added since; 2: this tree.
 SETTINGS_VERSION = 2
 # Marks a setting that changes where and how a run reports or how fast it runs, never what it
 # computes: a resumed run may change it freely (engine/training/resume.py). Every field of a
