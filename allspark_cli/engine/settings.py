@@ -18,8 +18,10 @@ from allspark_cli.model.config import ArchitectureChoices
 
 # The layout of the settings tree as stored in checkpoints. 1: written before the number was stored
 # (release 0.1 and the trees after it, up to the first settings version), the same keys minus
-# those added since; 2: this tree.
-SETTINGS_VERSION = 2
+# those added since; 2: with the groups, baselines, CUDA math and ramp settings; 3: this tree (adds
+# the recipe, loss weighting, collapse window, accumulation, run group), so an allspark that knows
+# version 2 refuses a resume of it in one line instead of failing on the unknown keys.
+SETTINGS_VERSION = 3
 # Marks a setting that changes where and how a run reports or how fast it runs, never what it
 # computes: a resumed run may change it freely (engine/training/resume.py). Every field of a
 # section marked so (RunSettings) is.
