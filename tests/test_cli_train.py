@@ -182,7 +182,7 @@ def test_rich_reporter_at_80_columns_keeps_the_count_eta_and_status_whole() -> N
 
     from rich.console import Console
 
-    from allspark_cli.cli.train import RichReporter
+    from allspark_cli.cli.training_display import RichReporter
 
     stream = io.StringIO()
     reporter = RichReporter(Console(file=stream, force_terminal=True, width=80))
@@ -218,7 +218,7 @@ def test_rich_reporter_shows_the_banner_bar_and_miou() -> None:
 
     from rich.console import Console
 
-    from allspark_cli.cli.train import RichReporter
+    from allspark_cli.cli.training_display import RichReporter
     from allspark_cli.engine.training import events
 
     stream = io.StringIO()

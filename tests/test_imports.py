@@ -67,3 +67,17 @@ def test_version_does_not_need_torch():
     code = "import sys, allspark_cli; print(allspark_cli.__version__); assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_no_command_imports_another_command() -> None:
+    """What two commands share lives in its own module of the CLI (options, training_display,
+    demo_data, ...), so a command can change without touching another."""
+    commands = {"train", "ablate", "eval", "predict", "prepare", "export", "inspect_memory"}
+    cli = Path(__file__).resolve().parents[1] / "allspark_cli" / "cli"
+    for name in commands:
+        tree = ast.parse((cli / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {f"allspark_cli.cli.{alias.name}" for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module == "allspark_cli.cli" for alias in node.names}
+        others = {f"allspark_cli.cli.{other}" for other in commands - {name}}
+        assert not imported & others, (name, imported & others)

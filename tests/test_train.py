@@ -207,7 +207,7 @@ def test_cuda_out_of_memory_becomes_a_resource_error_with_remedies(manifest: Pat
 def test_demo_preset_builds_its_dataset_when_missing(tmp_path: Path, monkeypatch) -> None:
     """`allspark train --preset demo-...` without the dataset: the CLI hands the engine the builder
     of `allspark prepare demo`, which runs once, into the manifest's folder."""
-    from allspark_cli.cli.prepare import dataset_builder_for
+    from allspark_cli.cli.demo_data import dataset_builder_for
 
     built = []
 

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from allspark_cli.cli.options import NameOption
-from allspark_cli.cli.prepare import dataset_builder_for
-from allspark_cli.cli.train import RichReporter
+from allspark_cli.cli.demo_data import dataset_builder_for
+from allspark_cli.cli.training_display import RichReporter
 from allspark_cli.cli.training_options import TrainingOptions, with_training_options
 from allspark_cli.engine.training import events
 from allspark_cli.engine.training.ablate import (
