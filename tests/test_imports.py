@@ -81,3 +81,13 @@ def test_no_command_imports_another_command() -> None:
                      if isinstance(node, ast.ImportFrom) and node.module == "allspark_cli.cli" for alias in node.names}
         others = {f"allspark_cli.cli.{other}" for other in commands - {name}}
         assert not imported & others, (name, imported & others)
+
+
+def test_inference_does_not_import_training() -> None:
+    """eval, predict and export run without the training engine (what they share with it lives in
+    engine/ itself: output_folders, precision, distributed)."""
+    package = Path(__file__).resolve().parents[1] / "allspark_cli" / "engine" / "inference"
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not any(module.startswith("allspark_cli.engine.training") for module in modules), path.name

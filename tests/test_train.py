@@ -17,7 +17,7 @@ from allspark_cli.engine.training import epoch as epoch_module
 from allspark_cli.engine.training import train as train_module
 from allspark_cli.engine.inference.evaluate import evaluate_dataset
 from allspark_cli.engine.training.losses import OhemCrossEntropy, cross_entropy
-from allspark_cli.engine.training.rundir import run_dir_for
+from allspark_cli.engine.output_folders import run_dir_for
 from allspark_cli.engine.training.sampling import EpochBatchSampler
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.settings_layers import build_settings

@@ -67,7 +67,7 @@ OPACITY_RANGE = (0.0, 1.0)  # image only .. colours only
 def predict_out_dir(runs_root: Path, name: str | None) -> Path:
     """`<runs_root>/predict/<name>`; without a name the first free of exp, exp2, ... (a given name
     is reused, so re-running with the same name resumes)."""
-    from allspark_cli.engine.training.rundir import run_dir_for
+    from allspark_cli.engine.output_folders import run_dir_for
 
     return run_dir_for(runs_root, "predict", name, exist_ok=True)
 

@@ -8,7 +8,7 @@ Layout: `config.yaml` (resolved settings), `env.json` (versions, device, world s
 commit), `train.log` (plain log lines), `metrics.jsonl` (one JSON object per log step),
 `results.csv` (one row per evaluation), `dataset.json` (the dataset's fingerprint),
 `weights/last.pt` and `weights/best.pt`, `plots/results.png` and `plots/val_mosaic.png`,
-`tensorboard/` events. Names are auto-numbered `exp`, `exp2`, ... unless given. Only rank 0
+`tensorboard/` events. Names are auto-numbered `exp`, `exp2`, ... unless given (engine/output_folders.py). Only rank 0
 writes; every whole-file write is atomic; the logs are appended line by line. A run started anew
 in an existing folder (`--exist-ok`) first removes these files of the run before it (`clear`),
 and nothing else: files of your own in the folder stay.
@@ -32,7 +32,6 @@ from allspark_cli.engine.training.tensorboard import TENSORBOARD_DIR
 from allspark_cli.errors import SettingsError, WriteError
 from allspark_cli.fileio import atomic_write_text, remove_stale_temps
 
-DEFAULT_RUN_NAME = "exp"
 CONFIG_FILE = "config.yaml"
 ENV_FILE = "env.json"
 LOG_FILE = "train.log"
@@ -63,26 +62,6 @@ def run_group(preset: str | None, dataset: str, split: str) -> str:
     if preset == dataset or preset.startswith(f"{dataset}-"):
         return _folder_name(preset)
     return f"{data}-{_folder_name(preset)}"
-
-
-def run_dir_for(root: Path, group: str, name: str | None, exist_ok: bool) -> Path:
-    """The folder a new run writes to (not created here).
-
-    Without `name`: the first free of exp, exp2, exp3, ... A given name that exists is refused
-    unless `exist_ok`.
-    """
-    parent = Path(root) / group
-    if name is not None:
-        path = parent / name
-        if path.exists() and not exist_ok:
-            raise SettingsError(f"run folder {path} already exists; pick another --name, or pass --exist-ok")
-        return path
-    number = 1
-    while True:
-        candidate = parent / (DEFAULT_RUN_NAME if number == 1 else f"{DEFAULT_RUN_NAME}{number}")
-        if not candidate.exists():
-            return candidate
-        number += 1
 
 
 def _record(line: str) -> dict[str, Any] | None:

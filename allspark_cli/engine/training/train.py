@@ -63,9 +63,9 @@ from allspark_cli.engine.training.resume import (
 from allspark_cli.engine.training.rundir import (
     RunFolder,
     environment_info,
-    run_dir_for,
     run_dir_of_checkpoint,
 )
+from allspark_cli.engine.output_folders import run_dir_for
 from allspark_cli.engine.training.state import TrainState
 from allspark_cli.engine.training.step import TrainForward
 from allspark_cli.engine.training.tensorboard import open_log, wanted
