@@ -78,3 +78,18 @@ def test_a_collapsing_run_warns_in_train_log(tmp_path: Path, monkeypatch):
     assert "pseudo labels collapse on class 'square'" in log and "--recipe weak-to-strong" in log
     assert "collapse on class 'background'" not in log
     assert log.count("collapse on class 'square'") == 1
+
+
+def test_health_counts_use_no_boolean_indexing() -> None:
+    """They run every step: fixed-shape scatter sums only (boolean indexing would make the host wait
+    for the device on CUDA). Padding / ignore and out-of-range ids land in no class."""
+    import inspect
+
+    from allspark_cli.engine.training import pseudo_labels
+
+    source = inspect.getsource(pseudo_labels.health_counts) + inspect.getsource(pseudo_labels._class_sums)
+    assert "bincount" not in source and "[valid]" not in source
+    labels = torch.tensor([[[2, IGNORE_INDEX, 7]]])  # 7: out of range for K = 3
+    counts = health_counts(ConfidentTargets(labels, torch.ones(1, 1, 3), torch.ones(1, 1, 3, dtype=torch.bool)),
+                           torch.tensor([[[IGNORE_INDEX, 1, 1]]]), 3).tolist()
+    assert counts[2:5] == [0.0, 0.0, 1.0] and counts[8:11] == [0.0, 2.0, 0.0]

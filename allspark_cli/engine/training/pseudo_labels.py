@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.transforms import UNLABELED_PADDING
-from allspark_cli.engine.training.losses import cross_entropy
 from allspark_cli.text import plural
 
 CLASS_DIM = 1
@@ -62,9 +62,9 @@ def confident_targets(logits: torch.Tensor, pad_mask: torch.Tensor, threshold: f
 def confident_cross_entropy(logits: torch.Tensor, targets: ConfidentTargets) -> torch.Tensor:
     """CE over the passing pixels, summed and divided by the valid (non-padding) pixels (UniMatch's
     normalisation: a step whose pixels mostly fail the threshold contributes a small loss, rather
-    than a loud one from its few confident pixels)."""
+    than a loud one from its few confident pixels). 0 with a gradient path when nothing is valid."""
     trained = targets.labels.masked_fill(~targets.passing, IGNORE_INDEX)
-    total = cross_entropy(logits, trained) * targets.passing.sum().clamp(min=1)
+    total = F.cross_entropy(logits.float(), trained, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (targets.labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -78,16 +78,24 @@ class PseudoHealth(NamedTuple):
         return 2 + 3 * num_classes
 
 
+def _class_sums(classes: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K,) sums of `weights` per class id; ids outside 0..K-1 (ignore, padding) go to a dropped
+    extra bin. Scatter-add with fixed shapes: no boolean indexing, so no device-to-host sync."""
+    bins = torch.where((classes >= 0) & (classes < num_classes), classes, num_classes).reshape(-1)
+    sums = torch.zeros(num_classes + 1, device=classes.device).scatter_add_(0, bins, weights.reshape(-1).float())
+    return sums[:num_classes]
+
+
 def health_counts(targets: ConfidentTargets, masks_l: torch.Tensor, num_classes: int,
                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """This step's PseudoHealth counts (no host sync)."""
+    """This step's PseudoHealth counts (no host sync: it runs every step)."""
     valid = targets.labels != IGNORE_INDEX
-    labels = targets.labels[valid]
-    pseudo = torch.bincount(labels, minlength=num_classes).float()
-    confidence = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, targets.confidence[valid].float())
-    labeled = masks_l[masks_l != ignore_index]
-    labeled = torch.bincount(labeled[labeled < num_classes], minlength=num_classes).float()
-    head = torch.stack([valid.sum().float(), targets.passing.sum().float()])
+    ones = valid.float()
+    pseudo = _class_sums(targets.labels, ones, num_classes)
+    confidence = _class_sums(targets.labels, targets.confidence * ones, num_classes)
+    labeled_ids = masks_l.masked_fill(masks_l == ignore_index, num_classes)
+    labeled = _class_sums(labeled_ids, torch.ones_like(labeled_ids, dtype=torch.float32), num_classes)
+    head = torch.stack([ones.sum(), targets.passing.sum().float()])
     return torch.cat([head, pseudo, confidence, labeled])
 
 
