@@ -55,6 +55,18 @@ def test_cutmix_boxes_follow_unimatchs_published_ranges():
         assert 0.3 - 0.1 <= height / width <= 1 / 0.3 + 1  # the ratio, up to the truncation
 
 
+def test_cutmix_probability_zero_leaves_the_strong_view_unmixed_and_its_draws_unmoved(tmp_path):
+    entries = [SplitEntry(e.image, None) for e in write_dataset(tmp_path, count=4, size=(50, 60))]
+    mixed = UnlabeledDataset(tmp_path, entries, crop=32, seed=4, strong_view=True)
+    unmixed = UnlabeledDataset(tmp_path, entries, crop=32, seed=4, strong_view=True, cutmix_probability=0.0)
+    always = UnlabeledDataset(tmp_path, entries, crop=32, seed=4, strong_view=True, cutmix_probability=1.0)
+    for index in range(4):
+        with_box, without_box, with_every_box = mixed[index], unmixed[index], always[index]
+        assert not without_box[4].any() and with_every_box[4].any()
+        for view in (0, 1, 3):  # weak view, padding, strong view: the same draws whatever the probability
+            assert torch.equal(with_box[view], without_box[view])
+
+
 def test_the_weak_view_is_the_references_draw_for_draw(tmp_path):
     entries = [SplitEntry(e.image, None) for e in write_dataset(tmp_path, count=3, size=(50, 60))]
     reference = UnlabeledDataset(tmp_path, entries, crop=32, seed=4)
@@ -179,6 +191,13 @@ def test_every_method_trains_under_weak_to_strong_through_the_cli(manifest: Path
         assert "pseudo_pass_share" not in records[-1]
         return
     assert "recipe weak-to-strong (threshold 0.95, fixmatch" in (run / "train.log").read_text()
+    if method == "semi":  # a non-default CutMix probability and ramp are named in the banner
+        result = CliRunner().invoke(app, ["train", "--config", str(layer_file), "--recipe", "weak-to-strong",
+                                          "--set", "train.cutmix_probability=0", "--set", "train.unlabeled_rampup=2",
+                                          "--name", "no-cutmix"])
+        assert result.exit_code == 0, result.output
+        log = (tmp_path / "runs" / "tiny" / "no-cutmix" / "train.log").read_text()
+        assert "weak-to-strong (threshold 0.95, CutMix p 0, ramp 2 iterations, mean" in log
     record = records[-1]
     assert 0.0 <= record["pseudo_pass_share"] <= 100.0
     assert len(record["pseudo_class_share"]) == len(record["labeled_class_share"]) == 3

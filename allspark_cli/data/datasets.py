@@ -26,6 +26,7 @@ from allspark_cli.data.imageio import read_image, read_mask
 from allspark_cli.data.manifest import DatasetManifest
 from allspark_cli.data.splits import SplitEntry, read_split
 from allspark_cli.data.transforms import (
+    CUTMIX_PROBABILITY,
     UNLABELED_VALID,
     cutmix_box,
     labeled_transform,
@@ -127,10 +128,12 @@ class UnlabeledDataset(_TrainDataset):
     view = 1
 
     def __init__(self, root: str | os.PathLike, entries: list[SplitEntry], *, crop: int, seed: int,
-                 strong_view: bool = False, exif_orientation: bool = False) -> None:
+                 strong_view: bool = False, cutmix_probability: float = CUTMIX_PROBABILITY,
+                 exif_orientation: bool = False) -> None:
         super().__init__(root, entries, crop=crop, seed=seed, exif_orientation=exif_orientation)
         self.transform = unlabeled_transform(crop=crop)
         self.strong = strong_photometric_transform() if strong_view else None
+        self.cutmix_probability = cutmix_probability
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -145,7 +148,7 @@ class UnlabeledDataset(_TrainDataset):
         if self.strong is None:
             return normalize(image), mask_to_tensor(marker), index
         strong, _ = self.strong(image, marker, rng)
-        box = cutmix_box(marker.shape[0], rng)
+        box = cutmix_box(marker.shape[0], rng, self.cutmix_probability)
         return normalize(image), mask_to_tensor(marker), index, normalize(strong), mask_to_tensor(box)
 
 
@@ -185,7 +188,7 @@ class TrainDatasets(NamedTuple):
 
 def build_train_datasets(
     manifest: DatasetManifest, split_name: str, *, crop: int | None = None, seed: int, repeat_labeled: bool = True,
-    strong_view: bool = False,
+    strong_view: bool = False, cutmix_probability: float = CUTMIX_PROBABILITY,
 ) -> TrainDatasets:
     """Datasets of training split `split_name`; `crop` defaults to the manifest's `train_crop`.
 
@@ -202,7 +205,7 @@ def build_train_datasets(
     if split.unlabeled is not None:
         unlabeled_entries = read_split(manifest.split_file(split.unlabeled))
         unlabeled = UnlabeledDataset(manifest.root, unlabeled_entries, crop=crop, seed=seed, strong_view=strong_view,
-                                     exif_orientation=manifest.exif_orientation)
+                                     cutmix_probability=cutmix_probability, exif_orientation=manifest.exif_orientation)
         length = max(length, len(unlabeled_entries)) if repeat_labeled else length
     labeled = LabeledDataset(
         manifest.root, labeled_entries, crop=crop, seed=seed, length=length, ignore_index=manifest.ignore_index,

@@ -246,12 +246,13 @@ def strong_photometric_transform() -> Compose:
     return Compose(photometric_units())
 
 
-def cutmix_box(size: int, rng: np.random.Generator) -> np.ndarray:
+def cutmix_box(size: int, rng: np.random.Generator, probability: float = CUTMIX_PROBABILITY) -> np.ndarray:
     """(size, size) uint8: 1 inside a random box (where the strong view takes its partner's pixels),
-    all 0 when no box is drawn. Area and aspect ratio as CUTMIX_*; the ratio is drawn again until the
-    box fits, then its corner is uniform over the positions where it fits."""
+    drawn with `probability`, else all 0. Area and aspect ratio as CUTMIX_*; the ratio is drawn again
+    until the box fits, then its corner is uniform over the positions where it fits. The coin is
+    drawn whatever the probability, so the draws after it do not depend on it."""
     box = np.zeros((size, size), dtype=np.uint8)
-    if rng.random() >= CUTMIX_PROBABILITY:
+    if rng.random() >= probability:
         return box
     area = rng.uniform(*CUTMIX_AREA_RANGE) * size * size
     while True:

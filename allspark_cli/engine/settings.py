@@ -14,14 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from allspark_cli.constants import MIN_CROP
 from allspark_cli.data.manifest import EvalMode
+from allspark_cli.data.transforms import CUTMIX_PROBABILITY
 from allspark_cli.model.config import ArchitectureChoices
 
 # The layout of the settings tree as stored in checkpoints. 1: written before the number was stored
 # (release 0.1 and the trees after it, up to the first settings version), the same keys minus
-# those added since; 2: with the groups, baselines, CUDA math and ramp settings; 3: this tree (adds
-# the recipe, loss weighting, collapse window, accumulation, run group), so an allspark that knows
-# version 2 refuses a resume of it in one line instead of failing on the unknown keys.
-SETTINGS_VERSION = 3
+# those added since; 2: with the groups, baselines, CUDA math and ramp settings; 3: adds the
+# recipe, loss weighting, collapse window, accumulation, run group; 4: this tree (adds the CutMix
+# probability). An allspark that knows an older version refuses a resume of a newer one in one line
+# instead of failing on the unknown keys.
+SETTINGS_VERSION = 4
 # Marks a setting that changes where and how a run reports or how fast it runs, never what it
 # computes: a resumed run may change it freely (engine/training/resume.py). Every field of a
 # section marked so (RunSettings) is.
@@ -149,6 +151,11 @@ class LoopSettings(_Section):
     confidence_threshold: float = Field(
         default=0.95, ge=0.0, le=1.0, json_schema_extra=unrecorded_means(ANY_VALUE),
         description="weak-to-strong: the max-softmax confidence a pseudo-labeled pixel needs to be trained on",
+    )
+    cutmix_probability: float = Field(
+        default=CUTMIX_PROBABILITY, ge=0.0, le=1.0, json_schema_extra=unrecorded_means(CUTMIX_PROBABILITY),
+        description="weak-to-strong: the chance that a strong view takes a box of its group partner's pixels "
+        "(CutMix; 0.5 as UniMatch; 0: photometric strong view only)",
     )
     loss_weighting: LossWeighting = Field(
         default="mean", json_schema_extra=unrecorded_means("mean"),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from allspark_cli.data.transforms import CUTMIX_PROBABILITY
 from allspark_cli.engine.training.presets import PAPER_GPUS
 from allspark_cli.text import plural
 
@@ -125,14 +126,21 @@ def format_start(info: StartInfo) -> str:
 
 
 def recipe_text(settings) -> str:
-    """'weak-to-strong (threshold 0.95, fixmatch 1 + 1 x unlabeled)', or '' for a run without unlabeled loss."""
+    """'weak-to-strong (threshold 0.95, fixmatch loss_x + 1 x loss_u)' ('CutMix p' and a ramp named when not the
+    defaults), or '' for a run without unlabeled loss."""
     train = settings.train
     if settings.model.method == "sup":
         return ""
     weighting = ("mean (loss_x + loss_u) / 2" if train.loss_weighting == "mean"
                  else f"fixmatch loss_x + {train.unlabeled_weight:g} x loss_u")
-    threshold = f"threshold {train.confidence_threshold:g}, " if train.recipe == "weak-to-strong" else ""
-    return f"{train.recipe} ({threshold}{weighting})"
+    details = []
+    if train.recipe == "weak-to-strong":
+        details.append(f"threshold {train.confidence_threshold:g}")
+        if train.cutmix_probability != CUTMIX_PROBABILITY:
+            details.append(f"CutMix p {train.cutmix_probability:g}")
+    if train.unlabeled_rampup:
+        details.append(f"ramp {train.unlabeled_rampup} iterations")
+    return f"{train.recipe} ({', '.join(details + [weighting])})"
 
 
 class PlainReporter:

@@ -124,7 +124,8 @@ def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: Dist
     seed = settings.train.seed
     datasets = build_train_datasets(manifest, settings.data.split, crop=settings.data.crop, seed=seed,
                                     repeat_labeled=settings.train.epoch_length == "unlabeled",
-                                    strong_view=settings.train.recipe == "weak-to-strong")
+                                    strong_view=settings.train.recipe == "weak-to-strong",
+                                    cutmix_probability=settings.train.cutmix_probability)
     use_unlabeled = settings.model.method != "sup" and datasets.unlabeled is not None
     if settings.model.method != "sup" and datasets.unlabeled is None:
         raise SettingsError(
