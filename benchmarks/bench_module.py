@@ -141,7 +141,7 @@ def run_one(setting: str, memory_multiple: int, precision: str, device: str, rep
     side, classes = SETTINGS[setting]
     torch.manual_seed(0)
     module = AllSparkModule(
-        CHANNELS, classes, HEADS, memory_slots=memory_multiple * CHANNELS, memory_tokens=side * side
+        CHANNELS, classes, HEADS, memory_multiple=memory_multiple, memory_tokens=side * side
     ).to(device).train()
     features = torch.randn(2 * BATCH, CHANNELS, side, side, device=device, requires_grad=True)
     pseudo_logits = torch.randn(BATCH, classes, side * 4, side * 4, device=device)

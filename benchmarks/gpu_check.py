@@ -281,7 +281,7 @@ def measure_module(device, sizes, precision_name: str, memory_multiple: int) -> 
     grid = stage_grid(sizes["crop"])
     batch = sizes["batch"]
     torch.manual_seed(0)
-    module = AllSparkModule(dim, sizes["classes"], HEADS, memory_slots=memory_multiple * dim,
+    module = AllSparkModule(dim, sizes["classes"], HEADS, memory_multiple=memory_multiple,
                             memory_tokens=grid * grid).to(device)
     features = torch.randn(2 * batch, dim, grid, grid, device=device, requires_grad=True)
     logits = torch.randn(batch, sizes["classes"], grid, grid, device=device)

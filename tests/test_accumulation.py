@@ -27,6 +27,7 @@ from allspark_cli.engine.training.step import StepRecipe, TrainForward
 from allspark_cli.engine.training.train import train
 from allspark_cli.errors import ResourceError, SettingsError
 from allspark_cli.model.config import ModelConfig, build_model
+from allspark_cli.model.methods import METHODS
 
 NO_DROPOUT = {"drop_path_rate": 0.0, "attention_dropout": 0.0, "projection_dropout": 0.0, "decoder_dropout": 0.0}
 CROP = 64
@@ -81,7 +82,7 @@ CASES = [
 
 # Memory methods both in warm-up (memory written, not read) and after it (read by every piece).
 WITH_MEMORY = [(*case, use_memory) for case in CASES for use_memory in (False, True)
-               if use_memory is False or case[0] in ("cca+smem", "allspark")]
+               if use_memory is False or METHODS[case[0]].semantic_memory]
 
 
 @pytest.mark.parametrize(("method", "recipe_name", "pseudo_pass", "micro_steps", "use_memory"), WITH_MEMORY)
@@ -91,7 +92,7 @@ def test_micro_steps_compute_the_one_shot_step(method, recipe_name, pseudo_pass,
     initial = build_model(config).train()
     _freeze_batchnorm(initial)
     batch_l, batch_u = _batches(recipe_name == "weak-to-strong")
-    batch_u = None if method == "sup" else batch_u
+    batch_u = batch_u if METHODS[method].unlabeled else None
     recipe = StepRecipe(groups=BATCH, pseudo_label_pass=pseudo_pass, weak_to_strong=recipe_name == "weak-to-strong",
                         confidence_threshold=0.4, num_classes=CLASSES)
     one_shot, accumulated = copy.deepcopy(initial), copy.deepcopy(initial)

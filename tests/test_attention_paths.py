@@ -137,7 +137,7 @@ def test_the_module_gives_the_same_training_output_and_gradients_on_every_path(p
 
     def step(attention_path):
         torch.manual_seed(0)
-        module = AllSparkModule(16, 3, 2, memory_slots=16, memory_tokens=4, attention_dropout=0.0,
+        module = AllSparkModule(16, 3, 2, memory_multiple=1, memory_tokens=4, attention_dropout=0.0,
                                 projection_dropout=0.0, attention_path=attention_path).double()
         generator = torch.Generator().manual_seed(1)
         features_l, features_u = (torch.randn(2, 16, 2, 2, dtype=torch.float64, generator=generator) for _ in "lu")

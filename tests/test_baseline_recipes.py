@@ -18,7 +18,7 @@ from allspark_cli.engine.distributed import DistInfo
 from allspark_cli.engine.training.presets import find_preset
 from allspark_cli.engine.training.sampling import EpochBatchSampler
 from allspark_cli.engine.settings_layers import build_settings
-from allspark_cli.engine.training.train_data import build_loaders
+from allspark_cli.engine.training.train_data import build_loaders, process_groups
 from allspark_cli.errors import SettingsError
 
 PASCAL_UNLABELED = 10_582 - 92  # the pascal-92 split: 92 labeled, the rest of the augmented set unlabeled
@@ -52,7 +52,8 @@ def _settings(preset_name: str, manifest: Path, method: str, *sets: str):
 
 
 def _iterations(settings, manifest: Path) -> int:
-    loaders = build_loaders(settings, load_manifest(manifest), _single_process())
+    dist = _single_process()
+    loaders = build_loaders(settings, load_manifest(manifest), dist, process_groups(settings, dist.world_size))
     return loaders.iterations_per_epoch * settings.train.epochs
 
 
@@ -114,7 +115,7 @@ def test_groups_are_the_same_on_one_two_and_four_processes() -> None:
 def test_a_group_size_that_does_not_divide_the_batch_is_refused(pascal_like: Path) -> None:
     settings = _settings("pascal-1/16", pascal_like, "allspark", "train.group_size=3")
     with pytest.raises(SettingsError, match=r"train.group_size: .*8 images of each kind.*group size 3"):
-        build_loaders(settings, load_manifest(pascal_like), _single_process())
+        process_groups(settings, _single_process().world_size)
 
 
 def test_list_presets_shows_the_baseline_recipes_and_table_sources() -> None:

@@ -13,7 +13,7 @@ def _tokens_with_ids(B: int, N: int, C: int) -> torch.Tensor:
 
 
 def test_write_places_items_by_class_rank_and_advances_pointers():
-    memory = SemanticMemory(num_classes=3, slots=4, tokens=2, channels=4)
+    memory = SemanticMemory(num_classes=3, multiple=1, tokens=2, channels=4)
     tokens = _tokens_with_ids(B=2, N=2, C=4)
     classes = torch.tensor([[1, 0, 1, 2], [1, 1, 0, 0]])
     memory.write(tokens, classes, sample_ids=torch.tensor([10, 11]), iteration=7)
@@ -30,7 +30,7 @@ def test_write_places_items_by_class_rank_and_advances_pointers():
 
 
 def test_ring_wraps_around():
-    memory = SemanticMemory(num_classes=2, slots=4, tokens=1, channels=2)
+    memory = SemanticMemory(num_classes=2, multiple=2, tokens=1, channels=2)
     memory.pointer.copy_(torch.tensor([3, 0]))
     tokens = _tokens_with_ids(B=1, N=1, C=2)
     memory.write(tokens, torch.tensor([[0, 0]]))
@@ -39,7 +39,7 @@ def test_ring_wraps_around():
 
 
 def test_more_than_slots_items_in_one_update_later_ones_win():
-    memory = SemanticMemory(num_classes=2, slots=2, tokens=1, channels=2)
+    memory = SemanticMemory(num_classes=2, multiple=1, tokens=1, channels=2)
     tokens = _tokens_with_ids(B=3, N=1, C=2)  # 6 items, all to class 1
     memory.write(tokens, torch.ones(3, 2, dtype=torch.long))
     # ranks 0..5 -> slots 0,1,0,1,0,1; the last two items (ids 4, 5) survive
@@ -49,7 +49,7 @@ def test_more_than_slots_items_in_one_update_later_ones_win():
 
 
 def test_blind_enqueue_fills_one_ring_across_classes():
-    memory = SemanticMemory(num_classes=2, slots=2, tokens=1, channels=2)
+    memory = SemanticMemory(num_classes=2, multiple=1, tokens=1, channels=2)
     tokens = _tokens_with_ids(B=2, N=1, C=2)
     memory.write(tokens, None)
     assert memory.bank[:, :, 0].flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
@@ -69,7 +69,7 @@ def test_grouping_picks_the_most_similar_class_map():
 
 
 def test_as_sources_reads_longer_rings_as_groups_of_c_slots():
-    memory = SemanticMemory(num_classes=2, slots=6, tokens=5, channels=3)
+    memory = SemanticMemory(num_classes=2, multiple=2, tokens=5, channels=3)
     sources = memory.as_sources()
     assert sources.shape == (4, 5, 3)  # K * S / C groups, N tokens, C "channels"
     torch.testing.assert_close(sources[1], memory.bank[0, 3:6].transpose(0, 1))

@@ -7,7 +7,7 @@ import torch
 from allspark_cli.model.allspark import MemoryStep
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop
 from allspark_cli.model.mit import MIT_VARIANTS
-from allspark_cli.model.segmentor import METHODS
+from allspark_cli.model.methods import METHODS
 
 CROP = 64
 NUM_CLASSES = 4
@@ -27,7 +27,7 @@ def tiny(method: str = "allspark", backbone: str = "b0", **overrides):
 
 def _train_step(model, use_memory=True, batch_l=2, batch_u=2):
     images_l = torch.randn(batch_l, 3, CROP, CROP)
-    images_u = None if model.method == "sup" else torch.randn(batch_u, 3, CROP, CROP)
+    images_u = torch.randn(batch_u, 3, CROP, CROP) if METHODS[model.method].unlabeled else None
     model.train()
     pseudo = torch.randn(batch_u, NUM_CLASSES, CROP, CROP) if images_u is not None else None
     step = MemoryStep(pseudo, use_memory=use_memory, sample_ids_u=torch.arange(batch_u), iteration=0)
@@ -36,12 +36,13 @@ def _train_step(model, use_memory=True, batch_l=2, batch_u=2):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_ablation_variant_trains_and_infers(method):
-    model = tiny(method)
-    assert (model.allspark is not None) == (method in {"cca", "cca+smem", "allspark"})
-    assert (model.memory is not None) == (method in {"cca+smem", "allspark"})
+    model, spec = tiny(method), METHODS[method]
+    assert (model.allspark is not None) == spec.channel_attention
+    assert (model.memory is not None) == spec.semantic_memory
+    assert model.allspark is None or model.allspark.group_by_class == spec.class_grouping
     out = _train_step(model)
     assert out.logits_l.shape == (2, NUM_CLASSES, CROP, CROP)
-    assert (out.logits_u is None) == (method == "sup")
+    assert (out.logits_u is None) == (not spec.unlabeled)
     loss = out.logits_l.sum() + (out.logits_u.sum() if out.logits_u is not None else 0)
     loss.backward()
     # Every trainable parameter of every variant takes part in the training step, with a finite gradient.
@@ -141,7 +142,7 @@ def test_memory_attention_by_class_sums_each_classes_slots():
     from allspark_cli.model.attention import normalized_attention_map
 
     torch.manual_seed(0)
-    module = AllSparkModule(16, 3, 2, memory_slots=32, memory_tokens=9).eval()
+    module = AllSparkModule(16, 3, 2, memory_multiple=2, memory_tokens=9).eval()
     module.memory.bank.normal_()
     features = torch.randn(2, 16, 3, 3)
     mass = module.memory_attention_by_class(features)  # (B, hC, K)

@@ -51,7 +51,7 @@ def test_reference_memory_update_is_reproduced_exactly(reference_dir):
     classes = group_channels(resize_logits_to_grid(pseudo_logits, (3, 3)), tokens_u)
     assert torch.equal(classes, data["channel_cls"])
 
-    memory = SemanticMemory(num_classes=21, slots=256, tokens=9, channels=256)
+    memory = SemanticMemory(num_classes=21, multiple=1, tokens=9, channels=256)
     memory.bank.copy_(data["kv_queue_before"])
     memory.pointer.copy_(data["queue_ptr_before"])
     memory.write(tokens_u, classes, sample_ids=torch.tensor([0, 1]), iteration=0)

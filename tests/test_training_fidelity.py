@@ -110,7 +110,7 @@ def test_module_reference_cases(reference_dir, case, tag):
     data = _load(reference_dir / "module_cases_b0.pt")[case]
     config = data["config"]
     C, K, heads, (h, w), B = config["C"], config["K"], config["heads"], config["hw"], config["B"]
-    module = AllSparkModule(C, K, heads, memory_slots=C, memory_tokens=h * w, attention_dropout=0.0,
+    module = AllSparkModule(C, K, heads, memory_multiple=1, memory_tokens=h * w, attention_dropout=0.0,
                             projection_dropout=0.0)
     prefixed = {f"decoder.allspark.{k}": v for k, v in data["state_dict"].items()}
     state = {k.removeprefix("allspark."): v for k, v in ours_from_reference(prefixed).items()}
@@ -143,7 +143,7 @@ def test_module_reference_cases(reference_dir, case, tag):
 def test_initialisation_follows_the_reference():
     torch.manual_seed(0)
     C, heads, E = 64, 2, 256
-    module = AllSparkModule(C, 21, heads, memory_slots=C, memory_tokens=9)
+    module = AllSparkModule(C, 21, heads, memory_multiple=1, memory_tokens=9)
     linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 8 and all(m.bias is None for m in linears)
     for linear in linears:

@@ -35,6 +35,7 @@ from allspark_cli.engine.training.train import train
 from allspark_cli.errors import Interrupted
 from allspark_cli.model.checkpoint import read_checkpoint
 from allspark_cli.model.config import ModelConfig, build_model
+from allspark_cli.model.methods import METHODS
 
 NO_DROPOUT = {"drop_path_rate": 0.0, "attention_dropout": 0.0, "projection_dropout": 0.0, "decoder_dropout": 0.0}
 CROP = 64
@@ -176,7 +177,7 @@ def manifest(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.mark.parametrize("method", ["sup", "semi", "cca", "cca+smem", "allspark"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_under_weak_to_strong_through_the_cli(manifest: Path, tmp_path: Path, method: str):
     layer_file = tmp_path / "tiny.yaml"
     import yaml
@@ -187,7 +188,7 @@ def test_every_method_trains_under_weak_to_strong_through_the_cli(manifest: Path
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "tiny" / "w2s"
     records = _metrics(run)
-    if method == "sup":
+    if not METHODS[method].unlabeled:
         assert "pseudo_pass_share" not in records[-1]
         return
     assert "recipe weak-to-strong (threshold 0.95, fixmatch" in (run / "train.log").read_text()

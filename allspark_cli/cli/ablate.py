@@ -25,7 +25,7 @@ from allspark_cli.engine.training.ablate import (
 from allspark_cli.engine.training.presets import find_preset
 from allspark_cli.engine.training.train_data import run_group_of
 from allspark_cli.errors import SettingsError
-from allspark_cli.model.segmentor import METHODS
+from allspark_cli.model.methods import METHODS
 from allspark_cli.text import plural
 from allspark_cli.threads import apply_threads
 

@@ -22,7 +22,7 @@ from allspark_cli.engine.training.resume import resume_base
 from allspark_cli.engine.training.memory_plan import GIB
 from allspark_cli.errors import ResourceError, SettingsError
 from allspark_cli.model.mit import Backbone
-from allspark_cli.model.segmentor import Method
+from allspark_cli.model.methods import METHODS
 from allspark_cli.threads import apply_threads
 
 # Wider than any presets table: the width at which the full table's natural width is measured.
@@ -35,7 +35,8 @@ def presets_table() -> Table:
     table.add_column("preset (alias)", no_wrap=True)
     for column in ("labeled", "crop", "epochs", "batch", "lr", "head", "recipe", "mIoU", "source"):
         table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("baselines (--method sup / semi)", no_wrap=True)
+    scripted = " / ".join(name for name, spec in METHODS.items() if spec.reference_baseline)
+    table.add_column(f"baselines (--method {scripted})", no_wrap=True)
     table.caption = ("batch: global labeled+unlabeled per step (/ group: images of each kind per reference GPU); "
                      "head: head/module lr multiplier; recipe: the unlabeled loss's (--recipe), with the "
                      "confidence threshold weak-to-strong would use; mIoU: published, from the paper's table in 'source' "
@@ -115,7 +116,8 @@ def train_command(
     backbone: Annotated[Backbone | None, typer.Option("--backbone", rich_help_panel="Recipe", help="MiT variant.", show_default=False)] = None,
     pretrained: Annotated[Path | None, typer.Option("--pretrained", rich_help_panel="Recipe", help="MiT ImageNet weights file (mit_bX.pth).", show_default=False)] = None,
     no_pretrained: Annotated[bool, typer.Option("--no-pretrained", rich_help_panel="Recipe", help="Train from scratch (prints a warning).")] = False,
-    method: Annotated[Method | None, typer.Option("--method", rich_help_panel="Recipe", help="Ablation variant (paper Table 5).", show_default=False)] = None,
+    # A name the settings check against the method table (model/methods.py), so the choices are the table's.
+    method: Annotated[str | None, typer.Option("--method", metavar=f"<{'|'.join(METHODS)}>", rich_help_panel="Recipe", help="Ablation variant (paper Table 5).", show_default=False)] = None,
     seed: SeedOption = None,
     name: NameOption = None,
     exist_ok: ExistOkOption = False,

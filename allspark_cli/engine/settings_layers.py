@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.errors import SettingsError
+from allspark_cli.model.methods import DEFAULT_METHOD
 from allspark_cli.suggestions import did_you_mean
 
 ENV_PREFIX = "ALLSPARK_"
@@ -180,7 +181,7 @@ def build_settings(
     layers.append(options_layer(options or {}))
     layers.append(set_layer(list(sets or [])))
     merged = _merge_all(layers)
-    recipe = (method_recipes or {}).get(_leaf(merged, "model.method", "allspark"))
+    recipe = (method_recipes or {}).get(_leaf(merged, "model.method", DEFAULT_METHOD))
     if recipe and _leaf(merged, "train.baseline_recipe", "reference") == "reference":
         merged = _merge_all([layers[0], dict(recipe), *layers[1:]])
     return validate_settings(merged)

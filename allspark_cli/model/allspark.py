@@ -154,7 +154,7 @@ class AllSparkModule(nn.Module):
         dim: C, the channel count of the stage-4 map.
         num_classes: K (memory class slots).
         heads: h; widens the projections to h*C.
-        memory_slots: S per class (a multiple of C), or None for no memory (`cca`).
+        memory_multiple: m, the groups of C channels each class ring holds, or None for no memory (`cca`).
         memory_tokens: N of the training crop's grid (the memory stores N-vectors).
         group_by_class: CSG on (`allspark`) or blind enqueueing (`cca+smem`).
         attention_path: how the labeled branch's map is computed (attention_paths.py).
@@ -166,7 +166,7 @@ class AllSparkModule(nn.Module):
         num_classes: int,
         heads: int = 2,
         *,
-        memory_slots: int | None = None,
+        memory_multiple: int | None = None,
         memory_tokens: int = 0,
         group_by_class: bool = True,
         attention_dropout: float = 0.1,
@@ -182,7 +182,7 @@ class AllSparkModule(nn.Module):
         self.output_norm = nn.LayerNorm(dim, eps=TOKEN_NORM_EPS)
         self.map_out = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU())
         self.group_by_class = group_by_class
-        self.memory = SemanticMemory(num_classes, memory_slots, memory_tokens, dim) if memory_slots else None
+        self.memory = SemanticMemory(num_classes, memory_multiple, memory_tokens, dim) if memory_multiple else None
         self.reset_attention_parameters()
 
     def reset_attention_parameters(self) -> None:
@@ -281,5 +281,5 @@ class AllSparkModule(nn.Module):
         per_class = []
         for b in range(queries.shape[0]):  # one image's map at a time: the map can be large
             attention = normalized_attention_map(queries[b] @ keys.transpose(0, 1))  # (hC, hC * K * G)
-            per_class.append(attention.view(attention.shape[0], -1, K, sources.shape[0] // K).sum((1, 3)))
+            per_class.append(attention.view(attention.shape[0], -1, K, self.memory.multiple).sum((1, 3)))
         return torch.stack(per_class)

@@ -28,6 +28,7 @@ from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_path
 from allspark_cli.model.config import ModelConfig, build_model
 from allspark_cli.model.memory import NEVER_WRITTEN
+from allspark_cli.model.methods import method_of_weights
 from allspark_cli.model.mit import variant_for
 from allspark_cli.model.segmentor import AllSparkSegmentor
 from allspark_cli.model.weights import ours_from_reference, torch_load_safely
@@ -141,14 +142,23 @@ def infer_model_config(state_dict: dict[str, torch.Tensor], *, path: Path | str 
     if backbone is None:
         raise DataError(f"{path}: MiT widths {dims} and depths {depths} match no MiT-B0..B5")
     num_classes, head_dim = shape("head.linear_pred.weight")[:2]
-    fields: dict[str, Any] = {"backbone": backbone, "num_classes": num_classes, "head_dim": head_dim, "method": "semi"}
-    if "allspark.labeled_attention.q.weight" in state_dict:
+    fields: dict[str, Any] = {"backbone": backbone, "num_classes": num_classes, "head_dim": head_dim}
+    channel_attention = "allspark.labeled_attention.q.weight" in state_dict
+    semantic_memory = "allspark.memory.bank" in state_dict
+    if channel_attention:
         fields["attention_heads"] = shape("allspark.labeled_attention.q.weight")[0] // dims[-1]
-        fields["method"] = "cca"
-        if "allspark.memory.bank" in state_dict:
-            _, slots, tokens = shape("allspark.memory.bank")
-            fields.update(method="allspark", memory_multiple=slots // dims[-1], memory_tokens=tokens)
-    return ModelConfig(**fields)
+    if semantic_memory:
+        # A foreign file records the memory length S alone; the configuration counts it in groups of C.
+        _, slots, tokens = shape("allspark.memory.bank")
+        multiple, rest = divmod(slots, dims[-1])
+        if rest or not multiple:
+            raise DataError(f"{path}: a memory of {slots} channels per class is no multiple of the {dims[-1]} channels")
+        fields.update(memory_multiple=multiple, memory_tokens=tokens)
+    method = method_of_weights(channel_attention=channel_attention, semantic_memory=semantic_memory)
+    if method is None:
+        raise DataError(f"{path}: no method has such weights (AllSpark module: {channel_attention}, "
+                        f"Semantic Memory: {semantic_memory})")
+    return ModelConfig(**fields, method=method)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:

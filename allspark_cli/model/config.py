@@ -5,7 +5,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from allspark_cli.constants import AttentionPath
 from allspark_cli.model.mit import Backbone, stage_grid
-from allspark_cli.model.segmentor import MEMORY_METHODS, AllSparkSegmentor, Method
+from allspark_cli.model.methods import DEFAULT_METHOD, METHODS, Method
+from allspark_cli.model.segmentor import AllSparkSegmentor
 
 
 def grid_for_crop(crop: int | tuple[int, int]) -> tuple[int, int]:
@@ -28,7 +29,7 @@ class ArchitectureChoices(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: Backbone = Field("b5", description="MiT variant")
-    method: Method = Field("allspark", description="ablation variant (paper Table 5)")
+    method: Method = Field(DEFAULT_METHOD, description="ablation variant (paper Table 5)")
     head_dim: int = Field(768, ge=8, le=4096, description="SegFormer head embedding width E")
     attention_heads: int = Field(2, ge=1, le=16, description="h of the AllSpark projections")
     memory_multiple: int = Field(1, ge=1, le=16, description="memory length S = multiple x C")
@@ -56,7 +57,7 @@ class ModelConfig(ArchitectureChoices):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.method in MEMORY_METHODS and self.memory_tokens < 1:
+        if METHODS[self.method].semantic_memory and self.memory_tokens < 1:
             raise ValueError(f"method {self.method!r} needs memory_tokens >= 1 (tokens_for_crop(training crop))")
         if self.memory_grid is not None and self.memory_grid[0] * self.memory_grid[1] != self.memory_tokens:
             raise ValueError(f"memory_grid {self.memory_grid} does not hold memory_tokens = {self.memory_tokens}")

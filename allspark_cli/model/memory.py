@@ -48,16 +48,15 @@ class SemanticMemory(nn.Module):
 
     Args:
         num_classes: K.
-        slots: S, the ring length of each class (a multiple of the channel count C).
+        multiple: m; each class ring holds m groups of C slots, S = m*C (the memory length).
         tokens: N, the token count of the training crop's stride-32 grid.
-        channels: C; a ring of S = m*C slots is read as m groups of C slots.
+        channels: C, the channel count of the tokens written.
     """
 
-    def __init__(self, num_classes: int, slots: int, tokens: int, channels: int) -> None:
+    def __init__(self, num_classes: int, multiple: int, tokens: int, channels: int) -> None:
         super().__init__()
-        if slots % channels:
-            raise ValueError(f"memory slots ({slots}) must be a multiple of the channel count ({channels})")
-        self.channels = channels
+        self.multiple, self.channels = multiple, channels
+        slots = multiple * channels
         self.register_buffer("bank", torch.randn(num_classes, slots, tokens))
         self.register_buffer("pointer", torch.zeros(num_classes, dtype=torch.long))
         for name in ("source_sample", "source_channel", "source_iteration"):
@@ -77,11 +76,11 @@ class SemanticMemory(nn.Module):
         return self.bank.shape[2]
 
     def as_sources(self) -> torch.Tensor:
-        """The memory as key/value sources: (K * S / C, N, C), i.e. each group of C slots of a class
+        """The memory as key/value sources: (K * m, N, C), i.e. each group of C slots of a class
         transposed so that the key/value projections mix the slots as if they were channels
         (what the published weights were trained with)."""
-        K, S, N = self.bank.shape
-        return self.bank.view(K * (S // self.channels), self.channels, N).transpose(1, 2)
+        K, _, N = self.bank.shape
+        return self.bank.view(K * self.multiple, self.channels, N).transpose(1, 2)
 
     @torch.no_grad()
     def write(

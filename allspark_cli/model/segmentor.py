@@ -6,7 +6,7 @@ upsampled bilinearly to the input size (DESIGN.md sections 1-2).
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,8 @@ from allspark_cli.constants import AttentionPath
 from allspark_cli.model.allspark import NO_MEMORY_STEP, AllSparkModule, MemoryStep
 from allspark_cli.model.head import SegFormerHead
 from allspark_cli.model.memory import SemanticMemory
+from allspark_cli.model.methods import DEFAULT_METHOD, METHODS
 from allspark_cli.model.mit import MiTBackbone
-
-Method = Literal["sup", "semi", "cca", "cca+smem", "allspark"]
-METHODS: tuple[str, ...] = ("sup", "semi", "cca", "cca+smem", "allspark")
-MODULE_METHODS = frozenset({"cca", "cca+smem", "allspark"})
-MEMORY_METHODS = frozenset({"cca+smem", "allspark"})
 
 
 class TrainOutput(NamedTuple):
@@ -35,11 +31,11 @@ class AllSparkSegmentor(nn.Module):
     Args:
         backbone: MiT variant, "b0".."b5".
         num_classes: K.
-        method: "sup" and "semi" have no AllSpark module; "cca" has no memory; "cca+smem" fills
-            the memory blindly; "allspark" groups channels by class (the paper's Table 5).
+        method: a name of `METHODS` (model/methods.py), whose spec says whether the AllSpark
+            module, its Semantic Memory and the memory's class grouping are built.
         head_dim: E of the SegFormer head.
         attention_heads: h of the AllSpark projections.
-        memory_multiple: m; each class ring holds S = m * C channels.
+        memory_multiple: m; each class ring holds m groups of C channels (memory methods only).
         memory_tokens: N of the training crop's stride-32 grid (memory methods only).
         attention_path: how the module's labeled-branch map is computed (model/attention_paths.py).
     """
@@ -49,7 +45,7 @@ class AllSparkSegmentor(nn.Module):
         backbone: str = "b0",
         num_classes: int = 21,
         *,
-        method: Method = "allspark",
+        method: str = DEFAULT_METHOD,
         head_dim: int = 768,
         attention_heads: int = 2,
         memory_multiple: int = 1,
@@ -65,14 +61,15 @@ class AllSparkSegmentor(nn.Module):
         self.backbone = MiTBackbone(backbone, drop_path_rate=drop_path_rate)
         dim = self.backbone.dims[-1]
         self.allspark: AllSparkModule | None = None
-        if method in MODULE_METHODS:
+        spec = METHODS[method]
+        if spec.channel_attention:
             self.allspark = AllSparkModule(
                 dim,
                 num_classes,
                 attention_heads,
-                memory_slots=memory_multiple * dim if method in MEMORY_METHODS else None,
+                memory_multiple=memory_multiple if spec.semantic_memory else None,
                 memory_tokens=memory_tokens,
-                group_by_class=method == "allspark",
+                group_by_class=spec.class_grouping,
                 attention_dropout=attention_dropout,
                 projection_dropout=projection_dropout,
                 attention_path=attention_path,

@@ -40,7 +40,7 @@ from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
 from allspark_cli.model.checkpoint import Checkpoint, load_for_inference
 from allspark_cli.model.mit import stage_grid
-from allspark_cli.model.segmentor import MEMORY_METHODS
+from allspark_cli.model.methods import METHODS
 from allspark_cli.viz import memory as viz
 from allspark_cli.viz.html import write_memory_report
 
@@ -94,10 +94,11 @@ def default_out_dir(path: str | Path) -> Path:
 def _check_has_memory(info: Checkpoint) -> None:
     """SettingsError when the checkpoint's method has no Semantic Memory."""
     method = info.model_config.method
-    if method not in MEMORY_METHODS:
+    if not METHODS[method].semantic_memory:
+        with_memory = [name for name, spec in METHODS.items() if spec.semantic_memory]
         raise SettingsError(
             f"{info.path}: method '{method}' has no Semantic Memory; "
-            f"inspect-memory needs one of {', '.join(sorted(MEMORY_METHODS))}"
+            f"inspect-memory needs one of {', '.join(with_memory)}"
         )
 
 

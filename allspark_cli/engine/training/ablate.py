@@ -30,6 +30,7 @@ from allspark_cli.engine.training.train_data import DatasetBuilder, manifest_pat
 from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_path, atomic_write_text
 from allspark_cli.model.checkpoint import read_checkpoint
+from allspark_cli.model.methods import METHODS
 
 RESULT_FILE = "ablation_result.json"  # in each run folder: written once its evaluation is done
 RESULTS_CSV = "results.csv"
@@ -233,7 +234,7 @@ def ablate(
     run's settings (its run.root / run.name must place it under `folder/runs`). `reporter_for(method,
     seed, index, total)` gives the training reporter of each run (progress across runs)."""
     total, runs = len(methods) * len(seeds), []
-    semi = [method for method in methods if method != "sup"]
+    semi = [method for method in methods if METHODS[method].unlabeled]
     recipe = recipe_text(settings_for(semi[0], seeds[0])) if semi else ""
     for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
         settings = settings_for(method, seed)

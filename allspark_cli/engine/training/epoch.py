@@ -169,7 +169,7 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
     lr = poly_lr(settings.optim.lr, epoch * per_epoch + start_batch, loop.total_iterations, settings.optim.poly_power)
     batches_u = iter(loaders.unlabeled) if loaders.unlabeled is not None else None
     num_classes = len(loop.class_names)
-    recipe = step_recipe(settings, loaders.groups, num_classes)
+    recipe = step_recipe(settings, loaders.groups.count, num_classes)
     micro_steps = settings.train.accumulation_steps
     health_size = PseudoHealth.size(num_classes) if num_classes else 0
     window, epoch_window = _LossWindow(dist.device, health_size), _LossWindow(dist.device)

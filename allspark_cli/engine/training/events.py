@@ -13,6 +13,7 @@ from typing import Protocol, TextIO
 
 from allspark_cli.data.transforms import CUTMIX_PROBABILITY
 from allspark_cli.engine.training.presets import PAPER_GPUS
+from allspark_cli.model.methods import METHODS
 from allspark_cli.text import plural
 
 SECONDS_PER_MINUTE = 60
@@ -129,7 +130,7 @@ def recipe_text(settings) -> str:
     """'weak-to-strong (threshold 0.95, fixmatch loss_x + 1 x loss_u)' ('CutMix p' and a ramp named when not the
     defaults), or '' for a run without unlabeled loss."""
     train = settings.train
-    if settings.model.method == "sup":
+    if not METHODS[settings.model.method].unlabeled:
         return ""
     weighting = ("mean (loss_x + loss_u) / 2" if train.loss_weighting == "mean"
                  else f"fixmatch loss_x + {train.unlabeled_weight:g} x loss_u")
@@ -191,8 +192,7 @@ def start_info(settings, run_dir, dist, loaders, start_iteration, notes) -> Star
     return StartInfo(
         run_dir=run_dir, preset=settings.preset, method=settings.model.method, backbone=settings.model.backbone,
         device=str(dist.device), world_size=dist.world_size, global_batch=settings.train.batch_size,
-        per_process_batch=settings.train.batch_size // dist.world_size,
-        group_size=settings.train.batch_size // dist.world_size // loaders.groups, lr=settings.optim.lr,
+        per_process_batch=loaders.groups.per_process, group_size=loaders.groups.size, lr=settings.optim.lr,
         head_lr=settings.optim.lr * settings.optim.head_lr_multiplier, amp=settings.train.amp,
         epochs=settings.train.epochs, iterations_per_epoch=loaders.iterations_per_epoch,
         labeled_images=len(loaders.datasets.labeled.entries),

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from allspark_cli.engine.settings import TrainSettings
 from allspark_cli.engine.settings_layers import check_keys, merge
 from allspark_cli.errors import SettingsError
-from allspark_cli.model.segmentor import Method
+from allspark_cli.model.methods import METHODS, Method
 
 # presets/ sits at the repository (or installed source) root, beside the package.
 PRESET_DIR = Path(__file__).resolve().parents[3] / "presets"  # allspark_cli/engine/training/ -> root
@@ -53,6 +53,16 @@ class PresetFile(BaseModel):
     paper_source: str | None = Field(default=None, description="the paper's table of paper_miou, e.g. 'Table 3 †'")
     baselines: dict[Method, dict[str, Any]] = {}
     settings: TrainSettings
+
+    @field_validator("baselines")
+    @classmethod
+    def _reference_baselines_only(cls, baselines: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        others = [name for name in baselines if not METHODS[name].reference_baseline]
+        if others:
+            scripted = [name for name, spec in METHODS.items() if spec.reference_baseline]
+            raise ValueError(f"{', '.join(others)}: the reference has no baseline script for it; "
+                             f"baselines are for {', '.join(scripted)}")
+        return baselines
 
 
 class Preset(BaseModel):
@@ -117,7 +127,8 @@ def _validated(model: type[BaseModel], data: dict[str, Any], where: str):
         return model.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        raise SettingsError(f"{where}{'.'.join(str(part) for part in first['loc'])}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"{where}{'.'.join(str(part) for part in first['loc'])}: {message}") from None
 
 
 @lru_cache(maxsize=8)

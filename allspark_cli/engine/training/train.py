@@ -179,7 +179,7 @@ def _measured_step(settings: TrainSettings, dist: D.DistInfo, loaders, num_class
         sampler.set_epoch(0, 0)
     batch_l = [t.to(dist.device) for t in next(iter(loaders.labeled))]
     batch_u = None if loaders.unlabeled is None else [t.to(dist.device) for t in next(iter(loaders.unlabeled))]
-    recipe = step_recipe(settings, loaders.groups, num_classes)
+    recipe = step_recipe(settings, loaders.groups.count, num_classes)
     autocast = autocast_factory(settings.train.amp, dist.device)
     criterion = build_criterion(settings.train.loss, ohem_thresh=settings.train.ohem_thresh,
                                 ohem_min_kept=settings.train.ohem_min_kept)
@@ -217,7 +217,7 @@ def _accumulation(settings: TrainSettings, dist: D.DistInfo, loaders, num_classe
     if dist.device.type != "cuda":
         return 1
     one_step = _measured_step(settings, dist, loaders, num_classes)
-    chosen, _ = choose_micro_steps(loaders.groups, lambda n: measure(dist.device, n, one_step),
+    chosen, _ = choose_micro_steps(loaders.groups.count, lambda n: measure(dist.device, n, one_step),
                                    device_capacity(dist.device), settings.train.memory_fraction,
                                    what_fits=_what_fits(settings))
     return chosen
@@ -245,16 +245,16 @@ def plan_run(settings: TrainSettings) -> RunPlan:
     try:
         groups = process_groups(settings, dist.world_size)
         manifest = open_dataset(settings, dist)
-        loaders = build_loaders(settings, manifest, dist)
+        loaders = build_loaders(settings, manifest, dist, groups)
         one_step = _measured_step(settings, dist, loaders, manifest.num_classes)
-        measures = [measure(dist.device, n, one_step) for n in candidate_micro_steps(groups)]
+        measures = [measure(dist.device, n, one_step) for n in candidate_micro_steps(groups.count)]
         capacity = device_capacity(dist.device)
         fitting = [m for m in measures if m.peak_bytes <= settings.train.memory_fraction * capacity]
         chosen = (1 if dist.device.type != "cuda" else fitting[0].micro_steps) if fitting else None
         total = settings.train.epochs * loaders.iterations_per_epoch
         seconds = next((m.seconds for m in measures if m.micro_steps == chosen), None)
         problem = None if chosen is not None else f"no micro-step count fits; what would fit: {_what_fits(settings)}"
-        return RunPlan(str(dist.device), groups, measures, chosen, capacity, total,
+        return RunPlan(str(dist.device), groups.count, measures, chosen, capacity, total,
                        None if seconds is None else seconds * total, problem)
     finally:
         D.shutdown_distributed(dist)
@@ -289,7 +289,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     wanted(settings.run.tensorboard)  # `on` without the package is refused before any work
     groups = process_groups(settings, dist.world_size)  # so is a group size that does not divide the batch
     if settings.train.accumulation_steps != "auto":
-        check_accumulation(settings.train.accumulation_steps, groups)
+        check_accumulation(settings.train.accumulation_steps, groups.count)
     # Data: checked before any compute; the loaders' order is a function of (seed, epoch). A resume
     # trains on the dataset its run started on, or on none.
     resumed_dir = run_dir_of_checkpoint(resume) if resume else None
@@ -304,7 +304,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     protocol = resolve_protocol(manifest, mode=settings.eval.mode, crop=settings.eval.crop, stride=settings.eval.stride,
                                 train_crop=settings.data.crop)
     settings = _resolved(settings, protocol)
-    loaders = build_loaders(settings, manifest, dist)
+    loaders = build_loaders(settings, manifest, dist, groups)
     micro_steps = _accumulation(settings, dist, loaders, manifest.num_classes)
     settings = settings.model_copy(update={"train": settings.train.model_copy(update={"accumulation_steps": micro_steps})})
     val_set = eval_dataset(settings, manifest)

@@ -20,6 +20,7 @@ from allspark_cli.engine.distributed import DistInfo, barrier
 from allspark_cli.engine.training.rundir import run_group
 from allspark_cli.engine.training.sampling import LABELED_STREAM, UNLABELED_STREAM, EpochBatchSampler
 from allspark_cli.engine.settings import TrainSettings
+from allspark_cli.model.methods import METHODS
 from allspark_cli.signals import ignore_stop_signals
 from allspark_cli.text import plural
 from allspark_cli.errors import SettingsError
@@ -29,13 +30,26 @@ from allspark_cli.errors import SettingsError
 DatasetBuilder = Callable[[Path, Callable[[str], None] | None], object]
 
 
+class BatchGroups(NamedTuple):
+    """How each process's batch splits into equal groups, each what one of the reference's GPUs
+    held (engine/training/step.py): checked once by `process_groups`, then passed along."""
+
+    per_process: int  # images of each kind (labeled, unlabeled) in each process's batch
+    size: int  # images of each kind per group (`train.group_size`, or the whole per-process batch)
+
+    @property
+    def count(self) -> int:
+        """Groups of each process's batch."""
+        return self.per_process // self.size
+
+
 class Loaders(NamedTuple):
     labeled: DataLoader
     unlabeled: DataLoader | None
     samplers: tuple[EpochBatchSampler, ...]
     datasets: TrainDatasets
     iterations_per_epoch: int
-    groups: int  # equal groups of each process's batch (see engine/training/step.py)
+    groups: BatchGroups
 
 
 def manifest_path(settings: TrainSettings) -> Path:
@@ -99,9 +113,9 @@ def run_group_of(settings: TrainSettings) -> str:
     return run_group(settings.preset, manifest.name, training_split(settings, manifest))
 
 
-def process_groups(settings: TrainSettings, world_size: int) -> int:
-    """Groups of each process's batch (engine/training/step.py); SettingsError when the group size does not
-    divide the per-process batch (or the processes the global batch). Needs no data: `train` checks
+def process_groups(settings: TrainSettings, world_size: int) -> BatchGroups:
+    """The groups of each process's batch (engine/training/step.py); SettingsError when the group size does
+    not divide the per-process batch (or the processes the global batch). Needs no data: `train` checks
     it before opening the dataset."""
     if settings.train.batch_size % world_size:
         raise SettingsError(f"train.batch_size: the global batch {settings.train.batch_size} must be a multiple of "
@@ -113,32 +127,33 @@ def process_groups(settings: TrainSettings, world_size: int) -> int:
             f"train.group_size: each of the {world_size} processes holds {per_rank} images of each kind "
             f"(global batch {settings.train.batch_size}), not a multiple of the group size {group_size}"
         )
-    return per_rank // group_size
+    return BatchGroups(per_rank, group_size)
 
 
-def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: DistInfo) -> Loaders:
-    """Loaders of this rank's share: per-rank batch = global batch / world size, drop-last."""
+def build_loaders(settings: TrainSettings, manifest: DatasetManifest, dist: DistInfo, groups: BatchGroups) -> Loaders:
+    """Loaders of this rank's share of `groups` (`process_groups`): per-rank batch = global batch /
+    world size, drop-last."""
     global_batch = settings.train.batch_size
-    groups = process_groups(settings, dist.world_size)
-    per_rank = global_batch // dist.world_size
     seed = settings.train.seed
     datasets = build_train_datasets(manifest, settings.data.split, crop=settings.data.crop, seed=seed,
                                     repeat_labeled=settings.train.epoch_length == "unlabeled",
                                     strong_view=settings.train.recipe == "weak-to-strong",
                                     cutmix_probability=settings.train.cutmix_probability)
-    use_unlabeled = settings.model.method != "sup" and datasets.unlabeled is not None
-    if settings.model.method != "sup" and datasets.unlabeled is None:
+    use_unlabeled = METHODS[settings.model.method].unlabeled
+    if use_unlabeled and datasets.unlabeled is None:
+        supervised = " or ".join(name for name, spec in METHODS.items() if not spec.unlabeled)
         raise SettingsError(
             f"model.method: '{settings.model.method}' needs unlabeled images, but split '{settings.data.split}' "
-            "has none; use method sup (or another split)"
+            f"has none; use method {supervised} (or another split)"
         )
     pin = dist.device.type == "cuda"
     generator = torch.Generator().manual_seed(seed)  # keeps loader start-up off the global RNG (resume)
 
     def loader(dataset, stream: int) -> tuple[DataLoader, EpochBatchSampler]:
-        sampler = EpochBatchSampler(len(dataset), batch_size=per_rank, seed=seed, stream=stream,
+        sampler = EpochBatchSampler(len(dataset), batch_size=groups.per_process, seed=seed, stream=stream,
                                     rank=dist.rank, world_size=dist.world_size,
-                                    max_batches=settings.train.epoch_iterations, groups=groups * dist.world_size)
+                                    max_batches=settings.train.epoch_iterations,
+                                    groups=groups.count * dist.world_size)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=settings.data.workers, pin_memory=pin,
                           generator=generator, worker_init_fn=ignore_stop_signals), sampler
 
