@@ -1,6 +1,6 @@
 """Settings from layers in a fixed order of precedence, merged and validated once.
 
-Precedence (later wins): preset (`presets/*.yaml`) < `--config FILE` < environment variables
+Precedence (later wins): preset (`allspark_cli/presets/*.yaml`) < `--config FILE` < environment variables
 `ALLSPARK_<SECTION>__<FIELD>` (e.g. `ALLSPARK_TRAIN__EPOCHS=3`) < typed command-line options
 (`--epochs`, ...) < repeatable `--set section.field=value`. Environment and `--set` values are
 parsed with `yaml.safe_load` (never eval). Every layer is checked for unknown keys (with a
