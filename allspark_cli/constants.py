@@ -19,6 +19,8 @@ WEIGHTS_DIR = "weights"
 
 # The backbone's coarsest stride (MiT's last stage): a training crop is at least one such cell.
 CROP_STRIDE = 32
+# The smallest square the backbone processes (its first spatial reduction, 8 x 8 at stride 4, needs
+# as much): the one bound of every crop, window and image side (settings, CLI options, inference).
 MIN_CROP = CROP_STRIDE
 
 # File suffixes of `allspark export` (engine/inference/export.py), also recognised when an exported

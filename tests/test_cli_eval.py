@@ -153,6 +153,8 @@ BAD_INPUTS = [
     ("unknown_split", 3, "no evaluation split 'test'"),
     ("bad_mode", 2, "tiles"),
     ("missing_checkpoint", 3, "checkpoint not found"),
+    ("window_under_the_backbones_32", 2, "greater than or equal to 32"),  # the same bound as predict and the settings
+    ("stride_over_the_window", 2, "larger than the window"),
 ]
 
 
@@ -176,6 +178,10 @@ def test_bad_inputs(case: str, code: int, fragment: str, tiny, tmp_path) -> None
         args += ["--mode", "tiles"]
     elif case == "missing_checkpoint":
         args[0] = str(tmp_path / "nope.pt")
+    elif case == "window_under_the_backbones_32":
+        args += ["--mode", "slide", "--crop", "31"]
+    elif case == "stride_over_the_window":
+        args += ["--mode", "slide", "--crop", "40", "--stride", "41"]
     result = invoke(*args)
     assert result.exit_code == code, result.output
     assert fragment in result.output

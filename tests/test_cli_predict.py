@@ -100,6 +100,8 @@ BAD_INPUTS = [
     ("missing_source", 3, "does not exist"),
     ("out_is_a_file", 2, "is a file"),
     ("unknown_save_kind", 2, "unknown output"),
+    ("window_under_the_backbones_32", 2, "greater than or equal to 32"),  # the same bound as eval and the settings
+    ("stride_over_the_window", 2, "larger than the window"),
 ]
 
 
@@ -121,6 +123,10 @@ def test_bad_inputs(case: str, code: int, fragment: str, checkpoint, tmp_path) -
         args[3] = str(tmp_path / "out" / "sub")
     elif case == "unknown_save_kind":
         args += ["--save", "mask,heatmap"]
+    elif case == "window_under_the_backbones_32":
+        args += ["--crop", "31"]
+    elif case == "stride_over_the_window":
+        args += ["--crop", "40", "--stride", "41"]
     result = invoke(*args)
     assert result.exit_code == code, result.output
     assert fragment in result.output

@@ -59,20 +59,47 @@ def test_slide_equals_whole_on_an_image_of_the_crop_size() -> None:
     assert torch.equal(slide.argmax(1), segment(model, images, mode="whole").argmax(1))
 
 
+# Window starts written out by hand: (length, crop, stride, placement) -> starts.
+HAND_WINDOWS = [
+    (100, 64, 32, "clip", [0, 32, 64]),  # the last window [64, 100) is cut at the border
+    (100, 64, 32, "shift", [0, 32, 36]),  # the last window moved back to [36, 100)
+    (130, 64, 32, "clip", [0, 32, 64, 96]),
+    (130, 64, 32, "shift", [0, 32, 64, 66]),
+    (64, 64, 42, "clip", [0]),  # an image of the crop size is one window, no nested second one
+    (80, 64, 60, "clip", [0, 16]),  # [60, 80) would be a 20-pixel sliver: moved back to full size
+    (96, 64, 32, "clip", [0, 32]),  # [32, 96) ends on the border: the reference would add [64, 96) too
+]
+
+
+@pytest.mark.parametrize(("length", "crop", "stride", "placement", "starts"), HAND_WINDOWS)
+def test_window_starts_by_hand(length: int, crop: int, stride: int, placement: str, starts: list[int]) -> None:
+    assert window_starts(length, crop, stride, placement) == starts
+
+
+def _counts(runs: list[tuple[int, int]]) -> torch.Tensor:
+    """A 1-D coverage count from (pixels, windows covering them) runs."""
+    return torch.cat([torch.full((pixels,), float(windows)) for pixels, windows in runs])
+
+
+# Windows covering each row / column of a 96 x 130 image, crop 64, stride 32 (from HAND_WINDOWS):
+# rows [0, 64) and [32, 96) in both placements (the second ends on the border: no third window).
+HAND_COVERAGE = {
+    "clip": ([(32, 1), (32, 2), (32, 1)], [(32, 1), (96, 2), (2, 1)]),
+    "shift": ([(32, 1), (32, 2), (32, 1)], [(32, 1), (34, 2), (30, 3), (32, 2), (2, 1)]),
+}
+
+
 @pytest.mark.parametrize("placement", ["clip", "shift"])
 @pytest.mark.parametrize("num_classes", [2, 19, 33])
 def test_slide_windows_cover_every_pixel_for_any_k(placement: str, num_classes: int) -> None:
+    """Each window adds 1 (its softmax) to every pixel it covers, so the class-sum counts windows."""
     model = ConstantModel(num_classes)
-    height, width, crop, stride = 50, 77, 24, 16
+    height, width, crop, stride = 96, 130, 64, 32
     scores = predict_slide(model, torch.zeros(1, 3, height, width), crop=crop, stride=stride, placement=placement)
     assert scores.shape == (1, num_classes, height, width)
-    coverage = scores.sum(dim=1)[0]
-    assert coverage.min() >= 1 - 1e-5  # border rows/columns included
-    expected = torch.zeros(height, width)
-    for top in window_starts(height, crop, stride, placement):
-        for left in window_starts(width, crop, stride, placement):
-            expected[top : top + crop, left : left + crop] += 1
-    torch.testing.assert_close(coverage, expected)
+    rows, columns = HAND_COVERAGE[placement]
+    expected = _counts(rows)[:, None] * _counts(columns)[None, :]
+    torch.testing.assert_close(scores.sum(dim=1)[0], expected)
     assert all(h <= crop and w <= crop for h, w in model.calls)
     if placement == "shift":
         assert set(model.calls) == {(crop, crop)}

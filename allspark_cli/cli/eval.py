@@ -10,7 +10,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from allspark_cli.cli.options import AmpOption, BatchSizeOption, DataOption, DeviceOption, ThreadsOption, WorkersOption
+from allspark_cli.cli.options import (
+    INFERENCE_WORKERS,
+    AmpOption,
+    BatchSizeOption,
+    DataOption,
+    DeviceOption,
+    StrideOption,
+    ThreadsOption,
+    WindowOption,
+    WorkersOption,
+)
 from allspark_cli.data.manifest import EvalMode
 from allspark_cli.text import plural
 
@@ -18,7 +28,6 @@ if TYPE_CHECKING:
     from allspark_cli.engine.inference.eval_report import EvalReport
 
 NOT_AVAILABLE = "n/a"
-DEFAULT_WORKERS = 2
 
 
 def _percent(value: float) -> str:
@@ -57,8 +66,8 @@ def eval_command(
     mode: Annotated[
         EvalMode | None, typer.Option(help="Inference mode; default: checkpoint settings, then the manifest.")
     ] = None,
-    crop: Annotated[int | None, typer.Option(min=1, help="Window size of slide / center-crop.")] = None,
-    stride: Annotated[int | None, typer.Option(min=1, help="Sliding-window step; default floor(2/3 crop).")] = None,
+    crop: WindowOption = None,
+    stride: StrideOption = None,
     batch_size: BatchSizeOption = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
     device: DeviceOption = None,
@@ -90,7 +99,7 @@ def eval_command(
         report = evaluate_checkpoint(
             checkpoint, data=data, split=split, mode=mode, crop=crop, stride=stride, tta=tta,
             batch_size=batch_size or 1, device=device or "auto", amp=amp or "off", out=out,
-            workers=DEFAULT_WORKERS if workers is None else workers,
+            workers=INFERENCE_WORKERS if workers is None else workers,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     _render(console, report, checkpoint.name, tta)

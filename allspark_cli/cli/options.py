@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from allspark_cli.constants import MIN_CROP
 from allspark_cli.engine.settings import AmpMode, Recipe
 
 DEVICE_HELP = "Device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
@@ -22,6 +23,21 @@ BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", "-b", min=1
 WorkersOption = Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Data loader worker processes.", show_default=False)]
 SeedOption = Annotated[int | None, typer.Option("--seed", min=0, help="Random seed.", show_default=False)]
 CropOption = Annotated[int | None, typer.Option("--crop", help="Square crop size in pixels.", show_default=False)]
+# eval and predict: the inference window. Bounded here by the settings' constant (a training crop
+# is bounded by the settings themselves); defaults: engine/inference/protocol.py.
+WindowOption = Annotated[
+    int | None,
+    typer.Option("--crop", min=MIN_CROP, help="Window of the sliding window (and of center-crop); default: the "
+                 "checkpoint's evaluation window, else its training crop.", show_default=False),
+]
+StrideOption = Annotated[
+    int | None,
+    typer.Option("--stride", min=1, help="Sliding-window step; default: the checkpoint's for its own window, "
+                 "else floor(2/3 crop).", show_default=False),
+]
+# Loader processes of eval and predict: image decoding overlaps the forward without taking the
+# cores a CPU forward needs.
+INFERENCE_WORKERS = 2
 DataOption = Annotated[
     Path | None,
     typer.Option("--data", help="A prepared dataset: its dataset.yaml or folder.", show_default=False),

@@ -8,12 +8,23 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from allspark_cli.cli.options import AmpOption, BatchSizeOption, DeviceOption, NameOption, ThreadsOption, WorkersOption
+from allspark_cli.cli.options import (
+    INFERENCE_WORKERS,
+    AmpOption,
+    BatchSizeOption,
+    DeviceOption,
+    NameOption,
+    StrideOption,
+    ThreadsOption,
+    WindowOption,
+    WorkersOption,
+)
 from allspark_cli.engine.inference.predict import PredictMode
+from allspark_cli.engine.inference.predict_folder import DEFAULT_OPACITY
 from allspark_cli.text import plural
+from allspark_cli.viz.overlay import MAX_OPACITY, MIN_OPACITY
 
 RUNS_ROOT = Path("runs")
-DEFAULT_WORKERS = 2
 
 
 def _save_kinds(text: str) -> list[str]:
@@ -28,13 +39,15 @@ def predict_command(
     out: Annotated[Path | None, typer.Option(help="Output folder; default runs/predict/<name>.")] = None,
     name: NameOption = None,
     save: Annotated[str, typer.Option(help="Comma-separated outputs: mask, color, overlay.")] = "mask,color,overlay",
-    opacity: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the colours in the overlay.")] = 0.5,
+    opacity: Annotated[
+        float, typer.Option(min=MIN_OPACITY, max=MAX_OPACITY, help="Weight of the colours in the overlay.")
+    ] = DEFAULT_OPACITY,
     mode: Annotated[
         PredictMode | None,
         typer.Option(help="whole or slide; default: slide for images over 2x the crop (or slide-trained checkpoints)."),
     ] = None,
-    crop: Annotated[int | None, typer.Option(min=32, help="Sliding-window size; default: the checkpoint's crop.")] = None,
-    stride: Annotated[int | None, typer.Option(min=1, help="Sliding-window step; default floor(2/3 crop).")] = None,
+    crop: WindowOption = None,
+    stride: StrideOption = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
     batch_size: BatchSizeOption = None,
     device: DeviceOption = None,
@@ -72,7 +85,7 @@ def predict_command(
         task = progress.add_task("predict", total=None)
         summary = predict_folder(
             predictor, sources, out_dir, save=_save_kinds(save), opacity=opacity, overwrite=overwrite,
-            workers=DEFAULT_WORKERS if workers is None else workers,
+            workers=INFERENCE_WORKERS if workers is None else workers,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
             stopping=lambda: progress.console.print(f"stopping after the current {current}...", markup=False,
                                                     highlight=False),

@@ -26,7 +26,8 @@ LEGEND_MARGIN_FRACTION = 0.4  # of the text height
 LEGEND_BACKGROUND = (255, 255, 255)
 LEGEND_BACKGROUND_ALPHA = 0.7
 TEXT_COLOR = (0, 0, 0)
-MAX_OPACITY = 1.0
+# The range of `opacity`: the image only .. the colours only (every caller's bound).
+MIN_OPACITY, MAX_OPACITY = 0.0, 1.0
 TEXT_THICKNESS = 1
 # The overlay legend keeps to the top-left corner of this share of the image's height and width.
 LEGEND_CORNER_SHARE = 0.4
@@ -37,7 +38,7 @@ def blend(image: np.ndarray, mask: np.ndarray, palette: np.ndarray | Sequence, o
 
     opacity in [0, 1]: 0 shows the image, 1 the colour map; ignore pixels always show the image.
     """
-    if not 0.0 <= opacity <= MAX_OPACITY:
+    if not MIN_OPACITY <= opacity <= MAX_OPACITY:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}")
     if image.shape[:2] != mask.shape:
         raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")

@@ -6,9 +6,9 @@ the whole split and reduced once across DDP processes. Batching never changes th
 loaded batch is split into groups of equal image size, and each group goes through the model as
 one tensor (no padding, which would change what the model sees); the model is per-image exact.
 
-`evaluate_checkpoint` wraps it for a saved checkpoint (`allspark eval`): the protocol defaults
-come from the checkpoint's settings, then from the dataset manifest, and the results are written
-into the eval folder (metrics.json, per_class.csv, confusion.png; every file atomically).
+`evaluate_checkpoint` wraps it for a saved checkpoint (`allspark eval`): the protocol comes from
+`protocol.resolve_protocol` (the options, then the checkpoint's settings), and the results are
+written into the eval folder (metrics.json, per_class.csv, confusion.png; every file atomically).
 """
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def evaluate_checkpoint(
             f"checkpoint {checkpoint} predicts {num_classes} classes but dataset '{manifest.name}' "
             f"({manifest_path}) has {manifest.num_classes}"
         )
-    protocol = resolve_protocol(manifest, mode=mode, crop=crop, stride=stride, saved=loaded.saved)
+    protocol = resolve_protocol(manifest, mode=mode, crop=crop, stride=stride, run=loaded.saved)
     out_dir = Path(out) if out is not None else default_eval_dir(checkpoint, split, Path(runs_root))
     check_out_dir(out_dir)
     dataset = build_eval_dataset(manifest, split)

@@ -18,6 +18,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from allspark_cli.constants import MIN_CROP
 from allspark_cli.data.manifest import EvalMode
 
 EVAL_MODES: tuple[str, ...] = get_args(EvalMode)
@@ -30,10 +31,8 @@ EVAL_MODES: tuple[str, ...] = get_args(EvalMode)
 #   (mmsegmentation's placement). Same coverage, no undersized windows.
 WindowPlacement = Literal["clip", "shift"]
 DEFAULT_PLACEMENT: WindowPlacement = "clip"
-# MiT's first spatial reduction (8 x 8 at stride 4) needs inputs of at least 32 pixels; a clipped
-# last window shorter than this is moved back to full size instead (never on Cityscapes, whose
-# last windows are 490 and 446 pixels).
-MIN_CLIPPED_WINDOW = 32
+# A clipped last window shorter than MIN_CROP (the backbone's smallest input) is moved back to
+# full size instead (never on Cityscapes, whose last windows are 490 and 446 pixels).
 
 # The reference's stride is floor(2/3 of the window): 534 for an 801 window (DESIGN.md 3b).
 SLIDE_STRIDE_NUMERATOR = 2
@@ -64,7 +63,7 @@ def window_starts(length: int, crop: int, stride: int, placement: WindowPlacemen
         # exactly on the border (never on Cityscapes' 1024 x 2048 with 801 / 534), and would make
         # an image of the crop size differ from its whole-image prediction.
         starts = list(range(0, max(length - crop, 0) + stride, stride))
-        if len(starts) > 1 and length - starts[-1] < MIN_CLIPPED_WINDOW:
+        if len(starts) > 1 and length - starts[-1] < MIN_CROP:
             # A sliver the backbone cannot process (and that has no context): use a full window.
             starts[-1] = length - crop
         return starts

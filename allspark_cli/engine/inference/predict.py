@@ -4,7 +4,8 @@ Masks come out at the image's original size, one class id per pixel (uint8). Bat
 changes a mask: images are grouped by size and each group runs as one tensor (no padding); the
 model is per-image exact.
 
-Inference mode when none is asked for: the checkpoint's evaluation mode when it was trained with a
+The window and stride come from `protocol.resolve_window` (eval's rule without a dataset). The
+inference mode when none is asked for: the checkpoint's evaluation mode when it was trained with a
 sliding window (cityscapes), else per image: sliding window of the checkpoint's crop when the
 image's longer side exceeds AUTO_SLIDE_FACTOR x crop, whole image otherwise. The model was trained
 on crops, so a very large photo (e.g. 4000 px with a 513 crop) is better read window by window,
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from allspark_cli.constants import MIN_CROP
 from allspark_cli.data.imageio import read_image
 from allspark_cli.data.transforms import normalize
 from allspark_cli.engine.distributed import resolve_device
-from allspark_cli.engine.inference.inference import default_stride, segment
-from allspark_cli.engine.inference.protocol import SavedRecipe
+from allspark_cli.engine.inference.inference import segment
+from allspark_cli.engine.inference.protocol import SavedRecipe, resolve_window
 from allspark_cli.engine.inference.shared import (
     InferenceCheckpoint,
     load_inference_checkpoint,
@@ -37,8 +39,6 @@ from allspark_cli.labels import default_class_names, voc_palette
 PredictMode = Literal["whole", "slide"]
 
 
-
-
 # Whole-image inference up to this multiple of the training crop (longer side), windows beyond.
 AUTO_SLIDE_FACTOR = 2
 
@@ -47,10 +47,6 @@ AUTO_SLIDE_FACTOR = 2
 # arbitrary photos would otherwise end in thin clipped windows with little context. Evaluation
 # keeps the reference's clipped windows (engine.inference), which the published numbers use.
 PREDICT_PLACEMENT = "shift"
-
-
-# The stride-32 MiT cannot process an image side shorter than this.
-MIN_IMAGE_SIDE = 32
 
 
 # A mask stores class ids in one byte.
@@ -78,18 +74,18 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def check_image_size(image: np.ndarray, name: str = "image") -> None:
-    """DataError for an image with a side shorter than MIN_IMAGE_SIDE (the backbone needs it)."""
+    """DataError for an image with a side shorter than MIN_CROP (the backbone needs it)."""
     height, width = image.shape[:2]
-    if min(height, width) < MIN_IMAGE_SIDE:
-        raise DataError(f"{name} is {width}x{height}; images need at least {MIN_IMAGE_SIDE} pixels per side")
+    if min(height, width) < MIN_CROP:
+        raise DataError(f"{name} is {width}x{height}; images need at least {MIN_CROP} pixels per side")
 
 
 class Predictor:
     """Segments images with a checkpoint (or an eval-mode model) into (H, W) uint8 class-id masks.
 
     `Predictor("best.pt").predict(["a.jpg", rgb_array])` -> [mask_a, mask_b]. Arrays are RGB uint8.
-    mode: "whole", "slide", or None (automatic, see the module docstring). crop/stride: sliding
-    window size (default: the checkpoint's crop) and step (default floor(2/3 crop)).
+    mode: "whole", "slide", or None (automatic, see the module docstring). crop/stride: the sliding
+    window and its step; defaults from `protocol.resolve_window`, the rule eval and training use.
     tta: average with the horizontally flipped image. batch_size: images per forward (equal sizes).
     amp: autocast dtype of the forward ("off", "bf16", "fp16"; fp16 needs CUDA).
     """
@@ -128,12 +124,7 @@ class Predictor:
                 f"{len(self.class_names)} classes do not fit in 8-bit masks (at most {MAX_MASK_CLASSES})"
             )
         self.mode = mode
-        self.crop = crop or self.saved.window
-        self.stride = stride or default_stride(self.crop)
-        if self.stride > self.crop:
-            raise SettingsError(
-                f"--stride {self.stride} is larger than the window (--crop {self.crop}): pixels would be skipped"
-            )
+        self.crop, self.stride = resolve_window(crop, stride, run=self.saved)
         self.tta = tta
         self.batch_size = batch_size
 

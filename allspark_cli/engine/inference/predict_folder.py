@@ -20,6 +20,7 @@ from allspark_cli.engine.inference.shared import ProgressCallback, check_out_dir
 from allspark_cli.errors import DataError, Interrupted, SettingsError
 from allspark_cli.signals import StopRequest, ignore_stop_signals
 from allspark_cli.text import plural
+from allspark_cli.viz.overlay import MAX_OPACITY, MIN_OPACITY
 
 SaveKind = Literal["mask", "color", "overlay"]
 
@@ -59,9 +60,6 @@ READ_AHEAD_BATCHES = 4
 
 
 DEFAULT_OPACITY = 0.5
-
-
-OPACITY_RANGE = (0.0, 1.0)  # image only .. colours only
 
 
 def predict_out_dir(runs_root: Path, name: str | None) -> Path:
@@ -148,8 +146,8 @@ def predict_folder(
     unknown = [kind for kind in save if kind not in SAVE_KINDS]
     if unknown:
         raise SettingsError(f"--save: unknown output {unknown[0]!r}; expected {', '.join(SAVE_KINDS)}")
-    if not OPACITY_RANGE[0] <= opacity <= OPACITY_RANGE[1]:
-        raise SettingsError(f"--opacity must be in [0, 1], got {opacity}")
+    if not MIN_OPACITY <= opacity <= MAX_OPACITY:
+        raise SettingsError(f"--opacity must be in [{MIN_OPACITY:g}, {MAX_OPACITY:g}], got {opacity}")
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     images = collect_images(sources)

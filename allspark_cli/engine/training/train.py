@@ -27,7 +27,7 @@ from allspark_cli.data.fingerprint import (
     write_fingerprint,
 )
 from allspark_cli.engine import distributed as D
-from allspark_cli.engine.inference.protocol import resolve_protocol
+from allspark_cli.engine.inference.protocol import SavedRecipe, resolve_protocol
 from allspark_cli.engine.precision import (
     autocast_factory,
     check_amp,
@@ -301,8 +301,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     settings = with_dataset_defaults(settings, manifest)  # the split and crop a run leaves to its dataset
     fingerprint = take_fingerprint(manifest, manifest_path(settings).resolve())
     dataset_notes = _check_same_dataset(resumed_dir, fingerprint, settings, force) if resumed_dir else []
-    protocol = resolve_protocol(manifest, mode=settings.eval.mode, crop=settings.eval.crop, stride=settings.eval.stride,
-                                train_crop=settings.data.crop)
+    # In-run evaluation reads the live settings as eval reads a checkpoint's: one rule for both.
+    protocol = resolve_protocol(manifest, run=SavedRecipe.from_settings(settings.to_dict()))
     settings = _resolved(settings, protocol)
     loaders = build_loaders(settings, manifest, dist, groups)
     micro_steps = _accumulation(settings, dist, loaders, manifest.num_classes)
