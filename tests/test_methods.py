@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from allspark_cli.cli.app import app
 from allspark_cli.engine.settings_layers import build_settings
-from allspark_cli.engine.training.presets import PRESET_DIR, read_preset_file
+from allspark_cli.engine.training.presets import list_presets, read_preset_file
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.model.checkpoint import load_for_inference, read_checkpoint
 from allspark_cli.model.methods import METHODS, MethodSpec, method_of_weights
@@ -59,8 +59,8 @@ def test_reference_weights_are_read_as_the_methods_the_reference_trains() -> Non
 
 
 def test_a_preset_baseline_for_a_method_without_a_baseline_script_is_refused(tmp_path: Path) -> None:
-    raw = yaml.safe_load((PRESET_DIR / "demo-1_16.yaml").read_text())
-    raw["baselines"] = {"allspark": {"optim": {"lr": 0.1}}}
+    demo = next(preset for preset in list_presets() if preset.name == "demo-1/16")
+    raw = {"name": "odd", "settings": demo.layer, "baselines": {"allspark": {"optim": {"lr": 0.1}}}}
     path = tmp_path / "odd.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(SettingsError, match=r"odd.yaml: baselines: allspark: the reference has no baseline script"):
