@@ -49,7 +49,7 @@ AUTO_SLIDE_FACTOR = 2
 PREDICT_PLACEMENT = "shift"
 
 
-# The stride-32 MiT cannot process an image side shorter than this.
+# The stride-32 MiT cannot process an image side shorter than this (one floor for every backbone).
 MIN_IMAGE_SIDE = 32
 
 
