@@ -17,7 +17,8 @@ AttentionPath = Literal["auto", "eager", "frugal", "sdpa"]
 # The folder of a run that holds its checkpoints (RUN_DIR/weights/last.pt, best.pt).
 WEIGHTS_DIR = "weights"
 
-# The backbone's coarsest stride (MiT's last stage): a training crop is at least one such cell.
+# The coarsest stride of any backbone (MiT's last stage; DINOv2's patches are 14): a training crop
+# is at least one such cell.
 CROP_STRIDE = 32
 # The smallest square the backbone processes (its first spatial reduction, 8 x 8 at stride 4, needs
 # as much): the one bound of every crop, window and image side (settings, CLI options, inference).

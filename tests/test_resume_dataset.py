@@ -4,7 +4,6 @@ writes into a path a user gave, and a dataset that merely moved resumes from its
 from __future__ import annotations
 
 import shutil
-import signal
 from pathlib import Path
 
 import pytest

@@ -21,7 +21,7 @@ from allspark_cli.engine.training.presets import custom_recipe, find_preset, lis
 from allspark_cli.engine.training.resume import resume_base
 from allspark_cli.engine.training.memory_plan import GIB
 from allspark_cli.errors import ResourceError, SettingsError
-from allspark_cli.model.mit import Backbone
+from allspark_cli.model.backbones import Backbone, backbone_choices
 from allspark_cli.model.methods import METHODS
 from allspark_cli.threads import apply_threads
 
@@ -113,8 +113,8 @@ def train_command(
     wide: Annotated[bool, typer.Option("--wide", rich_help_panel="Run", help="With --list-presets: every column, however wide.")] = False,
     resume: Annotated[Path | None, typer.Option("--resume", rich_help_panel="Run", help="Continue a run: RUN_DIR or RUN_DIR/weights/last.pt.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", rich_help_panel="Run", help="Resume even if the world size or batch changed.")] = False,
-    backbone: Annotated[Backbone | None, typer.Option("--backbone", rich_help_panel="Recipe", help="MiT variant.", show_default=False)] = None,
-    pretrained: Annotated[Path | None, typer.Option("--pretrained", rich_help_panel="Recipe", help="MiT ImageNet weights file (mit_bX.pth).", show_default=False)] = None,
+    backbone: Annotated[Backbone | None, typer.Option("--backbone", rich_help_panel="Recipe", help=f"Encoder variant ({backbone_choices()}).", show_choices=False, show_default=False)] = None,
+    pretrained: Annotated[Path | None, typer.Option("--pretrained", rich_help_panel="Recipe", help="Pretrained encoder weights in their publisher's layout (e.g. mit_b5.pth of the SegFormer release).", show_default=False)] = None,
     no_pretrained: Annotated[bool, typer.Option("--no-pretrained", rich_help_panel="Recipe", help="Train from scratch (prints a warning).")] = False,
     # A name the settings check against the method table (model/methods.py), so the choices are the table's.
     method: Annotated[str | None, typer.Option("--method", metavar=f"<{'|'.join(METHODS)}>", rich_help_panel="Recipe", help="Ablation variant (paper Table 5).", show_default=False)] = None,

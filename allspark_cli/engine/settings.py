@@ -74,13 +74,14 @@ class DataSettings(_Section):
 
 class ModelSettings(ArchitectureChoices):
     """The segmentor (DESIGN.md sections 1-2): the architecture choices (declared once, in
-    model/config.py) and the local MiT ImageNet weight file to start from."""
+    model/config.py) and the local pretrained encoder weight file to start from."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     pretrained: Path | None = Field(
         default=Path("weights/mit_b5.pth"),
-        description="MiT ImageNet weights (SegFormer release mit_bX.pth); null trains from scratch",
+        description="pretrained encoder weights in their publisher's layout (e.g. mit_b5.pth of the SegFormer "
+        "release; every family's file: README); null trains from scratch",
     )
     allow_partial_pretrained: bool = Field(
         default=False, description="load weights that cover the backbone only partly (otherwise refused)"
@@ -298,8 +299,8 @@ def model_config_for(settings: TrainSettings, num_classes: int):
         head_dim=settings.model.head_dim,
         attention_heads=settings.model.attention_heads,
         memory_multiple=settings.model.memory_multiple,
-        memory_tokens=tokens_for_crop(settings.data.crop),
-        memory_grid=grid_for_crop(settings.data.crop),
+        memory_tokens=tokens_for_crop(settings.data.crop, settings.model.backbone),
+        memory_grid=grid_for_crop(settings.data.crop, settings.model.backbone),
         drop_path_rate=settings.model.drop_path_rate,
         attention_path=settings.model.attention_path,
     )

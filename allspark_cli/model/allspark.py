@@ -1,6 +1,6 @@
 """The AllSpark bottleneck (paper section 3, Algorithm 1; DESIGN.md section 1, steps 1-6).
 
-Between the MiT encoder and the SegFormer head, on the stride-32 map (C channels, N = h*w tokens):
+Between the encoder and the SegFormer head, on its last stage's map (MiT: stride 32; C channels, N = h*w tokens):
 labeled features are rebuilt from unlabeled channels by channel-wise cross-attention, whose
 keys/values come from the batch's unlabeled tokens (warm-up, and every `cca` step) or from the
 Semantic Memory (after warm-up); unlabeled features go through channel-wise self-attention.

@@ -9,9 +9,10 @@ This toolkit's format is a dict with only tensors and plain Python values, so it
      "settings": resolved settings dict ({} when none), "settings_version": int (absent before it
      was stored: version 1), "train_state": dict or None}
 
-It is written atomically (temporary file + rename). Checkpoints of the reference code load too:
-their architecture is inferred from the weights (MiT widths and depths, classes, module heads,
-head width, memory shape).
+The model config records the encoder family (`backbone_family`; absent in checkpoints written
+before it was: mit). It is written atomically (temporary file + rename). Checkpoints of the
+reference code load too: their architecture is inferred from the weights (the family's variant
+from its encoder tensors, classes, module heads, head width, memory shape).
 """
 from __future__ import annotations
 
@@ -26,16 +27,19 @@ from torch import nn
 from allspark_cli.labels import default_class_names
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_path
+from allspark_cli.model.backbones import BACKBONES, LEGACY_FAMILY, BackboneFamilyName
 from allspark_cli.model.config import ModelConfig, build_model
+from allspark_cli.model.encoder import ENCODER_PREFIX
 from allspark_cli.model.memory import NEVER_WRITTEN
 from allspark_cli.model.methods import method_of_weights
-from allspark_cli.model.mit import variant_for
 from allspark_cli.model.segmentor import AllSparkSegmentor
 from allspark_cli.model.weights import ours_from_reference, torch_load_safely
 from allspark_cli.labels import voc_palette
 
 FORMAT_NAME = "allspark-checkpoint"
 FORMAT_VERSION = 1
+# Reference checkpoints are SegFormer models: MiT encoders.
+REFERENCE_FAMILY: BackboneFamilyName = "mit"
 # Buffers this toolkit adds to the memory; reference checkpoints lack them (they start as "unknown").
 PROVENANCE_BUFFERS = ("source_sample", "source_channel", "source_iteration", "assigned_count")
 
@@ -124,23 +128,26 @@ def save_torch_file(path: str | os.PathLike, payload: Any) -> None:
             raise writer.error from None
 
 
-def infer_model_config(state_dict: dict[str, torch.Tensor], *, path: Path | str = "weights") -> ModelConfig:
-    """The architecture that a state dict in this toolkit's names was made with."""
+def infer_model_config(
+    state_dict: dict[str, torch.Tensor], *, path: Path | str = "weights", family: BackboneFamilyName = LEGACY_FAMILY
+) -> ModelConfig:
+    """The architecture that a state dict in this toolkit's names was made with; `family` says which
+    encoder family reads the `backbone.encoder.*` tensors."""
 
     def shape(name: str) -> torch.Size:
         if name not in state_dict:
             raise DataError(f"{path}: not a SegFormer/AllSpark checkpoint (no tensor {name})")
         return state_dict[name].shape
 
-    dims = [shape("backbone.encoder.patch_embed.proj.weight")[0]]
-    dims += [shape(f"backbone.encoder.stages.{i}.downsample.proj.weight")[0] for i in (1, 2, 3)]
-    depths = [
-        len({k.split(".")[5] for k in state_dict if k.startswith(f"backbone.encoder.stages.{i}.blocks.")})
-        for i in range(4)
-    ]
-    backbone = variant_for(tuple(dims), tuple(depths))
-    if backbone is None:
-        raise DataError(f"{path}: MiT widths {dims} and depths {depths} match no MiT-B0..B5")
+    encoder_family = BACKBONES[family]
+    encoder_state = {k[len(ENCODER_PREFIX):]: v for k, v in state_dict.items() if k.startswith(ENCODER_PREFIX)}
+    try:
+        backbone = encoder_family.variant_of(encoder_state)
+    except KeyError as missing:
+        raise DataError(f"{path}: not a SegFormer/AllSpark checkpoint (no tensor {ENCODER_PREFIX}{missing.args[0]})") from None
+    except ValueError as error:
+        raise DataError(f"{path}: {error}") from None
+    dims = encoder_family.dims(backbone)
     num_classes, head_dim = shape("head.linear_pred.weight")[:2]
     fields: dict[str, Any] = {"backbone": backbone, "num_classes": num_classes, "head_dim": head_dim}
     channel_attention = "allspark.labeled_attention.q.weight" in state_dict
@@ -170,6 +177,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if content.get("format") == FORMAT_NAME:
         if content.get("format_version", 0) > FORMAT_VERSION:
             raise DataError(f"{path}: checkpoint format {content['format_version']} is newer than this allspark")
+        _check_family_known(path, content.get("model_config"))
         try:
             return Checkpoint(
                 path=path,
@@ -188,7 +196,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise DataError(f"{path}: not a checkpoint of allspark or of the reference code (no state dict)")
     state_dict = ours_from_reference(weights)
-    config = infer_model_config(state_dict, path=path)
+    config = infer_model_config(state_dict, path=path, family=REFERENCE_FAMILY)
     return Checkpoint(
         path=path,
         model_config=config,
@@ -197,6 +205,14 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         palette=voc_palette(config.num_classes).tolist(),
         source="reference",
     )
+
+
+def _check_family_known(path: Path, model_config: object) -> None:
+    """DataError naming the family when a checkpoint records an encoder family this allspark lacks."""
+    family = model_config.get("backbone_family", LEGACY_FAMILY) if isinstance(model_config, dict) else LEGACY_FAMILY
+    if family not in BACKBONES:
+        raise DataError(f"{path}: its encoder family {family!r} is not one this allspark knows ({', '.join(BACKBONES)}); "
+                        "it was written by a newer allspark")
 
 
 def _with_default_provenance(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

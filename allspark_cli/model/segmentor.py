@@ -1,5 +1,6 @@
-"""SegFormer + AllSpark: MiT encoder -> (AllSpark on the stride-32 map) -> all-MLP head -> logits
-upsampled bilinearly to the input size (DESIGN.md sections 1-2).
+"""SegFormer + AllSpark: encoder (MiT, or another family of model/backbones.py) -> (AllSpark on the
+last stage's map) -> all-MLP head -> logits upsampled bilinearly to the input size (DESIGN.md
+sections 1-2).
 
 `forward(images) -> logits` is inference, per image (batch-invariant), any input size.
 `forward_train(...) -> TrainOutput` is the training forward of cat(labeled, unlabeled).
@@ -14,10 +15,10 @@ from torch import nn
 
 from allspark_cli.constants import AttentionPath
 from allspark_cli.model.allspark import NO_MEMORY_STEP, AllSparkModule, MemoryStep
+from allspark_cli.model.backbones import build_backbone
 from allspark_cli.model.head import SegFormerHead
 from allspark_cli.model.memory import SemanticMemory
 from allspark_cli.model.methods import DEFAULT_METHOD, METHODS
-from allspark_cli.model.mit import MiTBackbone
 
 
 class TrainOutput(NamedTuple):
@@ -29,14 +30,14 @@ class AllSparkSegmentor(nn.Module):
     """The segmentation network of one ablation variant.
 
     Args:
-        backbone: MiT variant, "b0".."b5".
+        backbone: encoder variant, a name of the `Backbone` literal ("b0".."b5", "dinov2-s", ...).
         num_classes: K.
         method: a name of `METHODS` (model/methods.py), whose spec says whether the AllSpark
             module, its Semantic Memory and the memory's class grouping are built.
         head_dim: E of the SegFormer head.
         attention_heads: h of the AllSpark projections.
         memory_multiple: m; each class ring holds m groups of C channels (memory methods only).
-        memory_tokens: N of the training crop's stride-32 grid (memory methods only).
+        memory_tokens: N of the training crop's last-stage grid (memory methods only).
         attention_path: how the module's labeled-branch map is computed (model/attention_paths.py).
     """
 
@@ -58,8 +59,9 @@ class AllSparkSegmentor(nn.Module):
     ) -> None:
         super().__init__()
         self.method = method
-        self.backbone = MiTBackbone(backbone, drop_path_rate=drop_path_rate)
-        dim = self.backbone.dims[-1]
+        self.backbone = build_backbone(backbone, drop_path_rate=drop_path_rate)
+        dims = tuple(stage.num_chs for stage in self.backbone.feature_info)
+        dim = dims[-1]
         self.allspark: AllSparkModule | None = None
         spec = METHODS[method]
         if spec.channel_attention:
@@ -74,14 +76,14 @@ class AllSparkSegmentor(nn.Module):
                 projection_dropout=projection_dropout,
                 attention_path=attention_path,
             )
-        self.head = SegFormerHead(self.backbone.dims, num_classes, head_dim, dropout=decoder_dropout)
+        self.head = SegFormerHead(dims, num_classes, head_dim, dropout=decoder_dropout)
 
     @property
     def memory(self) -> SemanticMemory | None:
         return self.allspark.memory if self.allspark is not None else None
 
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The four MiT stage maps (before the AllSpark module)."""
+        """The encoder's four stage maps (before the AllSpark module)."""
         return self.backbone(images)
 
     def _decode(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -132,7 +134,7 @@ class AllSparkSegmentor(nn.Module):
     @torch.no_grad()
     def memory_tokens(self, images_u: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The tokens (B, N, C) `forward_train` would write into the memory for unlabeled images
-        (B, 3, H, W) in the current mode, and their stride-32 grid (h, w); memory methods only."""
+        (B, 3, H, W) in the current mode, and their last-stage grid (h, w); memory methods only."""
         stage4 = self.extract_features(images_u)[3]
         return self.allspark.memory_tokens(stage4), tuple(stage4.shape[-2:])
 

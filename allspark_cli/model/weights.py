@@ -1,10 +1,13 @@
-"""Weights in: MiT ImageNet weights and checkpoints of the reference code, always loaded safely.
+"""Weights in: pretrained encoder weights and checkpoints of the reference code, always loaded safely.
 
+- Pretrained encoder weights load through the backbone seam (model/encoder.py): the encoder's family
+  maps the publisher's file onto the encoder (`encoder_state_dict`), and `load_pretrained_backbone`
+  matches, reports and refuses the same way for every family.
 - MiT ImageNet weights come in the SegFormer release naming (`mit_b0.pth` .. `mit_b5.pth`:
   `patch_embed1.*`, `block1.0.*`, `norm1.*` and an ImageNet `head.*` that we drop) or the
   Hugging Face `nvidia/mit-b*` naming (`model.safetensors`: `segformer.encoder.block.0.0.*`, with
   separate key/value projections). Both are mapped to the SegFormer naming, then onto timm's
-  PVTv2 names with timm's own pvt_v2 checkpoint filter.
+  PVTv2 names with timm's own pvt_v2 checkpoint filter (the MiT family's remap, model/mit.py).
 - Reference checkpoints (`{'model': DDP state dict with 'module.' prefix, ...}`) map module by
   module onto ours (`REFERENCE_PREFIXES`).
 
@@ -228,18 +231,25 @@ def match_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
 def load_pretrained_backbone(
     backbone: nn.Module, path: str | Path, *, allow_partial: bool = False
 ) -> LoadReport:
-    """Loads MiT ImageNet weights (SegFormer release or Hugging Face naming) into a `MiTBackbone`.
+    """Loads a pretrained weight file in its publisher's layout into an encoder module (MiT: the
+    SegFormer release or Hugging Face naming; DINOv2: Meta's release or timm's copy).
 
-    Refuses (SettingsError, nothing loaded) unless every backbone tensor is matched, or
+    Refuses (SettingsError, nothing loaded) unless every encoder tensor is matched, or
     `allow_partial` is set.
     """
-    state_dict = timm_names_from_segformer(read_state_dict_file(path))
+    family, variant = backbone.family, backbone.variant
+    name = family.display_name(variant)
+    published = read_state_dict_file(path)
+    try:
+        state_dict = family.encoder_state_dict(published, backbone.encoder)
+    except (RuntimeError, ValueError) as error:  # a publisher remap that meets tensors of other shapes
+        raise SettingsError(f"{path}: does not fit {name} ({' '.join(str(error).split())[:160]})") from None
     usable, report = match_state_dict(backbone.encoder, state_dict)
     if not report.complete and not allow_partial:
         example = (report.mismatched or report.missing)[0]
         raise SettingsError(
-            f"{path}: does not fit MiT-{backbone.variant.upper()} ({report.summary()}; e.g. {example}); "
-            "pass weights of the same variant, or allow a partial load explicitly"
+            f"{path}: does not fit {name} ({report.summary()}; e.g. {example}); pass weights of the same "
+            f"variant ({family.weight_file(variant)}), or allow a partial load explicitly"
         )
     backbone.encoder.load_state_dict(usable, strict=False)
     return report

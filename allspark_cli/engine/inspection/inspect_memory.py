@@ -23,7 +23,6 @@ from pathlib import Path
 
 from allspark_cli.data.imageio import read_image
 from allspark_cli.engine.inspection.memory_pictures import (
-    STAGE4_STRIDE,
     ClassMemoryStats,
     ImageInspection,
     Progress,
@@ -38,8 +37,9 @@ from allspark_cli.engine.inference.protocol import SavedRecipe
 from allspark_cli.engine.training.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, WEIGHTS_DIR
 from allspark_cli.errors import DataError, SettingsError
 from allspark_cli.fileio import atomic_write_text, write_png
+from allspark_cli.model.backbones import family_of
 from allspark_cli.model.checkpoint import Checkpoint, load_for_inference
-from allspark_cli.model.mit import stage_grid
+from allspark_cli.model.config import tokens_for_crop
 from allspark_cli.model.methods import METHODS
 from allspark_cli.viz import memory as viz
 from allspark_cli.viz.html import write_memory_report
@@ -151,7 +151,8 @@ def inspect_memory(
     memory = model.memory
     saved = SavedRecipe.from_settings(info.settings)
     # The memory's own (h, w); checkpoints written before it was stored: from the saved crop.
-    grid = info.model_config.memory_grid or token_grid(memory.tokens, saved.train_crop)
+    backbone = info.model_config.backbone
+    grid = info.model_config.memory_grid or token_grid(memory.tokens, saved.train_crop, backbone)
     provenance = resolve_provenance(saved, info.source, Path(image_root) if image_root else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats, rows = class_pictures(memory, info, chosen, grid, max_channels, provenance, out_dir, report)
@@ -163,8 +164,9 @@ def inspect_memory(
     write_provenance_csv(out_dir / "provenance.csv", rows)
     # Attention on the memory needs the image's token count to be the memory's N.
     attention_size = crop_size(saved.train_crop)
-    if attention_size is None or stage_grid(attention_size[0]) * stage_grid(attention_size[1]) != memory.tokens:
-        attention_size = (grid[0] * STAGE4_STRIDE, grid[1] * STAGE4_STRIDE)
+    if attention_size is None or tokens_for_crop(attention_size, backbone) != memory.tokens:
+        stride = family_of(backbone).feature_info(backbone)[-1].reduction  # g * stride pixels give g tokens a side
+        attention_size = (grid[0] * stride, grid[1] * stride)
     inspections = []
     for index, (image_path, image) in enumerate(inputs):
         report(f"image {image_path}")
@@ -174,7 +176,7 @@ def inspect_memory(
     pictures += [p for i in inspections for p in (i.features_picture, i.attention_picture, i.attention_bars_picture)]
     summary = InspectSummary(
         checkpoint=str(path), source=info.source, method=info.model_config.method,
-        backbone=info.model_config.backbone, out_dir=str(out_dir), token_grid=grid, slots_per_class=memory.slots,
+        backbone=backbone, out_dir=str(out_dir), token_grid=grid, slots_per_class=memory.slots,
         provenance_available=provenance.entries is not None, provenance_note=provenance.note, classes=stats,
         images=inspections, pictures=pictures, index_html="index.html", summary_json="summary.json",
     )

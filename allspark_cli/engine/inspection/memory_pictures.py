@@ -29,11 +29,10 @@ from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_write_text, write_png
 from allspark_cli.model.checkpoint import Checkpoint
 from allspark_cli.model.memory import NEVER_WRITTEN
-from allspark_cli.model.mit import stage_grid
+from allspark_cli.model.backbones import DEFAULT_BACKBONE, Backbone
+from allspark_cli.model.config import grid_for_crop
 from allspark_cli.viz import memory as viz
 
-# Stage 4 of MiT has stride 32: an input of 32*g pixels gives g tokens per side.
-STAGE4_STRIDE = 32
 STAGE4_INDEX = 3
 # Columns of the memory grids and of the before/after grids.
 GRID_COLUMNS = 16
@@ -72,15 +71,16 @@ class Provenance(NamedTuple):
     note: str
 
 
-def token_grid(tokens: int, crop: object = None) -> tuple[int, int]:
-    """(h, w) of the stage-4 token grid: from the training crop when it fits `tokens`, else from N.
+def token_grid(tokens: int, crop: object = None, backbone: Backbone = DEFAULT_BACKBONE) -> tuple[int, int]:
+    """(h, w) of the last stage's token grid: from the training crop (through the backbone's grid
+    rule) when it fits `tokens`, else from N.
 
     `crop` is an int or an (h, w) pair. Without a usable crop, N is split into the most square
     factor pair h <= w (a square N -> sqrt(N) x sqrt(N); the reference's N = 9 -> 3 x 3).
     """
     size = crop_size(crop)
     if size is not None:
-        grid = (stage_grid(size[0]), stage_grid(size[1]))
+        grid = grid_for_crop(size, backbone)
         if grid[0] * grid[1] == tokens:
             return grid
     side = math.isqrt(tokens)

@@ -13,6 +13,7 @@ from typing import Protocol, TextIO
 
 from allspark_cli.data.transforms import CUTMIX_PROBABILITY
 from allspark_cli.engine.training.presets import PAPER_GPUS
+from allspark_cli.model.backbones import display_name
 from allspark_cli.model.methods import METHODS
 from allspark_cli.text import plural
 
@@ -116,7 +117,7 @@ def format_start(info: StartInfo) -> str:
     if info.paper_batch is not None:
         paper = f" (paper: {info.paper_batch}+{info.paper_batch} on {info.paper_gpus} GPUs, lr {info.paper_lr:g})"
     return (
-        f"training {info.preset or 'custom'} [{info.method}, MiT-{info.backbone.upper()}] on {info.device} x{info.world_size}: "
+        f"training {info.preset or 'custom'} [{info.method}, {display_name(info.backbone)}] on {info.device} x{info.world_size}: "
         f"global batch {info.global_batch}+{info.global_batch} in groups of {info.group_size}, lr {info.lr:g} "
         f"(head {info.head_lr:g}){paper}; "
         f"{plural(info.epochs, 'epoch')} x {plural(info.iterations_per_epoch, 'iteration')}; "

@@ -81,6 +81,7 @@ from allspark_cli.engine.training.train_data import (
 )
 from allspark_cli.engine.training.train_eval import evaluate_epoch
 from allspark_cli.errors import DataError, Interrupted, ResourceError, SettingsError
+from allspark_cli.model.backbones import family_of
 from allspark_cli.model.checkpoint import read_checkpoint, save_checkpoint
 from allspark_cli.model.config import build_model
 from allspark_cli.model.weights import load_pretrained_backbone
@@ -119,9 +120,11 @@ def _build_model(settings: TrainSettings, num_classes: int, dist: D.DistInfo, no
     else:
         path = Path(settings.model.pretrained).expanduser()
         if not path.is_file():
+            family = family_of(settings.model.backbone)
             raise SettingsError(
-                f"model.pretrained: {path} not found; put the SegFormer MiT ImageNet weights there "
-                f"(mit_{settings.model.backbone}.pth), point --pretrained at them, or pass --no-pretrained"
+                f"model.pretrained: {path} not found; put the {family.display_name(settings.model.backbone)} weights "
+                f"there ({family.weight_file(settings.model.backbone)} from {family.publisher}), point --pretrained "
+                "at them, or pass --no-pretrained"
             )
         notes.append(f"pretrained {path}: {load_pretrained_backbone(model.backbone, path, allow_partial=settings.model.allow_partial_pretrained).summary()}")
     if dist.is_distributed and dist.device.type == "cuda":
