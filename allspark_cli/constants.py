@@ -10,9 +10,11 @@ IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# How the labeled branch's attention is computed (model/attention_paths.py): `auto` picks per call
-# (CPU: frugal; CUDA: eager when its maps fit in the device's free memory, else frugal).
-AttentionPath = Literal["auto", "eager", "frugal", "sdpa"]
+# How the labeled branch's attention is computed (model/attention_paths.py): one of the paths, or
+# `auto`, which a model resolves once (CPU: frugal; CUDA: eager when its maps fit in the device's
+# free memory, else frugal).
+ChosenAttentionPath = Literal["eager", "frugal", "sdpa"]
+AttentionPath = Literal["auto", ChosenAttentionPath]
 
 # The folder of a run that holds its checkpoints (RUN_DIR/weights/last.pt, best.pt).
 WEIGHTS_DIR = "weights"

@@ -49,7 +49,7 @@ from allspark_cli.engine.precision import autocast_factory, configure_cuda_math 
 from allspark_cli.engine.training.accumulation import accumulated_step  # noqa: E402
 from allspark_cli.engine.training.step import StepRecipe, TrainForward, train_step  # noqa: E402
 from allspark_cli.model.allspark import AllSparkModule, ChannelCrossAttention, MemoryStep  # noqa: E402
-from allspark_cli.model.attention import normalized_attention_map  # noqa: E402
+from allspark_cli.model.attention_maps import normalized_attention_map  # noqa: E402
 from allspark_cli.model.attention_paths import labeled_attention  # noqa: E402
 from allspark_cli.model.config import ModelConfig, build_model, tokens_for_crop  # noqa: E402
 from allspark_cli.model.mit import MIT_VARIANTS, stage_grid  # noqa: E402

@@ -1,6 +1,7 @@
 """The labeled branch's three attention paths (eager, sdpa, frugal) compute the same thing: values
 and gradients in float64/float32, bf16 and fp16 against float64, dropout statistics; and `auto`
-picks by device and free memory (fake free-memory figures: no GPU is needed)."""
+picks by device and free memory (fake free-memory figures: no GPU is needed), once per model, and
+the training banner names the path."""
 from __future__ import annotations
 
 import pytest
@@ -8,12 +9,12 @@ import torch
 
 from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.errors import SettingsError
+from allspark_cli.model import allspark as allspark_module
 from allspark_cli.model import attention_paths as paths
 from allspark_cli.model.allspark import AllSparkModule, MemoryStep
 from allspark_cli.model.attention import quantized_dropout
 from allspark_cli.model.attention_paths import (
     choose_path,
-    eager_attention,
     eager_map_bytes,
     frugal_budget,
     labeled_attention,
@@ -152,10 +153,11 @@ def test_the_module_gives_the_same_training_output_and_gradients_on_every_path(p
         torch.testing.assert_close(grads_path[name], grad, msg=name)
 
 
-def test_eager_and_sdpa_take_unprojected_keys_too():
+def test_sdpa_takes_unprojected_keys_too():
     queries, sources, key_weight, value_weight = (t.detach() for t in _inputs())
     keys, values = project_channels(key_weight, sources), project_channels(value_weight, sources)
-    torch.testing.assert_close(sdpa_attention(queries, keys, values), eager_attention(queries, keys, values))
+    torch.testing.assert_close(sdpa_attention(queries, keys, values), _run("eager", queries, sources, key_weight,
+                                                                           value_weight))
 
 
 def test_auto_is_frugal_on_cpu_whatever_the_memory():
@@ -193,3 +195,62 @@ def test_the_setting_reaches_the_module_and_is_validated(tmp_path):
     assert model.allspark.labeled_attention.attention_path == "eager"
     with pytest.raises(SettingsError, match="model.attention_path: Input should be 'auto', 'eager', 'frugal' or 'sdpa'"):
         build_settings(base=layer, sets=["model.attention_path=fused"])
+
+
+def _spy_on_the_rule(monkeypatch, answers):
+    """Replaces the `auto` rule the module applies with one that answers `answers` in turn, and
+    returns the list of the sizes it was asked about."""
+    asked = []
+
+    def rule(requested, device_type, **sizes):
+        asked.append(sizes)
+        return answers[len(asked) - 1]
+
+    monkeypatch.setattr(allspark_module, "choose_path", rule)
+    return asked
+
+
+def test_auto_is_decided_once_not_per_call(monkeypatch):
+    """A rule that would answer differently on the second call is asked once: every later call (the
+    memory read after warm-up included) keeps the first answer."""
+    asked = _spy_on_the_rule(monkeypatch, ["eager", "frugal"])
+    module = AllSparkModule(16, 3, 2, memory_slots=16, memory_tokens=4).double()
+    features_l, features_u = (torch.randn(2, 16, 2, 2, dtype=torch.float64) for _ in "lu")
+    for use_memory in (False, True, True):
+        module.forward_train(features_l, features_u, memory_step=MemoryStep(use_memory=use_memory))
+    assert len(asked) == 1
+    assert module.labeled_attention.chosen_path == "eager"
+
+
+def test_the_run_settles_the_path_for_its_largest_call(monkeypatch):
+    """With the memory, the largest call is a step's labeled images against every memory class group;
+    without it, a group's labeled images against the group's unlabeled ones."""
+    asked = _spy_on_the_rule(monkeypatch, ["eager", "eager"])
+    with_memory = AllSparkModule(16, 3, 2, memory_slots=32, memory_tokens=4)  # 3 classes x 2 groups of C slots
+    assert with_memory.settle_attention_path(group_images=2, step_images=4) == "eager"
+    without = AllSparkModule(16, 3, 2)
+    without.settle_attention_path(group_images=2, step_images=4)
+    assert asked == [{"images": 4, "rows": 32, "keys": 32 * 6, "free_bytes": 0},
+                     {"images": 2, "rows": 32, "keys": 32 * 2, "free_bytes": 0}]
+    without.settle_attention_path(group_images=8, step_images=8)  # settled: not asked again
+    assert len(asked) == 2
+
+
+def test_an_explicit_path_is_never_ruled_on(monkeypatch):
+    asked = _spy_on_the_rule(monkeypatch, [])
+    module = AllSparkModule(16, 3, 2, attention_path="sdpa")
+    assert module.settle_attention_path(group_images=2, step_images=2) == "sdpa"
+    assert asked == []
+
+
+def test_the_training_banner_names_the_path_the_run_took(tmp_path, monkeypatch):
+    from train_fixtures import make_dataset, tiny_layer
+
+    from allspark_cli.engine.training.train import train
+
+    asked = _spy_on_the_rule(monkeypatch, ["frugal"])
+    manifest = make_dataset(tmp_path / "data", num_train=4, num_val=1)
+    done = train(build_settings(base=tiny_layer(manifest, tmp_path / "runs", train={"warmup_epochs": 1})))
+    log = (done.run_dir / "train.log").read_text()
+    assert "labeled attention frugal (auto);" in log
+    assert len(asked) == 1  # one decision for the run, before its banner

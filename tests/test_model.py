@@ -139,7 +139,7 @@ def test_memory_attention_by_class_sums_each_classes_slots():
     """inspect-memory's per-class attention mass: the normalised map of the queries against every
     memory group's projected keys, summed over each class's groups (two groups per class here)."""
     from allspark_cli.model.allspark import AllSparkModule
-    from allspark_cli.model.attention import normalized_attention_map
+    from allspark_cli.model.attention_maps import normalized_attention_map
 
     torch.manual_seed(0)
     module = AllSparkModule(16, 3, 2, memory_multiple=2, memory_tokens=9).eval()

@@ -29,9 +29,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from allspark_cli.constants import AttentionPath
-from allspark_cli.model.attention import normalized_attention_map
-from allspark_cli.model.attention_paths import labeled_attention
+from allspark_cli.constants import AttentionPath, ChosenAttentionPath
+from allspark_cli.model.attention_maps import normalized_attention_map
+from allspark_cli.model.attention_paths import choose_path, free_device_memory, labeled_attention
 from allspark_cli.model.memory import SemanticMemory, group_channels, resize_logits_to_grid
 from allspark_cli.model.products import matmul_nt
 from allspark_cli.model.scratch import ScratchPool
@@ -115,7 +115,10 @@ class ChannelCrossAttention(ChannelProjections):
     ):
         super().__init__(dim, heads, projection_dropout)
         self.attention_dropout = attention_dropout
-        self.attention_path = attention_path
+        self.attention_path = attention_path  # as configured; `chosen_path` is what the calls take
+        # Set once (`settle_path`): the paths draw their dropout masks differently, so a path that
+        # changed between steps would change the random stream of the run.
+        self.chosen_path: ChosenAttentionPath | None = None if attention_path == "auto" else attention_path
         # The attention's large CPU buffers, kept from one training step to the next (scratch.py);
         # not state, never saved. Kept across eval(): the training step switches to eval mode for
         # its pseudo-label pass every iteration. `scratch.clear()` hands them back to the system.
@@ -127,15 +130,25 @@ class ChannelCrossAttention(ChannelProjections):
         M, N, C = sources.shape
         return matmul_nt(self.k.weight, sources.reshape(M * N, C)).view(-1, N)
 
+    def settle_path(self, *, images: int, sources: int, device: torch.device) -> ChosenAttentionPath:
+        """The path of this call and every later one: `attention_path`, or for `auto` the rule of
+        `choose_path`, applied once, for maps of `images` x hC x (hC * `sources`) and the free memory
+        of `device` now. The training engine settles it before the first step, for the run's largest
+        call (`AllSparkModule.settle_attention_path`); a module nobody settled decides at its first call."""
+        if self.chosen_path is None:
+            rows = self.q.out_features  # hC
+            self.chosen_path = choose_path(self.attention_path, device.type, images=images, rows=rows,
+                                           keys=rows * sources, free_bytes=free_device_memory(device))
+        return self.chosen_path
+
     def forward(self, tokens: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, C) labeled; sources (M, N, C) -> (B, N, C)."""
         queries = self.q(tokens).transpose(1, 2)  # (B, hC, N) query channels
         dropout_p = self.attention_dropout if self.training else 0.0
+        path = self.settle_path(images=queries.shape[0], sources=sources.shape[0], device=queries.device)
         scratch = self.scratch if queries.device.type == "cpu" else None  # CUDA's allocator caches
-        # Keys and values (hC * M, N) are projected inside, where the frugal path reuses their buffers.
         mixed = labeled_attention(
-            queries, sources, self.k.weight, self.v.weight, path=self.attention_path, dropout_p=dropout_p,
-            scratch=scratch,
+            queries, sources, self.k.weight, self.v.weight, path=path, dropout_p=dropout_p, scratch=scratch
         )  # (B, hC, N)
         return self.projection_dropout(self.out(mixed.transpose(1, 2)))
 
@@ -190,6 +203,18 @@ class AllSparkModule(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
+
+    def settle_attention_path(self, *, group_images: int, step_images: int) -> ChosenAttentionPath:
+        """Decides, once and before training, how the labeled branch computes its map (see
+        `ChannelCrossAttention.settle_path`), on the device of the module's weights, for its largest
+        call: `group_images` labeled images against the group's as many unlabeled ones (warm-up,
+        `cca`), or with the memory the `step_images` labeled images of a (micro-)step against its
+        class groups."""
+        images, sources = group_images, group_images
+        if self.memory is not None:
+            images, sources = max(images, step_images), max(sources, self.memory.as_sources().shape[0])
+        device = self.labeled_attention.q.weight.device
+        return self.labeled_attention.settle_path(images=images, sources=sources, device=device)
 
     def _tokens(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, h, w) -> pre-norm tokens t and normed tokens e, both (B, N, C)."""

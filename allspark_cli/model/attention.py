@@ -1,19 +1,16 @@
-"""Channel-wise attention maps of AllSpark (DESIGN.md section 1, steps 3-4; paper Eq. 2-3).
+"""The labeled branch's attention, memory-frugal: the `frugal` path of `attention_paths.py`.
 
-Both branches compute `o = dropout(softmax_keys(InstanceNorm(q k^T))) v` for query channels q
-(R, N) and key/value channels k, v (L, N): the map is channel-to-channel (summed over the N tokens,
-no 1/sqrt(d) scale) and the instance norm runs over the whole map of each (image, head): biased
-variance, eps 1e-5, no affine.
-
-The labeled branch's map is large: `hC x (|src| * hC)` per image, 1024 x 21504 at the pascal
-setting with the memory and 1024 x 82944 at coco. Plain autograd keeps four such maps per image
-alive (the product, its normalisation, the softmax and the dropout output) and walks each of them
-several times. `normalized_attention` is one autograd function built on three facts:
+It computes what the plain formula there computes (DESIGN.md section 1, step 4; paper Eq. 3),
+`o[b] = dropout(softmax_keys(InstanceNorm(q[b] k^T))) v` for query channels q (B, R, N) and
+key/value channels k, v (L, N) shared by all images, and is tested against it. The map is large:
+`hC x (|src| * hC)` per image, 1024 x 21504 at the pascal setting with the memory and 1024 x 82944
+at coco. Plain autograd keeps four such maps per image alive (the product, its normalisation, the
+softmax and the dropout output) and walks each of them several times. `normalized_attention` is one
+autograd function built on three facts:
 - the softmax is row-wise, so the mean of the instance norm cancels in it:
-  `softmax(IN(s)) = softmax(s / std)`. The mean and std of `q k^T` come from small N x N Gram
-  matrices (`k^T k`, `q^T q`) without forming the map, and `1/std` is folded into the queries, so
-  each map is produced in row chunks straight into its final buffer by one product and an
-  in-place softmax;
+  `softmax(IN(s)) = softmax(s / std)`. The std comes from N x N Gram matrices (`map_statistics`,
+  attention_maps.py) and `1/std` is folded into the queries, so each map is produced in row chunks
+  straight into its final buffer by one product and an in-place softmax;
 - the dropout decision of each entry is kept in the sign bit of the saved probabilities (negative:
   dropped), so one float map per image serves backward: `dropped = max(p, 0)`, `probs = |p|`;
 - in backward the instance-norm terms need only `sum(grad * z)`, which is `<grad k, q>` (the
@@ -37,12 +34,11 @@ at half the memory traffic of float32 maps. The softmax itself computes in float
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from allspark_cli.model.attention_maps import float32_or_wider, map_statistics
 from allspark_cli.model.products import add_product_, addmm_nt_, matmul_nt, matmul_nt_into
 from allspark_cli.model.scratch import ScratchPool
 
-INSTANCE_NORM_EPS = 1e-5
 # Probability maps kept for backward, at most this many bytes (whole images' maps); the maps of
 # the other images are recomputed in backward (one more product each, about 1/6 more matrix work
 # for that image). 660 MiB keeps both float32 maps of a batch of 2 up to coco's width (81 x hC =
@@ -62,11 +58,6 @@ DROPOUT_BITS = 15  # bits of a random word per dropout decision (the top bit of 
 _WORDS_PER_DRAW = 4  # 16-bit words in one 64-bit draw
 DRAWS_PER_PIECE = 2**20  # random draws buffered at once (8 MiB), not a whole chunk's worth
 _SEED_HIGH = 2**62
-
-
-def _float32_or_wider(dtype: torch.dtype) -> torch.dtype:
-    """Statistics, the instance norm and sums of products run in float32 for half types."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _row_chunks(rows: int, width: int) -> list[slice]:
@@ -169,38 +160,6 @@ class _Workspace:
         return torch.clamp(signed, min=0, out=self.view("dropped", signed.shape[0]))
 
 
-def map_statistics(queries: torch.Tensor, keys: torch.Tensor, centred: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean and std of every map `queries[b] @ keys^T` without forming it, plus the Gram pieces that
-    backward reuses. queries (B, R, N) in float32 (or float64), keys (L, N) in any float dtype;
-    `centred` is a flat buffer of the queries' dtype, at least N elements, for row blocks of the
-    centred keys (about CENTRED_BLOCK_BYTES in the attention function).
-
-    With keys centred over their L channels (k = k_c + 1 m^T), each map row is `(q k_c^T)_r + u_r`,
-    u = q m, and `(q k_c^T)_r` sums to zero, so the centred sum of squares is
-    `sum(q^T q * k_c^T k_c)` plus `L * |u - mean(u)|^2`: two non-negative terms, no cancellation."""
-    B, R, N = queries.shape
-    L = keys.shape[0]
-    key_means = keys.mean(0, dtype=queries.dtype)  # (N,)
-    step = centred.numel() // N
-    centred_gram = queries.new_zeros(N, N)
-    for start in range(0, L, step):  # k_c^T k_c over row blocks of the centred keys
-        block = torch.sub(keys[start : start + step], key_means, out=centred[: min(step, L - start) * N].view(-1, N))
-        centred_gram.addmm_(block.transpose(0, 1), block)
-    row_offsets = queries @ key_means  # (B, R): the mean of each map row
-    mean = row_offsets.mean(1)  # (B,)
-    query_grams = queries.transpose(1, 2) @ queries  # (B, N, N)
-    within_rows = (query_grams * centred_gram).sum((1, 2))
-    between_rows = L * (row_offsets - mean[:, None]).square().sum(1)
-    std = torch.sqrt((within_rows + between_rows) / (R * L) + INSTANCE_NORM_EPS)
-    return {
-        "mean": mean,
-        "std": std,
-        "key_gram": centred_gram + L * torch.outer(key_means, key_means),  # k^T k
-        "key_sums": L * key_means,  # k^T 1
-        "query_grams": query_grams,  # q^T q per image
-    }
-
-
 def _project(pool: ScratchPool, weight: torch.Tensor, sources: torch.Tensor, tokens: int) -> torch.Tensor:
     """Channels of the sources through a bias-free projection: weight (hC, C), sources (M * N, C)
     (source-major tokens) -> (hC * M, N), channel-major (row c * M + m: projected channel c of
@@ -250,7 +209,7 @@ class _NormalizedAttention(torch.autograd.Function):
         # returns (B, R, N). Products and maps in the inputs' dtype (bf16 under autocast), statistics
         # and gradient sums in float32 (or float64).
         B, R, N = queries.shape
-        dtype, wide, device = queries.dtype, _float32_or_wider(queries.dtype), queries.device
+        dtype, wide, device = queries.dtype, float32_or_wider(queries.dtype), queries.device
         pool = ScratchPool() if scratch is None else scratch
         projected = sources is not None
         if projected:
@@ -260,10 +219,10 @@ class _NormalizedAttention(torch.autograd.Function):
         L = keys.shape[0]
         wide_queries = queries.to(wide)
         centred = pool.take(max(N, CENTRED_BLOCK_BYTES * 8 // torch.finfo(wide).bits), wide, device)
-        stats = map_statistics(wide_queries, keys, centred)
+        stats = map_statistics(wide_queries, keys, centred=centred)
         pool.give(centred)
         # softmax(IN(q k^T)) = softmax(q k^T / std): the mean shifts every row equally.
-        scaled = (wide_queries / stats["std"][:, None, None]).to(dtype)
+        scaled = (wide_queries / stats.std[:, None, None]).to(dtype)
         threshold, drop_p = quantized_dropout(dropout_p)
         seeds = [int(torch.randint(_SEED_HIGH, (1,)).item()) for _ in range(B)] if drop_p > 0 else []
         map_bytes = R * L * torch.finfo(dtype).bits // 8
@@ -291,7 +250,7 @@ class _NormalizedAttention(torch.autograd.Function):
         ctx.projected = (keys, values) if projected else ()
         if projected:
             keys = values = None
-        ctx.save_for_backward(queries, scaled, keys, values, sources, key_weight, value_weight, out, *stats.values())
+        ctx.save_for_backward(queries, scaled, keys, values, sources, key_weight, value_weight, out, *stats)
         return out
 
     @staticmethod
@@ -301,7 +260,7 @@ class _NormalizedAttention(torch.autograd.Function):
         maps, ctx.kept_maps = ctx.kept_maps, []
         threshold, drop_p, seeds = ctx.drop
         B, R, N = queries.shape
-        dtype, wide, device = queries.dtype, _float32_or_wider(queries.dtype), queries.device
+        dtype, wide, device = queries.dtype, float32_or_wider(queries.dtype), queries.device
         pool = ScratchPool() if ctx.scratch is None else ctx.scratch
         if sources is not None:
             keys, values = ctx.projected or (_project(pool, weight, sources, N) for weight in (key_weight, value_weight))
@@ -437,25 +396,3 @@ def projected_attention(
         return _NormalizedAttention.apply(
             queries, None, None, flat, key_weight, value_weight, float(dropout_p), budget, scratch
         )
-
-
-def normalized_attention_map(scores: torch.Tensor) -> torch.Tensor:
-    """softmax_keys(InstanceNorm(scores)) for (..., R, L) maps, each map normalised on its own.
-
-    Plain autograd: used for the small maps (unlabeled self-attention C x C per head, inference).
-    """
-    scores = scores.to(_float32_or_wider(scores.dtype))
-    if torch.onnx.is_in_onnx_export():  # ONNX has no instance norm of an unknown channel count
-        return torch.softmax(_instance_norm_plain(scores), dim=-1)
-    lead = scores.shape[:-2]
-    flat = scores.reshape(-1, 1, *scores.shape[-2:])
-    normed = F.instance_norm(flat, eps=INSTANCE_NORM_EPS).reshape(*lead, *scores.shape[-2:])
-    return torch.softmax(normed, dim=-1)
-
-
-def _instance_norm_plain(scores: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the last two dims (biased variance): F.instance_norm's math."""
-    mean = scores.mean(dim=(-2, -1), keepdim=True)
-    centred = scores - mean
-    variance = (centred * centred).mean(dim=(-2, -1), keepdim=True)
-    return centred * torch.rsqrt(variance + INSTANCE_NORM_EPS)

@@ -1,19 +1,24 @@
-"""The labeled branch's attention three ways, and the rule that picks one (DESIGN.md section 1, step 4).
+"""The labeled branch's attention: its formula, and two faster ways to the same values (DESIGN.md
+section 1, step 4; paper Eq. 3).
 
-Every path computes, for query channels q (B, R, N) and key/value channels k, v (L, N) shared by
-all B images, `o[b] = dropout(softmax_keys(InstanceNorm(q[b] k^T))) v` (paper Eq. 3):
-- `eager_attention`: that formula in plain autograd, batched over the images. It is the readable
-  specification, and the CUDA default wherever its maps fit in the device's free memory: a few
-  large batched kernels per call instead of the frugal function's per-image and per-chunk loops.
-- `sdpa_attention`: the same values through `F.scaled_dot_product_attention`. The softmax is
-  row-wise, so the instance norm's mean cancels in it: `softmax(IN(s)) = softmax(s / std)`, with
-  the std of each map from N x N Gram matrices (`map_std`) and folded into the queries; the fused
-  kernels then never form the map. The token axis N is their head size: it is padded with zeros
-  to a multiple of `SDPA_HEAD_MULTIPLE` (zeros change neither q k^T nor the kept columns of o).
+For query channels q (B, R, N) and key/value channels k, v (L, N) shared by all B images,
+`o[b] = dropout(softmax_keys(InstanceNorm(q[b] k^T))) v`. `labeled_attention` is shaped like timm's
+`Attention.forward`: the plain lines at its end are that formula in autograd, the specification
+every other path is tested against, and the two branches above them take a faster way:
+- `sdpa`: `F.scaled_dot_product_attention`. The softmax is row-wise, so the instance norm's mean
+  cancels in it: `softmax(IN(s)) = softmax(s / std)`, with the std of each map from N x N Gram
+  matrices (`map_statistics`) and folded into the queries; the fused kernels then never form the
+  map. The token axis N is their head size: it is padded with zeros to a multiple of
+  `SDPA_HEAD_MULTIPLE` (zeros change neither q k^T nor the kept columns of o).
 - `frugal`: `attention.projected_attention`, the custom autograd function that keeps one float map
-  per image at most (dropout bits in its sign), recomputes the others in backward and reuses its
-  buffers between steps. The CPU default (tuned for it), and the CUDA fallback for maps that do not
-  fit (wide memories, coco, small GPUs), its saved-map budget taken from the device's free memory.
+  per image at most (dropout bits in its sign), recomputes the others in backward, and reuses its
+  buffers between steps (`scratch.py`) and runs its float32 CPU products through oneDNN
+  (`products.py`). The CPU default (tuned for it), and the CUDA fallback for maps that do not fit
+  (wide memories, coco, small GPUs), its saved-map budget taken from the device's free memory.
+`auto` (`choose_path`) is resolved once per model (`ChannelCrossAttention.settle_path`), not per
+call: the paths draw their dropout masks differently, so a path that changed between steps would
+change the random stream a run consumes. The frugal function's saved-map budget may change from
+call to call: it decides which maps are recomputed, never their values or their dropout bits.
 
 Dropout: each path draws its own masks (the frugal function redraws its bits from per-image seeds in
 backward and quantises p to 1/32768; the others use torch's dropout), so the paths agree in value
@@ -24,13 +29,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from allspark_cli.constants import AttentionPath
-from allspark_cli.model.attention import (
-    INSTANCE_NORM_EPS,
-    SAVED_MAPS_BUDGET_BYTES,
-    normalized_attention_map,
-    projected_attention,
-)
+from allspark_cli.constants import AttentionPath, ChosenAttentionPath
+from allspark_cli.model.attention import SAVED_MAPS_BUDGET_BYTES, projected_attention
+from allspark_cli.model.attention_maps import float32_or_wider, map_statistics, normalized_attention_map
 from allspark_cli.model.scratch import ScratchPool
 
 FLOAT32_BYTES = 4
@@ -57,9 +58,10 @@ def eager_map_bytes(images: int, rows: int, keys: int) -> int:
 
 def choose_path(
     requested: AttentionPath, device_type: str, *, images: int, rows: int, keys: int, free_bytes: int
-) -> AttentionPath:
-    """The path one call takes: `requested` unless it is `auto`; then CPU -> frugal (tuned for CPU),
-    CUDA -> eager when its maps fit in EAGER_FREE_MEMORY_SHARE of `free_bytes`, else frugal."""
+) -> ChosenAttentionPath:
+    """The path for maps of images x rows x keys: `requested` unless it is `auto`; then CPU -> frugal
+    (tuned for CPU), CUDA -> eager when its maps fit in EAGER_FREE_MEMORY_SHARE of `free_bytes`,
+    else frugal."""
     if requested != "auto":
         return requested
     if device_type != "cuda":
@@ -92,42 +94,19 @@ def project_channels(weight: torch.Tensor, sources: torch.Tensor) -> torch.Tenso
     return F.linear(sources, weight).transpose(1, 2).reshape(M * weight.shape[0], N)
 
 
-def eager_attention(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """dropout(softmax_keys(IN(q[b] k^T))) v for every image: queries (B, R, N), keys and values
-    (L, N) -> (B, R, N). Under autocast the products run in its dtype, the norm and softmax in fp32."""
-    scores = queries @ keys.transpose(0, 1)  # (B, R, L): the keys broadcast to every image, no copy
-    attention = normalized_attention_map(scores)  # IN over each image's whole map, softmax over keys
-    attention = F.dropout(attention, dropout_p) if dropout_p > 0 else attention
-    return attention.to(values.dtype) @ values  # (B, R, N)
-
-
 def map_std(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Std (biased, eps included) of every map q[b] k^T without forming it: queries (B, R, N),
-    keys (L, N) -> (B,), float32 or wider, differentiable.
-
-    With keys centred over their L channels (k = k_c + 1 m^T) each map row is (q k_c^T)_r + u_r with
-    u = q m, and (q k_c^T)_r sums to zero, so the centred sum of squares is sum(q^T q * k_c^T k_c)
-    plus L |u - mean(u)|^2: two non-negative terms, no cancellation."""
-    wide = torch.promote_types(queries.dtype, torch.float32)
+    """Std (biased, eps included) of every map q[b] k^T without forming it (`map_statistics`):
+    queries (B, R, N), keys (L, N) -> (B,), float32 or wider, differentiable."""
+    wide = float32_or_wider(queries.dtype)
     with torch.autocast(queries.device.type, enabled=False):
-        queries, keys = queries.to(wide), keys.to(wide)
-        B, R, N = queries.shape
-        L = keys.shape[0]
-        key_means = keys.mean(0)  # (N,)
-        centred = keys - key_means
-        row_offsets = queries @ key_means  # (B, R): the mean of each map row
-        within_rows = ((queries.transpose(1, 2) @ queries) * (centred.transpose(0, 1) @ centred)).sum((1, 2))
-        between_rows = L * (row_offsets - row_offsets.mean(1, keepdim=True)).square().sum(1)
-        return torch.sqrt((within_rows + between_rows) / (R * L) + INSTANCE_NORM_EPS)
+        return map_statistics(queries.to(wide), keys.to(wide)).std
 
 
 def sdpa_attention(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """`eager_attention` through F.scaled_dot_product_attention (see the module docstring):
-    queries (B, R, N), keys and values (L, N) -> (B, R, N)."""
+    """The formula of `labeled_attention` through F.scaled_dot_product_attention (see the module
+    docstring), on channels already projected: queries (B, R, N), keys and values (L, N) -> (B, R, N)."""
     B, R, N = queries.shape
     L = keys.shape[0]
     scaled = queries / map_std(queries, keys)[:, None, None]  # softmax(IN(s)) = softmax(s / std)
@@ -148,19 +127,24 @@ def labeled_attention(
     key_weight: torch.Tensor,
     value_weight: torch.Tensor,
     *,
-    path: AttentionPath = "auto",
+    path: ChosenAttentionPath = "eager",
     dropout_p: float = 0.0,
     scratch: ScratchPool | None = None,
 ) -> torch.Tensor:
-    """The labeled branch's attention on the path `path` resolves to for this call: queries
-    (B, R, N), sources (M, N, C), key/value weights (hC, C) -> (B, R, N)."""
-    B, R, _ = queries.shape
-    free = free_device_memory(queries.device)
-    chosen = choose_path(path, queries.device.type, images=B, rows=R, keys=sources.shape[0] * key_weight.shape[0],
-                         free_bytes=free)
-    if chosen == "frugal":
+    """dropout(softmax_keys(IN(q[b] k^T))) v for every image b: queries (B, R, N), sources (M, N, C),
+    key/value weights (R, C) -> (B, R, N); k, v (M * R, N) are the sources' projected channels.
+
+    `path` changes how, not what (module docstring); `scratch` keeps the frugal function's CPU
+    buffers from one call to the next. Under autocast the products run in its dtype, the norm and
+    softmax in fp32."""
+    if path == "frugal":  # keys and values projected inside, where their buffers are reused too
+        budget = frugal_budget(queries.device.type, free_device_memory(queries.device))
         return projected_attention(queries, sources, key_weight, value_weight, dropout_p=dropout_p,
-                                   saved_maps_budget=frugal_budget(queries.device.type, free), scratch=scratch)
-    keys, values = project_channels(key_weight, sources), project_channels(value_weight, sources)
-    attend = eager_attention if chosen == "eager" else sdpa_attention
-    return attend(queries, keys, values, dropout_p=dropout_p)
+                                   saved_maps_budget=budget, scratch=scratch)
+    keys, values = project_channels(key_weight, sources), project_channels(value_weight, sources)  # (L, N)
+    if path == "sdpa":
+        return sdpa_attention(queries, keys, values, dropout_p=dropout_p)
+    scores = queries @ keys.transpose(0, 1)  # (B, R, L): the keys broadcast to every image, no copy
+    attention = normalized_attention_map(scores)  # IN over each image's whole map, softmax over keys
+    attention = F.dropout(attention, dropout_p) if dropout_p > 0 else attention
+    return attention.to(values.dtype) @ values  # (B, R, N)

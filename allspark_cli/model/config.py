@@ -49,7 +49,8 @@ class ArchitectureChoices(BaseModel):
     attention_path: AttentionPath = Field(
         "auto",
         description="labeled-branch attention: eager (plain autograd), sdpa (fused kernels), frugal (the "
-        "memory-lean function); auto = frugal on CPU, on CUDA eager when its maps fit in free memory, else frugal",
+        "memory-lean function); auto = decided once per run: frugal on CPU, on CUDA eager when its maps fit in "
+        "free memory, else frugal",
     )
 
 

@@ -16,11 +16,14 @@ operand again, hence the larger parts.
 
 The oneDNN entry point, `torch.ops.mkldnn._linear_pointwise`, is an internal operator: it is used
 only after it has computed a small product equal to `torch.mm` once in this process, and every
-other case (other devices or dtypes, a torch without it) uses `torch.mm` / `addmm_` directly.
+other case (other devices or dtypes) uses `torch.mm` / `addmm_` directly. A torch whose operator is
+missing or wrong gets the same values through `torch.mm`, slower on some processors, with one
+`RuntimeWarning` per process that says so.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -32,20 +35,31 @@ OUTPUT_BLOCK_BYTES = 8 * 2**20
 ACCUMULATE_PART_BYTES = 30 * 2**20
 
 
-@functools.cache
+@functools.cache  # one probe, and at most one warning, per process
 def _onednn_available() -> bool:
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(8, 16, generator=generator)
+    right = torch.randn(4, 16, generator=generator)
     try:
-        operator = torch.ops.mkldnn._linear_pointwise
-        generator = torch.Generator().manual_seed(0)
-        left = torch.randn(8, 16, generator=generator)
-        right = torch.randn(4, 16, generator=generator)
-        result = operator(left, right, None, "none", [], "")
-    except (AttributeError, RuntimeError, TypeError):
-        return False
+        result = torch.ops.mkldnn._linear_pointwise(left, right, None, "none", [], "")
+    except (AttributeError, RuntimeError, TypeError) as error:
+        return _without_onednn(f"{type(error).__name__}: {error}")
     expected = left @ right.transpose(0, 1)
-    return result.shape == expected.shape and bool(
-        torch.allclose(result, expected, rtol=_PROBE_TOLERANCE, atol=_PROBE_TOLERANCE)
+    agrees = result.shape == expected.shape and torch.allclose(result, expected, rtol=_PROBE_TOLERANCE,
+                                                                atol=_PROBE_TOLERANCE)
+    if not agrees:
+        return _without_onednn("its probe product differs from torch.mm")
+    return True
+
+
+def _without_onednn(reason: str) -> bool:
+    warnings.warn(
+        f"oneDNN's matrix product torch.ops.mkldnn._linear_pointwise is not usable in torch "
+        f"{torch.__version__} ({reason}); the attention's float32 CPU products use torch.mm instead: "
+        "same values, slower on some processors",
+        RuntimeWarning,
     )
+    return False
 
 
 def _use_onednn(right: torch.Tensor, *others: torch.Tensor) -> bool:

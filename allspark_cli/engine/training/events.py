@@ -48,6 +48,7 @@ class StartInfo:
     notes: list[str] = field(default_factory=list)
     recipe: str = "reference"  # the unlabeled loss's recipe, with its threshold and weighting ("" for sup)
     micro_steps: int = 1  # gradient accumulation (engine/training/accumulation.py)
+    attention: str = ""  # the labeled branch's attention path, "(auto)" when the rule chose it; "" without it
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ def format_start(info: StartInfo) -> str:
         f"{plural(info.epochs, 'epoch')} x {plural(info.iterations_per_epoch, 'iteration')}; "
         + (f"{info.micro_steps} micro-steps per step (accumulated); " if info.micro_steps > 1 else "")
         + (f"recipe {info.recipe}; " if info.recipe else "")
+        + (f"labeled attention {info.attention}; " if info.attention else "")
         + f"run folder {info.run_dir}"
     )
 
@@ -185,7 +187,7 @@ class PlainReporter:
 PAPER_RECIPES = {"pascal": (8, 0.001), "cityscapes": (8, 0.005), "coco": (16, 0.001)}
 
 
-def start_info(settings, run_dir, dist, loaders, start_iteration, notes) -> StartInfo:
+def start_info(settings, run_dir, dist, loaders, start_iteration, notes, *, attention: str = "") -> StartInfo:
     """The banner of a run: its recipe, data and device, beside the paper's recipe for the dataset."""
     family = (settings.preset or "").split("-")[0]
     paper_batch, paper_lr = PAPER_RECIPES.get(family, (None, None))
@@ -199,5 +201,5 @@ def start_info(settings, run_dir, dist, loaders, start_iteration, notes) -> Star
         labeled_images=len(loaders.datasets.labeled.entries),
         unlabeled_images=len(unlabeled) if unlabeled is not None else 0, start_iteration=start_iteration,
         paper_batch=paper_batch, paper_lr=paper_lr, paper_gpus=PAPER_GPUS if paper_batch else None, notes=notes,
-        recipe=recipe_text(settings), micro_steps=settings.train.accumulation_steps,
+        recipe=recipe_text(settings), micro_steps=settings.train.accumulation_steps, attention=attention,
     )
