@@ -91,3 +91,16 @@ def test_inference_does_not_import_training() -> None:
         tree = ast.parse(path.read_text())
         modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not any(module.startswith("allspark_cli.engine.training") for module in modules), path.name
+
+
+def test_only_the_backbone_registry_names_a_backbone_family() -> None:
+    """A backbone family is its own file plus its entry in model/backbones.py: nothing else in the
+    package imports a family's module, so adding or changing one touches no other reader."""
+    families = {path.stem for path in (ROOT / "allspark_cli" / "model").glob("*.py")
+                if "(BackboneFamily):" in path.read_text(encoding="utf-8")}
+    assert {"mit", "dinov2"} <= families
+    family_modules = {f"allspark_cli.model.{name}" for name in families}
+    bad = [f"{path.relative_to(ROOT)} imports {name}" for path in sorted((ROOT / "allspark_cli").rglob("*.py"))
+           if path.stem != "backbones" and path.stem not in families
+           for name in _imports(path) if name in family_modules]
+    assert bad == []
