@@ -214,7 +214,7 @@ def test_auto_is_decided_once_not_per_call(monkeypatch):
     """A rule that would answer differently on the second call is asked once: every later call (the
     memory read after warm-up included) keeps the first answer."""
     asked = _spy_on_the_rule(monkeypatch, ["eager", "frugal"])
-    module = AllSparkModule(16, 3, 2, memory_slots=16, memory_tokens=4).double()
+    module = AllSparkModule(16, 3, 2, memory_multiple=1, memory_tokens=4).double()
     features_l, features_u = (torch.randn(2, 16, 2, 2, dtype=torch.float64) for _ in "lu")
     for use_memory in (False, True, True):
         module.forward_train(features_l, features_u, memory_step=MemoryStep(use_memory=use_memory))
@@ -226,7 +226,7 @@ def test_the_run_settles_the_path_for_its_largest_call(monkeypatch):
     """With the memory, the largest call is a step's labeled images against every memory class group;
     without it, a group's labeled images against the group's unlabeled ones."""
     asked = _spy_on_the_rule(monkeypatch, ["eager", "eager"])
-    with_memory = AllSparkModule(16, 3, 2, memory_slots=32, memory_tokens=4)  # 3 classes x 2 groups of C slots
+    with_memory = AllSparkModule(16, 3, 2, memory_multiple=2, memory_tokens=4)  # 3 classes x 2 groups of C slots
     assert with_memory.settle_attention_path(group_images=2, step_images=4) == "eager"
     without = AllSparkModule(16, 3, 2)
     without.settle_attention_path(group_images=2, step_images=4)

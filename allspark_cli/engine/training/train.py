@@ -70,6 +70,7 @@ from allspark_cli.engine.training.state import TrainState
 from allspark_cli.engine.training.step import TrainForward
 from allspark_cli.engine.training.tensorboard import open_log, wanted
 from allspark_cli.engine.training.train_data import (
+    BatchGroups,
     DatasetBuilder,
     build_loaders,
     eval_dataset,
@@ -132,14 +133,13 @@ def _build_model(settings: TrainSettings, num_classes: int, dist: D.DistInfo, no
     return model.to(dist.device)
 
 
-def _settle_attention(model: nn.Module, settings: TrainSettings, dist: D.DistInfo, loaders, micro_steps: int) -> str:
+def _settle_attention(model: nn.Module, settings: TrainSettings, groups: BatchGroups, micro_steps: int) -> str:
     """Decides the labeled branch's attention path of `model` once, before its first step, for the
     run's largest call; returns how the banner names it ("" for a method without the module)."""
     if model.allspark is None:
         return ""
-    per_process = settings.train.batch_size // dist.world_size
-    path = model.allspark.settle_attention_path(group_images=per_process // loaders.groups,
-                                                step_images=per_process // micro_steps)
+    path = model.allspark.settle_attention_path(group_images=groups.size,
+                                                step_images=groups.per_process // micro_steps)
     return f"{path} (auto)" if settings.model.attention_path == "auto" else path
 
 
@@ -200,7 +200,7 @@ def _measured_step(settings: TrainSettings, dist: D.DistInfo, loaders, num_class
 
     def one_step(micro_steps: int) -> float:
         model = build_model(model_config_for(settings, num_classes)).to(dist.device).train()
-        _settle_attention(model, settings, dist, loaders, micro_steps)  # the path the run would take
+        _settle_attention(model, settings, loaders.groups, micro_steps)  # the path the run would take
         runner, optimizer = TrainForward(model), _optimizer(model, settings)
         scaler = make_scaler(settings.train.amp, dist.device)
 
@@ -335,7 +335,7 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     # Model, parameter groups, scheduler.
     notes: list[str] = []
     segmentor = _build_model(settings, manifest.num_classes, dist, notes)
-    attention = _settle_attention(segmentor, settings, dist, loaders, micro_steps)
+    attention = _settle_attention(segmentor, settings, loaders.groups, micro_steps)
     runner: nn.Module = TrainForward(segmentor)
     if dist.is_distributed:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
