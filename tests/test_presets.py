@@ -16,7 +16,6 @@ from allspark_cli.engine.training.presets import (
     PRESET_DIR_ENV,
     DatasetBuilder,
     Preset,
-    file_stem_for,
     find_preset,
     list_presets,
     read_preset_file,
@@ -41,13 +40,15 @@ def _tiny_logits(config: ModelConfig) -> tuple[ModelConfig, torch.Tensor]:
 def test_preset_validates_and_builds_a_tiny_model(preset: Preset) -> None:
     assert preset.name.startswith(f"{preset.family.name}-")
     assert preset.path == PRESET_DIR / f"{preset.family.name}.yaml"
-    assert find_preset(preset.folder_name) == preset and preset.folder_name == file_stem_for(preset.name)
+    assert preset.folder_name == preset.name.replace("/", "_")  # runs/<folder>/ and the name users type
+    assert find_preset(preset.folder_name) == preset and find_preset(preset.name) == preset
     settings = build_settings(base=preset.layer)
     assert settings.preset == preset.name
     tiny = settings.model_copy(update={"model": settings.model.model_copy(update={"backbone": "b0", "head_dim": 16})})
     config, logits = _tiny_logits(model_config_for(tiny, num_classes=3))
     assert logits.shape == (1, 3, 64, 64) and torch.isfinite(logits).all()
-    assert config.method == settings.model.method
+    # the model is built with the preset's own method: the paper's AllSpark unless the file says otherwise
+    assert config.method == preset.layer.get("model", {}).get("method", "allspark")
 
 
 def test_aliases_and_file_stems_resolve() -> None:
