@@ -207,3 +207,21 @@ def test_ddp_with_micro_steps_keeps_the_ranks_identical(manifest: Path, tmp_path
         if "running_" in name or "num_batches" in name:
             continue  # BatchNorm statistics are per process on CPU
         assert torch.equal(value, rank1[name]), name
+
+
+def test_a_demo_dry_run_in_an_empty_folder_builds_the_demo_dataset_as_the_run_would(tmp_path: Path, monkeypatch):
+    from allspark_cli.cli import demo_data
+    from data_tools.demo import build_demo
+
+    built = []
+
+    def tiny_demo(folder, notify=None):  # the real builder, at a size a test affords
+        built.append(Path(folder))
+        build_demo(folder, num_train=32, num_val=4, size=(64, 96), workers=1)
+
+    monkeypatch.setitem(demo_data.DATASET_BUILDERS, "demo", tiny_demo)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--preset", "demo-1/16", "--dry-run", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert built == [Path("data/demo")] and (tmp_path / "data" / "demo" / "dataset.yaml").is_file()
+    assert "would pick 1 micro-step" in result.output and not (tmp_path / "runs").exists()

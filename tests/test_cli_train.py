@@ -144,7 +144,7 @@ def _broken_dataset(tmp_path: Path) -> Path:
         (["--resume", "."], 2, "not a training run folder"),
         (["--preset", "pascal-1/8", "--resume", "."], 2, "do not combine"),
         (["--preset", "pascal-1/8"], 3, "dataset manifest not found"),
-        (["broken"], 3, "problem(s)"),
+        (["broken"], 3, "has 1 problem:"),
         (["cuda"], 4, "no CUDA GPU"),
     ],
 )

@@ -146,7 +146,7 @@ def test_summary_names_the_first_files_and_counts_the_rest(tmp_path):
         (tmp_path / entry("t", index).image).unlink()
     report = check_dataset(path, workers=1)
     assert report.rule_counts() == {"missing": NUM_TRAIN}
-    with pytest.raises(DataError, match=r"has 6 problem\(s\): img/t0.jpg \(missing\); .*; and 3 more"):
+    with pytest.raises(DataError, match=r"has 6 problems: img/t0.jpg \(missing\); .*; and 3 more"):
         raise_if_problems(report)
 
 

@@ -249,7 +249,7 @@ def _show_report(report: CheckReport) -> None:
         console.print("[green]no problems found[/]")
         return
     # One plain line a problem, never cut: logs are often 80 columns wide and the file name matters.
-    console.print(f"[bold red]{len(report.problems)} problem(s)[/] (file: rule: detail)")
+    console.print(f"[bold red]{plural(len(report.problems), 'problem')}[/] (file: rule: detail)")
     for problem in report.problems[:MAX_PROBLEM_ROWS]:
         line = f"{problem.file}: {problem.rule}" + (f": {problem.detail}" if problem.detail else "")
         console.print(line, soft_wrap=True, markup=False, highlight=False)

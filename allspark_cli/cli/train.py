@@ -21,9 +21,10 @@ from allspark_cli.engine.training.presets import custom_recipe, find_preset, lis
 from allspark_cli.engine.training.resume import resume_base
 from allspark_cli.engine.training.memory_plan import GIB
 from allspark_cli.errors import ResourceError, SettingsError
-from allspark_cli.model.backbones import Backbone, backbone_choices
+from allspark_cli.model.backbones import backbone_choices
 from allspark_cli.model.methods import METHODS
 from allspark_cli.threads import apply_threads
+from allspark_cli.text import plural
 
 # Wider than any presets table: the width at which the full table's natural width is measured.
 MEASURING_WIDTH = 1000
@@ -113,7 +114,7 @@ def train_command(
     wide: Annotated[bool, typer.Option("--wide", rich_help_panel="Run", help="With --list-presets: every column, however wide.")] = False,
     resume: Annotated[Path | None, typer.Option("--resume", rich_help_panel="Run", help="Continue a run: RUN_DIR or RUN_DIR/weights/last.pt.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", rich_help_panel="Run", help="Resume even if the world size or batch changed.")] = False,
-    backbone: Annotated[Backbone | None, typer.Option("--backbone", rich_help_panel="Recipe", help=f"Encoder variant ({backbone_choices()}).", show_choices=False, show_default=False)] = None,
+    backbone: Annotated[str | None, typer.Option("--backbone", metavar="<variant>", rich_help_panel="Recipe", help=f"Encoder variant ({backbone_choices()}).", show_default=False)] = None,
     pretrained: Annotated[Path | None, typer.Option("--pretrained", rich_help_panel="Recipe", help="Pretrained encoder weights in their publisher's layout (e.g. mit_b5.pth of the SegFormer release).", show_default=False)] = None,
     no_pretrained: Annotated[bool, typer.Option("--no-pretrained", rich_help_panel="Recipe", help="Train from scratch (prints a warning).")] = False,
     # A name the settings check against the method table (model/methods.py), so the choices are the table's.
@@ -145,12 +146,12 @@ def train_command(
         base = {**base, "model": {**base.get("model", {}), "pretrained": None}}
     settings = training.settings(base, options=options, method_recipes=method_recipes)
     apply_threads(training.threads)
+    build_missing = None if resume else dataset_builder_for(settings.preset, settings.data.manifest)
     if dry_run:
-        _print_plan(engine.plan_run(settings))
+        _print_plan(engine.plan_run(settings, build_missing))
         return
     reporter = RichReporter(console) if console.is_terminal else events.PlainReporter(sys.stderr)
-    result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter,
-                          build_missing=None if resume else dataset_builder_for(settings.preset, settings.data.manifest))
+    result = engine.train(settings, resume=checkpoint, force=force, reporter=reporter, build_missing=build_missing)
     if launched_rank() != 0:  # under torchrun the summary is rank 0's to print
         return
     Console().print(f"[green]done[/]: best mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1}), "
@@ -159,7 +160,7 @@ def train_command(
 
 def _print_plan(plan: engine.RunPlan) -> None:
     """The dry run's table: one row per micro-step count measured, the pick and the projection."""
-    table = Table(title=f"one training step on {plan.device} ({plan.groups} group(s) per process)")
+    table = Table(title=f"one training step on {plan.device} ({plural(plan.groups, 'group')} per process)")
     for column in ("micro-steps", "peak memory", "step time"):
         table.add_column(column, justify="right")
     for row in plan.measures:
@@ -173,7 +174,7 @@ def _print_plan(plan: engine.RunPlan) -> None:
     if plan.chosen is None:
         raise ResourceError(plan.problem or "no micro-step count fits this device")
     capacity = "" if math.isinf(plan.capacity_bytes) else f" of {plan.capacity_bytes / GIB:.1f} GiB"
-    out.print(f"--accumulate auto would pick {plan.chosen} micro-step(s){capacity}; projected training time "
+    out.print(f"--accumulate auto would pick {plural(plan.chosen, 'micro-step')}{capacity}; projected training time "
               f"{plan.projected_seconds / 60:.1f} min for {plan.total_iterations} iterations (evaluations not included)")
 
 

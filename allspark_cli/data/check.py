@@ -31,6 +31,7 @@ from allspark_cli.data.imageio import read_image, read_mask, read_size
 from allspark_cli.data.manifest import DatasetManifest, load_manifest
 from allspark_cli.data.splits import SplitEntry, read_split
 from allspark_cli.errors import DataError
+from allspark_cli.text import plural
 
 FAST_MASK_SAMPLE = 100
 # Below this many files a process pool costs more than it saves.
@@ -285,6 +286,6 @@ def raise_if_problems(report: CheckReport, *, listed: bool = False) -> None:
     tail = f"; and {more} more" if more > 0 else ""
     hint = " (listed above)" if listed else " (run 'allspark prepare check' for the full list)"
     raise DataError(
-        f"dataset '{report.manifest.name}' at {report.manifest.root} has {len(report.problems)} problem(s): "
+        f"dataset '{report.manifest.name}' at {report.manifest.root} has {plural(len(report.problems), 'problem')}: "
         f"{shown}{tail}{hint}"
     )

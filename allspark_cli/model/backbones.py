@@ -2,29 +2,47 @@
 toolkit goes through (DESIGN.md section 2; the interface is model/encoder.py).
 
 A family lives in its own file (mit.py, dinov2.py) and implements `BackboneFamily`; adding one is
-that file, its entry in `BACKBONES` and its variant names in the `Backbone` literal below (the
-settings, the CLI choices and the checkpoint validation read that literal).
+that file and its entry in `BACKBONES`: the settings, the CLI choices and the checkpoint validation
+check names against the registry (`Backbone`, `BackboneFamilyName`).
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Annotated
 
+from pydantic import AfterValidator
 from torch import nn
 
 from allspark_cli.model.dinov2 import DINOV2
 from allspark_cli.model.encoder import BackboneFamily
 from allspark_cli.model.mit import MIT
 
-Backbone = Literal["b0", "b1", "b2", "b3", "b4", "b5", "dinov2-s", "dinov2-b", "dinov2-l"]
-BackboneFamilyName = Literal["mit", "dinov2"]
 BACKBONES: dict[str, BackboneFamily] = {family.name: family for family in (MIT, DINOV2)}
-DEFAULT_BACKBONE: Backbone = "b5"  # the paper's encoder
-# The family of checkpoints written before checkpoints recorded it (MiT was the only one).
-LEGACY_FAMILY: BackboneFamilyName = "mit"
-
 _FAMILY_OF_VARIANT = {variant: family for family in BACKBONES.values() for variant in family.variants}
-assert get_args(Backbone) == tuple(_FAMILY_OF_VARIANT)  # one list of variant names, each in one family
-assert get_args(BackboneFamilyName) == tuple(BACKBONES)
+assert len(_FAMILY_OF_VARIANT) == sum(len(family.variants) for family in BACKBONES.values()), \
+    "a variant name must be unique across families"
+DEFAULT_BACKBONE = "b5"  # the paper's encoder
+# The family of checkpoints written before checkpoints recorded it (MiT was the only one).
+LEGACY_FAMILY = "mit"
+
+
+def known_backbone(name: str) -> str:
+    """`name` when it is a variant of a registered family; ValueError listing them otherwise."""
+    if name not in _FAMILY_OF_VARIANT:
+        raise ValueError(f"unknown backbone {name!r}; known: {backbone_choices()}")
+    return name
+
+
+def known_family(name: str) -> str:
+    """`name` when it is a registered family; ValueError listing them otherwise."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown encoder family {name!r}; known: {', '.join(BACKBONES)}")
+    return name
+
+
+# A variant and a family name, checked against the registry when validated (an entry added to
+# BACKBONES is accepted everywhere at once).
+Backbone = Annotated[str, AfterValidator(known_backbone)]
+BackboneFamilyName = Annotated[str, AfterValidator(known_family)]
 
 
 def family_of(variant: str) -> BackboneFamily:
@@ -45,3 +63,8 @@ def display_name(variant: str) -> str:
 def backbone_choices() -> str:
     """Every family with its variants, for help texts: "MiT: b0, ..., b5; DINOv2: dinov2-s, ..."."""
     return "; ".join(f"{family.label}: {', '.join(family.variants)}" for family in BACKBONES.values())
+
+
+def is_backbone(name: object) -> bool:
+    """Whether `name` is a variant of a registered family."""
+    return name in _FAMILY_OF_VARIANT

@@ -1,7 +1,7 @@
 """The model's settings, validated once, and the one builder that reads them."""
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,6 +14,7 @@ from allspark_cli.model.backbones import (
     BackboneFamilyName,
     backbone_choices,
     family_of,
+    is_backbone,
 )
 from allspark_cli.model.methods import DEFAULT_METHOD, METHODS, Method
 from allspark_cli.model.segmentor import AllSparkSegmentor
@@ -78,7 +79,7 @@ class ModelConfig(ArchitectureChoices):
         # Variant names are unique across families, so an absent family follows from the backbone.
         if isinstance(data, dict) and "backbone_family" not in data:
             backbone = data.get("backbone", DEFAULT_BACKBONE)
-            if backbone in get_args(Backbone):
+            if is_backbone(backbone):
                 data = {**data, "backbone_family": family_of(backbone).name}
         return data
 

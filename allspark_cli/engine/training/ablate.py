@@ -31,6 +31,7 @@ from allspark_cli.errors import DataError
 from allspark_cli.fileio import atomic_path, atomic_write_text
 from allspark_cli.model.checkpoint import read_checkpoint
 from allspark_cli.model.methods import METHODS
+from allspark_cli.text import plural
 
 RESULT_FILE = "ablation_result.json"  # in each run folder: written once its evaluation is done
 RESULTS_CSV = "results.csv"
@@ -142,7 +143,7 @@ def _write_chart(ablation: Ablation, path: Path) -> None:
         axes.scatter([index] * len(s.mious), s.mious, color="black", s=10, zorder=3)
     axes.set_ylabel("best val mIoU (%)")
     seeds = max((len(s.seeds) for s in ablation.methods), default=0)
-    axes.set_title(f"ablation: mean ± std over {seeds} seed(s); dots: single runs")
+    axes.set_title(f"ablation: mean ± std over {plural(seeds, 'seed')}; dots: single runs")
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     with atomic_path(path) as temporary:

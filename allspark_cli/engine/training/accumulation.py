@@ -39,13 +39,14 @@ from allspark_cli.engine.training.step import (
 )
 from allspark_cli.errors import SettingsError
 from allspark_cli.model.allspark import MemoryStep
+from allspark_cli.text import plural
 
 
 def check_accumulation(micro_steps: int, groups: int) -> None:
     """SettingsError unless `micro_steps` divides the process's `groups` (whole groups per micro-step)."""
     if groups % micro_steps:
         raise SettingsError(
-            f"train.accumulation_steps: {micro_steps} micro-steps must divide the {groups} group(s) of each "
+            f"train.accumulation_steps: {micro_steps} micro-steps must divide the {plural(groups, 'group')} of each "
             f"process's batch (whole groups per micro-step); use a divisor of {groups}"
         )
 

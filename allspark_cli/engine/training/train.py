@@ -253,13 +253,14 @@ class RunPlan:
     problem: str | None = None
 
 
-def plan_run(settings: TrainSettings) -> RunPlan:
+def plan_run(settings: TrainSettings, build_missing: DatasetBuilder | None = None) -> RunPlan:
     """`allspark train --dry-run`: the run's model and first batch on its device, one measured step
-    per candidate micro-step count; nothing is written (a missing dataset is an error, not built)."""
+    per candidate micro-step count. Nothing goes into runs/; `build_missing` builds a missing
+    dataset first, as the run itself would (the demo presets)."""
     dist = D.init_distributed(settings.train.device)
     try:
         groups = process_groups(settings, dist.world_size)
-        manifest = open_dataset(settings, dist)
+        manifest = open_dataset(settings, dist, build_missing=build_missing)
         loaders = build_loaders(settings, manifest, dist, groups)
         one_step = _measured_step(settings, dist, loaders, manifest.num_classes)
         measures = [measure(dist.device, n, one_step) for n in candidate_micro_steps(groups.count)]
