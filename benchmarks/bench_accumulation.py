@@ -1,15 +1,22 @@
 """Peak memory and time of one training step with gradient accumulation over groups, on CPU.
 
 The demo model (MiT-B0, E = 128, allspark reading its memory) with 8 + 8 images at crop 256 in
-groups of 2 (4 groups), as 1, 2 and 4 micro-steps. Each count runs in its own process (the peak
-resident set never goes down): the model and batch are built, one step runs as warm-up, then
-`--steps` steps are timed (median). "step memory" is the peak resident set minus the resident set
-before the first step (model, batch and runtime); "peak" is the process's whole peak. The children
-run with a fixed malloc mmap threshold (MALLOC_MMAP_THRESHOLD_, glibc): every tensor buffer above it
-is its own mapping, given back to the system when freed, so the resident set follows the live
-tensors (as CUDA's max_memory_allocated does) instead of the heap glibc keeps after a free.
+groups of 2 (4 groups), as 1, 2 and 4 micro-steps. Each measurement runs in its own process (the
+peak resident set never goes down): the model and batch are built, one step runs as warm-up, then
+`--steps` steps run. Time and memory come from different processes, because what makes the
+resident set follow the live tensors also slows the step down:
+- memory: "step memory" is the peak resident set minus the resident set before the first step
+  (model, batch and runtime); "peak" is the process's whole peak. This child runs with a fixed
+  malloc mmap threshold (MALLOC_MMAP_THRESHOLD_, glibc): every tensor buffer above it is its own
+  mapping, given back to the system when freed, so the resident set follows the live tensors (as
+  CUDA's max_memory_allocated does) instead of the heap glibc keeps after a free;
+- time: the median step of a child with glibc's default allocator, as training runs. Under the
+  fixed threshold every large buffer is mapped and page-faulted anew in every step, which costs
+  N micro-steps more than one shot (they allocate more buffers in all) and is no cost of training.
+The counts are measured in `--rounds` interleaved rounds (1, 2, 4, 1, 2, 4, ...), so that a shared
+machine's load falls on all of them alike; each figure is the median over the rounds.
 
-    python benchmarks/bench_accumulation.py [--steps 3] [--crop 256] [--batch 8] [--threads 2]
+    python benchmarks/bench_accumulation.py [--steps 3] [--rounds 3] [--crop 256] [--batch 8] [--threads 2]
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ DEMO_CLASSES = 7
 GROUP_SIZE = 2
 MICRO_STEPS = (1, 2, 4)
 MMAP_THRESHOLD_BYTES = 64 * 1024  # buffers above it are separate mappings (see the module docstring)
+MEMORY_STEPS = 1  # after the warm-up step, which creates the momentum buffers: the peak is reached by then
 
 
 def _rss_bytes() -> int:
@@ -73,9 +81,19 @@ def _child(micro_steps: int, steps: int, crop: int, batch: int, threads: int) ->
     print(json.dumps({"seconds": statistics.median(times), "peak": peak, "step_memory": peak - before}))
 
 
+def _run_child(args: argparse.Namespace, micro_steps: int, *, memory: bool) -> dict:
+    steps = MEMORY_STEPS if memory else args.steps
+    command = [sys.executable, __file__, "--child", str(micro_steps), "--steps", str(steps), "--crop",
+               str(args.crop), "--batch", str(args.batch), "--threads", str(args.threads)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)} if memory else None
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -84,21 +102,22 @@ def main() -> None:
     if args.child is not None:
         _child(args.child, args.steps, args.crop, args.batch, args.threads)
         return
-    rows = {}
-    for micro_steps in MICRO_STEPS:
-        command = [sys.executable, __file__, "--child", str(micro_steps), "--steps", str(args.steps), "--crop",
-                   str(args.crop), "--batch", str(args.batch), "--threads", str(args.threads)]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}
-        out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
-        rows[micro_steps] = json.loads(out.strip().splitlines()[-1])
-    base = rows[1]
+    seconds = {micro_steps: [] for micro_steps in MICRO_STEPS}
+    memory = {micro_steps: _run_child(args, micro_steps, memory=True) for micro_steps in MICRO_STEPS}
+    for _ in range(args.rounds):
+        for micro_steps in MICRO_STEPS:
+            seconds[micro_steps].append(_run_child(args, micro_steps, memory=False)["seconds"])
+    median = {micro_steps: statistics.median(times) for micro_steps, times in seconds.items()}
+    base, base_memory = median[1], memory[1]["step_memory"]
     print(f"one step, MiT-B0 allspark, {args.batch} + {args.batch} at crop {args.crop} in groups of {GROUP_SIZE}, "
-          f"CPU {args.threads} threads (median of {args.steps})")
-    print(f"{'micro-steps':>11} {'s/step':>8} {'vs 1':>6} {'step memory':>12} {'vs 1':>6} {'peak RSS':>10}")
-    for micro_steps, row in rows.items():
-        print(f"{micro_steps:>11} {row['seconds']:>8.2f} {row['seconds'] / base['seconds']:>5.2f}x "
-              f"{row['step_memory'] / MIB:>9.0f} MiB {row['step_memory'] / base['step_memory']:>5.2f}x "
-              f"{row['peak'] / MIB:>6.0f} MiB")
+          f"CPU {args.threads} threads (median of {args.steps} steps, median of {args.rounds} rounds)")
+    print(f"{'micro-steps':>11} {'s/step':>8} {'vs 1':>6} {'step memory':>12} {'vs 1':>6} {'peak RSS':>10}  rounds (s)")
+    for micro_steps in MICRO_STEPS:
+        row = memory[micro_steps]
+        rounds = " ".join(f"{value:.2f}" for value in seconds[micro_steps])
+        print(f"{micro_steps:>11} {median[micro_steps]:>8.2f} {median[micro_steps] / base:>5.2f}x "
+              f"{row['step_memory'] / MIB:>9.0f} MiB {row['step_memory'] / base_memory:>5.2f}x "
+              f"{row['peak'] / MIB:>6.0f} MiB  {rounds}")
 
 
 if __name__ == "__main__":

@@ -58,12 +58,12 @@ def _batches(weak_to_strong: bool):
     return (images[:BATCH], masks), batch_u
 
 
-def _step(model, batch_l, batch_u, micro_steps: int, recipe: StepRecipe, use_memory: bool):
+def _step(model, batch_l, batch_u, micro_steps: int, recipe: StepRecipe, use_memory: bool, gather=None):
     model.zero_grad(set_to_none=True)
     losses = accumulated_step(TrainForward(model), model, batch_l, batch_u, micro_steps=micro_steps,
                               backward=lambda loss: loss.backward(), criterion_l=build_criterion(
                                   "ce", ohem_thresh=0.7, ohem_min_kept=1),
-                              use_memory=use_memory, iteration=5, gather=None, autocast=contextlib.nullcontext,
+                              use_memory=use_memory, iteration=5, gather=gather, autocast=contextlib.nullcontext,
                               recipe=recipe)
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return losses, grads
@@ -112,6 +112,32 @@ def test_micro_steps_compute_the_one_shot_step(method, recipe_name, pseudo_pass,
         assert difference < 1e-5, difference  # float rounding: batched products of 4 vs 1 image
         assert torch.equal(accumulated.memory.pointer, one_shot.memory.pointer)
         assert torch.equal(accumulated.memory.source_sample, one_shot.memory.source_sample)
+
+
+@pytest.mark.parametrize("use_memory", [False, True])
+def test_gathered_writes_keep_the_one_shot_order(use_memory: bool):
+    """Under DDP a write is gathered over the ranks: a gather per micro-step would interleave the
+    ranks' pieces, so every micro-step count writes the step's tokens in one gathered write. Two
+    ranks are stood in for by a gather that repeats the tensor with a different sample id."""
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="b0", method="allspark", num_classes=CLASSES, head_dim=16, memory_tokens=4,
+                         **NO_DROPOUT)
+    initial = build_model(config).train()
+    batch_l, batch_u = _batches(False)
+
+    def two_ranks(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, tensor + BATCH if tensor.dtype == torch.long and tensor.dim() == 1 else tensor])
+
+    memories = []
+    for micro_steps in (1, 4):
+        model = copy.deepcopy(initial)
+        _freeze_batchnorm(model)
+        _step(model, batch_l, batch_u, micro_steps, StepRecipe(groups=BATCH), use_memory, gather=two_ranks)
+        memories.append(model.memory)
+    one_shot, accumulated = memories
+    assert (accumulated.bank - one_shot.bank).abs().max().item() < 1e-5
+    assert torch.equal(accumulated.source_sample, one_shot.source_sample)
+    assert torch.equal(accumulated.pointer, one_shot.pointer)
 
 
 def test_the_heads_batchnorm_in_train_mode_is_the_difference():

@@ -28,6 +28,8 @@ def test_smoke_run_writes_its_json(tmp_path: Path) -> None:
     if "skipped" not in report["reference_logits"]:
         assert report["reference_logits"]["fp32_within_tolerance"] is True
     assert all(not value["oom"] and value["seconds"] > 0 for value in report["iteration"].values())
+    assert set(report["accumulation"]) == {"1", "2"}  # the smoke sizes have 2 groups (the paper's 4: 1, 2, 4)
+    assert all(not row["oom"] and row["seconds"] > 0 for row in report["accumulation"].values())
     assert set(report["end_to_end"]) == {"train", "eval", "predict", "torchrun"}
     assert all(step["ok"] for step in report["end_to_end"].values()), report["end_to_end"]
     assert all(target["met"] is None for target in report["targets"].values())

@@ -52,13 +52,17 @@ class MemoryStep(NamedTuple):
     With `pseudo_logits_u` ((B_u, K, H, W) raw eval-mode logits of the unlabeled images) the memory
     is updated first (no grad); `use_memory` (the warm-up switch) then reads it as keys/values.
     `sample_ids_u` (B_u,) and `iteration` are recorded with the written slots; `gather`
-    concatenates a tensor over DDP ranks so every rank writes the same global memory."""
+    concatenates a tensor over DDP ranks so every rank writes the same global memory.
+    `later_tokens_u` ((B_later, N, C), from `memory_tokens`): the tokens of the step's unlabeled
+    images that later forwards see (gradient accumulation), written right after this forward's own
+    in the same write; `pseudo_logits_u` and `sample_ids_u` then cover both, in that order."""
 
     pseudo_logits_u: torch.Tensor | None = None
     use_memory: bool = False
     sample_ids_u: torch.Tensor | None = None
     iteration: int = -1
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    later_tokens_u: torch.Tensor | None = None
 
 
 # A step that neither writes nor reads the memory (the keys/values come from the unlabeled images).
@@ -271,17 +275,15 @@ class AllSparkModule(nn.Module):
     def memory_tokens(self, features_u: torch.Tensor) -> torch.Tensor:
         """The normed tokens (B, N, C) that `forward_train` writes into the memory for the
         unlabeled maps (B, C, h, w): for a step whose unlabeled images reach the module in pieces
-        (gradient accumulation), whose memory must hold every piece before any piece reads it."""
+        (gradient accumulation), whose memory must hold every piece before any piece reads it
+        (`MemoryStep.later_tokens_u`)."""
         return self._tokens(features_u)[1]
-
-    @torch.no_grad()
-    def write_memory(self, tokens_u: torch.Tensor, grid: tuple[int, int], step: MemoryStep) -> None:
-        """Writes `memory_tokens` of a whole step at once (see `MemoryStep`; `use_memory` is not read)."""
-        self._update_memory(tokens_u, grid, step)
 
     @torch.no_grad()
     def _update_memory(self, e_u: torch.Tensor, grid: torch.Size, step: MemoryStep) -> None:
         tokens = e_u.detach()
+        if step.later_tokens_u is not None:
+            tokens = torch.cat([tokens, step.later_tokens_u])
         class_logits = resize_logits_to_grid(step.pseudo_logits_u.detach(), tuple(grid))
         sample_ids, gather = step.sample_ids_u, step.gather
         if sample_ids is None:

@@ -132,15 +132,10 @@ class AllSparkSegmentor(nn.Module):
         return TrainOutput(logits[:B_l], logits[B_l:])
 
     @torch.no_grad()
-    def memory_tokens(self, images_u: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def memory_tokens(self, images_u: torch.Tensor) -> torch.Tensor:
         """The tokens (B, N, C) `forward_train` would write into the memory for unlabeled images
-        (B, 3, H, W) in the current mode, and their last-stage grid (h, w); memory methods only."""
-        stage4 = self.extract_features(images_u)[3]
-        return self.allspark.memory_tokens(stage4), tuple(stage4.shape[-2:])
-
-    def write_memory(self, tokens_u: torch.Tensor, grid: tuple[int, int], memory_step: MemoryStep) -> None:
-        """Writes a whole step's `memory_tokens` at once (gradient accumulation: before its pieces read it)."""
-        self.allspark.write_memory(tokens_u, grid, memory_step)
+        (B, 3, H, W) in the current mode (`MemoryStep.later_tokens_u`); memory methods only."""
+        return self.allspark.memory_tokens(self.extract_features(images_u)[3])
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())

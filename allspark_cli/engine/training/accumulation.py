@@ -1,19 +1,29 @@
 """Gradient accumulation over the reference's groups: one step as N sequential micro-steps.
 
 The process's batch holds G groups (engine/training/step.py). With `train.accumulation_steps` N
-(N divides G), micro-step k takes the consecutive groups [k G/N, (k+1) G/N) of both halves, runs
-the pseudo-label pass, forward and backward of those groups alone, and the optimizer steps once
-after the last. Every loss is a mean over groups, so the one-shot step's loss is the mean of the N
-micro-steps' losses, and each micro-step's backward carries 1/N of it:
+(N divides G), micro-step k takes the consecutive groups [k G/N, (k+1) G/N) of both halves and runs
+the forward and backward of those groups alone, and the optimizer steps once after the last. Every
+loss is a mean over groups, so the one-shot step's loss is the mean of the N micro-steps' losses,
+and each micro-step's backward carries 1/N of it:
 
     L = (1/G) sum_g L_g = (1/N) sum_k L^(k),    L^(k) = (N/G) sum_{g in micro-step k} L_g
 
+The pseudo-label pass runs once over the whole step's unlabeled images, as in the one-shot step:
+it has no gradient, so it keeps no activations (its peak, that of the one-shot step's pass, is part
+of what `--accumulate auto` measures), and one pass over the batch runs 1/N of the kernels that N
+passes over its pieces would, each on more data: kernel launches and the threads' synchronisation
+are paid per kernel, not per image.
+
 Nothing a group computes depends on another group, except two things:
 - the Semantic Memory: in the one-shot step every group's unlabeled channels are written (in image
-  order) before any group reads the memory. So a memory method first computes the unlabeled tokens
-  of the whole step piece by piece without gradient (train mode, as the forward would), writes them
-  at once, and the micro-steps then read it (they write nothing). That pre-pass is the price of
-  exactness: one extra no-gradient forward of the unlabeled images through the encoder;
+  order) before any group reads the memory. Writes of consecutive pieces one after the other equal
+  one write of them all (each ring advances by the same ranks), so a step that does not read the
+  memory (warm-up) on one process lets each micro-step write its own piece. A step that reads it,
+  or whose writes are gathered over DDP ranks (a gather per piece would interleave the ranks'
+  pieces), computes the unlabeled tokens of micro-steps 2..N ahead, in one no-gradient encoder pass
+  in train mode (as the forward would), and micro-step 1 writes its own tokens followed by those
+  (`MemoryStep.later_tokens_u`) before it reads, as the one-shot forward does; the later micro-steps
+  only read. That pass over (N - 1)/N of the unlabeled images is the price of exactness;
 - the head's BatchNorm: in train mode its batch statistics cover one micro-step's images, as on a
   CPU DDP process (the one difference; its running statistics too).
 With dropout and drop-path off and BatchNorm in eval mode, the losses, every gradient and the
@@ -30,15 +40,17 @@ import torch
 from torch import nn
 
 from allspark_cli.engine.training.losses import Criterion
+from allspark_cli.engine.training.pseudo_labels import ConfidentTargets
 from allspark_cli.engine.training.step import (
     StepLosses,
     StepRecipe,
+    UnlabeledBatch,
     prepare_unlabeled,
     step_losses,
     train_step,
 )
 from allspark_cli.errors import SettingsError
-from allspark_cli.model.allspark import MemoryStep
+from allspark_cli.model.allspark import NO_MEMORY_STEP, MemoryStep
 from allspark_cli.text import plural
 
 
@@ -83,18 +95,13 @@ def accumulated_step(
         backward(losses.total)
         return losses._replace(total=losses.total.detach())
     piece_recipe = recipe._replace(groups=recipe.groups // micro_steps)
-    pieces_l = _pieces(batch_l, micro_steps)
-    unlabeled = [prepare_unlabeled(segmentor, piece, autocast, piece_recipe) if piece is not None else None
-                 for piece in _pieces(batch_u, micro_steps)]
-    prewritten = batch_u is not None and getattr(segmentor, "memory", None) is not None
-    if prewritten:
-        _write_step_memory(segmentor, unlabeled, use_memory, iteration, gather, autocast)
+    unlabeled = None if batch_u is None else prepare_unlabeled(segmentor, batch_u, autocast, recipe)
+    pieces_u = _unlabeled_pieces(unlabeled, micro_steps)
+    memory_steps = _memory_steps(segmentor, unlabeled, pieces_u, use_memory, iteration, gather, autocast)
     results = []
-    for index, (piece_l, piece_u) in enumerate(zip(pieces_l, unlabeled)):
-        last = index == micro_steps - 1
-        memory_step = MemoryStep() if piece_u is None else MemoryStep(
-            None if prewritten else piece_u.memory_logits, use_memory, piece_u.sample_ids, iteration, gather)
-        no_sync = runner.no_sync if hasattr(runner, "no_sync") and not last else nullcontext
+    pieces = zip(_pieces(batch_l, micro_steps), pieces_u, memory_steps)
+    for index, (piece_l, piece_u, memory_step) in enumerate(pieces):
+        no_sync = runner.no_sync if hasattr(runner, "no_sync") and index < micro_steps - 1 else nullcontext
         with no_sync():
             losses = step_losses(runner, piece_l, piece_u, criterion_l=criterion_l, memory_step=memory_step,
                                  iteration=iteration, autocast=autocast, recipe=piece_recipe)
@@ -103,17 +110,35 @@ def accumulated_step(
     return _combined(results)
 
 
-@torch.no_grad()
-def _write_step_memory(segmentor: nn.Module, unlabeled, use_memory: bool, iteration: int, gather, autocast) -> None:
-    """The whole step's unlabeled tokens, computed piece by piece, written into the memory at once."""
-    tokens, grid = [], None
-    for piece in unlabeled:
-        with autocast():
-            piece_tokens, grid = segmentor.memory_tokens(piece.images)
-        tokens.append(piece_tokens)
-    logits = torch.cat([piece.memory_logits for piece in unlabeled])
-    sample_ids = torch.cat([piece.sample_ids for piece in unlabeled])
-    segmentor.write_memory(torch.cat(tokens), grid, MemoryStep(logits, use_memory, sample_ids, iteration, gather))
+def _unlabeled_pieces(unlabeled: UnlabeledBatch | None, micro_steps: int) -> list[UnlabeledBatch | None]:
+    """The prepared unlabeled half cut into `micro_steps` consecutive pieces (views, no copies)."""
+    if unlabeled is None:
+        return [None] * micro_steps
+    targets = _pieces(unlabeled.targets, micro_steps)
+    tensors = _pieces((unlabeled.images, unlabeled.memory_logits, unlabeled.pseudo, unlabeled.sample_ids), micro_steps)
+    return [UnlabeledBatch(images, logits, ConfidentTargets(*piece_targets), pseudo, sample_ids)
+            for (images, logits, pseudo, sample_ids), piece_targets in zip(tensors, targets)]
+
+
+def _memory_steps(
+    segmentor: nn.Module,
+    unlabeled: UnlabeledBatch | None,
+    pieces_u: list[UnlabeledBatch | None],
+    use_memory: bool,
+    iteration: int,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None,
+    autocast: Callable[[], ContextManager],
+) -> list[MemoryStep]:
+    """What each micro-step's forward writes into the Semantic Memory and reads (module docstring)."""
+    if unlabeled is None:
+        return [NO_MEMORY_STEP] * len(pieces_u)
+    own = [MemoryStep(piece.memory_logits, use_memory, piece.sample_ids, iteration, gather) for piece in pieces_u]
+    if getattr(segmentor, "memory", None) is None or not (use_memory or gather is not None):
+        return own  # without a memory the writes are ignored; unread and not gathered, piece by piece is exact
+    with autocast():  # the tokens micro-steps 2..N would write, before micro-step 1 reads
+        later = segmentor.memory_tokens(unlabeled.images[pieces_u[0].images.shape[0]:])
+    whole = MemoryStep(unlabeled.memory_logits, use_memory, unlabeled.sample_ids, iteration, gather, later)
+    return [whole] + [step._replace(pseudo_logits_u=None) for step in own[1:]]
 
 
 def _combined(results: list[StepLosses]) -> StepLosses:
