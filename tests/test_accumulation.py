@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from allspark_cli.cli.app import app
 from allspark_cli.engine.settings_layers import build_settings
 from allspark_cli.engine.training.accumulation import accumulated_step
+from allspark_cli.engine.training.alignment import DistributionAlignment
 from allspark_cli.engine.training.losses import build_criterion
 from allspark_cli.engine.training.memory_plan import StepMeasure, choose_micro_steps
 from allspark_cli.engine.training.step import StepRecipe, TrainForward
@@ -58,13 +59,14 @@ def _batches(weak_to_strong: bool):
     return (images[:BATCH], masks), batch_u
 
 
-def _step(model, batch_l, batch_u, micro_steps: int, recipe: StepRecipe, use_memory: bool, gather=None):
+def _step(model, batch_l, batch_u, micro_steps: int, recipe: StepRecipe, use_memory: bool, gather=None,
+          alignment=None):
     model.zero_grad(set_to_none=True)
     losses = accumulated_step(TrainForward(model), model, batch_l, batch_u, micro_steps=micro_steps,
                               backward=lambda loss: loss.backward(), criterion_l=build_criterion(
                                   "ce", ohem_thresh=0.7, ohem_min_kept=1),
                               use_memory=use_memory, iteration=5, gather=gather, autocast=contextlib.nullcontext,
-                              recipe=recipe)
+                              recipe=recipe, alignment=alignment)
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return losses, grads
 
@@ -112,6 +114,31 @@ def test_micro_steps_compute_the_one_shot_step(method, recipe_name, pseudo_pass,
         assert difference < 1e-5, difference  # float rounding: batched products of 4 vs 1 image
         assert torch.equal(accumulated.memory.pointer, one_shot.memory.pointer)
         assert torch.equal(accumulated.memory.source_sample, one_shot.memory.source_sample)
+
+
+@pytest.mark.parametrize("method", ["semi", "allspark"])
+def test_micro_steps_align_the_pseudo_labels_as_the_one_shot_step(method: str):
+    """The distribution alignment sees the whole step's unlabeled pixels once, whatever the count."""
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="b0", method=method, num_classes=CLASSES, head_dim=16, memory_tokens=4, **NO_DROPOUT)
+    initial = build_model(config).train()
+    batch_l, batch_u = _batches(True)
+    recipe = StepRecipe(groups=BATCH, weak_to_strong=True, confidence_threshold=0.4, num_classes=CLASSES)
+    results = []
+    for micro_steps in (1, 4):
+        model = copy.deepcopy(initial)
+        _freeze_batchnorm(model)
+        alignment = DistributionAlignment(CLASSES, torch.device("cpu"), ignore_index=255)
+        alignment.observe_labeled(batch_l[1])
+        losses, grads = _step(model, batch_l, batch_u, micro_steps, recipe, True, alignment=alignment)
+        results.append((losses, grads, alignment))
+    (expected, expected_grads, expected_alignment), (got, got_grads, got_alignment) = results
+    assert expected_alignment.steps == got_alignment.steps == 1
+    assert torch.allclose(got_alignment.predicted, expected_alignment.predicted, rtol=1e-6)
+    assert torch.allclose(got.health, expected.health, rtol=1e-5)
+    assert got.loss_u.item() == pytest.approx(expected.loss_u.item(), rel=1e-5, abs=1e-7)
+    for name in expected_grads:
+        assert _relative(got_grads[name], expected_grads[name]) < 1e-5, name
 
 
 @pytest.mark.parametrize("use_memory", [False, True])

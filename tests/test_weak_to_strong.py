@@ -195,10 +195,13 @@ def test_every_method_trains_under_weak_to_strong_through_the_cli(manifest: Path
     if method == "semi":  # a non-default CutMix probability and ramp are named in the banner
         result = CliRunner().invoke(app, ["train", "--config", str(layer_file), "--recipe", "weak-to-strong",
                                           "--set", "train.cutmix_probability=0", "--set", "train.unlabeled_rampup=2",
-                                          "--name", "no-cutmix"])
+                                          "--set", "train.distribution_alignment=true", "--name", "no-cutmix"])
         assert result.exit_code == 0, result.output
         log = (tmp_path / "runs" / "tiny" / "no-cutmix" / "train.log").read_text()
-        assert "weak-to-strong (threshold 0.95, CutMix p 0, ramp 2 iterations, mean" in log
+        assert "weak-to-strong (threshold 0.95, CutMix p 0, distribution alignment, ramp 2 iterations, mean" in log
+        alignment = read_checkpoint(tmp_path / "runs" / "tiny" / "no-cutmix" / "weights" / "last.pt").train_state[
+            "alignment"]
+        assert alignment["steps"] > 0 and sum(alignment["labeled"]) > 0  # the run's shares go into its checkpoint
     record = records[-1]
     assert 0.0 <= record["pseudo_pass_share"] <= 100.0
     assert len(record["pseudo_class_share"]) == len(record["labeled_class_share"]) == 3
@@ -210,10 +213,12 @@ def test_the_reference_recipe_passes_every_pixel(manifest: Path, tmp_path: Path)
     assert all(record["pseudo_pass_share"] == 100.0 for record in _metrics(done.run_dir))
 
 
-def test_weak_to_strong_resumes_mid_epoch_bit_exact(manifest: Path, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("alignment", [False, True], ids=["plain", "distribution-alignment"])
+def test_weak_to_strong_resumes_mid_epoch_bit_exact(manifest: Path, tmp_path: Path, monkeypatch, alignment: bool):
     def layer(root):
         return tiny_layer(manifest, root, train={"epochs": 2, "warmup_epochs": 1, "recipe": "weak-to-strong",
-                                                 "confidence_threshold": 0.5}, eval={"every": 2})
+                                                 "confidence_threshold": 0.5, "distribution_alignment": alignment},
+                          eval={"every": 2})
 
     reference = train(build_settings(base=layer(tmp_path / "a")))
     stop_training_at(monkeypatch, 2, signal.SIGTERM)
@@ -224,7 +229,11 @@ def test_weak_to_strong_resumes_mid_epoch_bit_exact(manifest: Path, tmp_path: Pa
 
     checkpoint, saved = resume_base(tmp_path / "b" / "tiny" / "exp")
     train(build_settings(base=saved), resume=checkpoint)
-    expected = read_checkpoint(reference.run_dir / "weights" / "last.pt").state_dict
-    got = read_checkpoint(tmp_path / "b" / "tiny" / "exp" / "weights" / "last.pt").state_dict
+    expected_checkpoint = read_checkpoint(reference.run_dir / "weights" / "last.pt")
+    got_checkpoint = read_checkpoint(tmp_path / "b" / "tiny" / "exp" / "weights" / "last.pt")
+    # The alignment's running shares continue where the stopped run left them (None when off).
+    assert got_checkpoint.train_state["alignment"] == expected_checkpoint.train_state["alignment"]
+    assert (expected_checkpoint.train_state["alignment"] is not None) == alignment
+    expected, got = expected_checkpoint.state_dict, got_checkpoint.state_dict
     for name in expected:
         assert torch.allclose(expected[name].float(), got[name].float(), atol=1e-5), name

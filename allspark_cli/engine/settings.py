@@ -20,10 +20,10 @@ from allspark_cli.model.config import ArchitectureChoices
 # The layout of the settings tree as stored in checkpoints. 1: written before the number was stored
 # (release 0.1 and the trees after it, up to the first settings version), the same keys minus
 # those added since; 2: with the groups, baselines, CUDA math and ramp settings; 3: adds the
-# recipe, loss weighting, collapse window, accumulation, run group; 4: this tree (adds the CutMix
-# probability). An allspark that knows an older version refuses a resume of a newer one in one line
+# recipe, loss weighting, collapse window, accumulation, run group; 4: adds the CutMix
+# probability; 5: this tree (adds the distribution alignment). An allspark that knows an older version refuses a resume of a newer one in one line
 # instead of failing on the unknown keys.
-SETTINGS_VERSION = 4
+SETTINGS_VERSION = 5
 # Marks a setting that changes where and how a run reports or how fast it runs, never what it
 # computes: a resumed run may change it freely (engine/training/resume.py). Every field of a
 # section marked so (RunSettings) is.
@@ -157,6 +157,12 @@ class LoopSettings(_Section):
         default=CUTMIX_PROBABILITY, ge=0.0, le=1.0, json_schema_extra=unrecorded_means(CUTMIX_PROBABILITY),
         description="weak-to-strong: the chance that a strong view takes a box of its group partner's pixels "
         "(CutMix; 0.5 as UniMatch; 0: photometric strong view only)",
+    )
+    distribution_alignment: bool = Field(
+        default=False, json_schema_extra=unrecorded_means(False),
+        description="weak-to-strong: rescale the weak view's class probabilities before the argmax and the threshold "
+        "so that their mean over the unlabeled pixels follows the labeled masks' class shares (ReMixMatch's "
+        "distribution alignment; a teacher that under-predicts thin classes gives them their share back)",
     )
     loss_weighting: LossWeighting = Field(
         default="mean", json_schema_extra=unrecorded_means("mean"),

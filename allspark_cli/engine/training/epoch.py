@@ -26,6 +26,7 @@ from allspark_cli.engine.training.events import StepInfo, TrainReporter, format_
 from allspark_cli.engine.training.rundir import RunFolder
 from allspark_cli.engine.training.state import TrainState
 from allspark_cli.engine.training.accumulation import accumulated_step
+from allspark_cli.engine.training.alignment import DistributionAlignment
 from allspark_cli.engine.training.pseudo_labels import CollapseMonitor, HealthSummary, PseudoHealth, summarize_health
 from allspark_cli.engine.training.step import StepRecipe, loss_weights, train_step
 from allspark_cli.engine.training.tensorboard import TensorBoardLog
@@ -65,6 +66,7 @@ class EpochLoop:
     tensorboard: TensorBoardLog | None = None  # rank 0 only
     class_names: list[str] = field(default_factory=list)  # non-empty: log the pseudo labels' health
     collapse: CollapseMonitor | None = None  # rank 0 only
+    alignment: DistributionAlignment | None = None  # the pseudo labels' distribution alignment (weak-to-strong)
 
 
 def step_recipe(settings: TrainSettings, groups: int, num_classes: int) -> StepRecipe:
@@ -183,16 +185,19 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
         batch_l = [t.to(dist.device, non_blocking=True) for t in batch_l]
         batch_u = None if batches_u is None else [t.to(dist.device, non_blocking=True) for t in next(batches_u)]
         loop.optimizer.zero_grad(set_to_none=True)
+        if loop.alignment is not None and batch_u is not None:
+            loop.alignment.observe_labeled(batch_l[1])
         if micro_steps == 1:
             losses = train_step(loop.runner, loop.segmentor, batch_l, batch_u, criterion_l=loop.criterion_l,
                                 use_memory=use_memory, iteration=iteration, gather=loop.gather,
-                                autocast=loop.autocast, recipe=recipe)
+                                autocast=loop.autocast, recipe=recipe, alignment=loop.alignment)
             loop.scaler.scale(losses.total).backward()
         else:  # forward and backward in pieces of whole groups (engine/training/accumulation.py)
             losses = accumulated_step(loop.runner, loop.segmentor, batch_l, batch_u, micro_steps=micro_steps,
                                       backward=lambda loss: loop.scaler.scale(loss).backward(),
                                       criterion_l=loop.criterion_l, use_memory=use_memory, iteration=iteration,
-                                      gather=loop.gather, autocast=loop.autocast, recipe=recipe)
+                                      gather=loop.gather, autocast=loop.autocast, recipe=recipe,
+                                      alignment=loop.alignment)
         # [loss non-finite, stop requested], summed over ranks on the device; read on the host one
         # step late (or now, where the host waits anyway), so the host never waits for the step it
         # has just queued. No save happens before the flags of every step until then were read, so

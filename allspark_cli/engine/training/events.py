@@ -142,6 +142,8 @@ def recipe_text(settings) -> str:
         details.append(f"threshold {train.confidence_threshold:g}")
         if train.cutmix_probability != CUTMIX_PROBABILITY:
             details.append(f"CutMix p {train.cutmix_probability:g}")
+        if train.distribution_alignment:
+            details.append("distribution alignment")
     if train.unlabeled_rampup:
         details.append(f"ramp {train.unlabeled_rampup} iterations")
     return f"{train.recipe} ({', '.join(details + [weighting])})"

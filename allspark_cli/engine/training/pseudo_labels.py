@@ -13,6 +13,7 @@ per class the pseudo labels' pixels, their confidence sum and the labeled masks'
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -51,10 +52,16 @@ class ConfidentTargets(NamedTuple):
     passing: torch.Tensor
 
 
-def confident_targets(logits: torch.Tensor, pad_mask: torch.Tensor, threshold: float) -> ConfidentTargets:
-    """Argmax and max-softmax of (B, K, H, W) logits; padding never passes."""
-    confidence, labels = logits.softmax(dim=CLASS_DIM).max(dim=CLASS_DIM)
+def confident_targets(logits: torch.Tensor, pad_mask: torch.Tensor, threshold: float,
+                      align: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> ConfidentTargets:
+    """Argmax and max-softmax of (B, K, H, W) logits; padding never passes. `align` maps the
+    probabilities and the valid pixels (B, H, W) to aligned probabilities first
+    (`DistributionAlignment.align`, engine/training/alignment.py)."""
     padding = pad_mask == UNLABELED_PADDING
+    probabilities = logits.softmax(dim=CLASS_DIM)
+    if align is not None:
+        probabilities = align(probabilities, ~padding)
+    confidence, labels = probabilities.max(dim=CLASS_DIM)
     labels = labels.masked_fill(padding, IGNORE_INDEX)
     return ConfidentTargets(labels, confidence, (confidence >= threshold) & ~padding)
 
@@ -78,7 +85,7 @@ class PseudoHealth(NamedTuple):
         return 2 + 3 * num_classes
 
 
-def _class_sums(classes: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:
+def class_sums(classes: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(K,) sums of `weights` per class id; ids outside 0..K-1 (ignore, padding) go to a dropped
     extra bin. Scatter-add with fixed shapes: no boolean indexing, so no device-to-host sync."""
     bins = torch.where((classes >= 0) & (classes < num_classes), classes, num_classes).reshape(-1)
@@ -91,10 +98,10 @@ def health_counts(targets: ConfidentTargets, masks_l: torch.Tensor, num_classes:
     """This step's PseudoHealth counts (no host sync: it runs every step)."""
     valid = targets.labels != IGNORE_INDEX
     ones = valid.float()
-    pseudo = _class_sums(targets.labels, ones, num_classes)
-    confidence = _class_sums(targets.labels, targets.confidence * ones, num_classes)
+    pseudo = class_sums(targets.labels, ones, num_classes)
+    confidence = class_sums(targets.labels, targets.confidence * ones, num_classes)
     labeled_ids = masks_l.masked_fill(masks_l == ignore_index, num_classes)
-    labeled = _class_sums(labeled_ids, torch.ones_like(labeled_ids, dtype=torch.float32), num_classes)
+    labeled = class_sums(labeled_ids, torch.ones_like(labeled_ids, dtype=torch.float32), num_classes)
     head = torch.stack([ones.sum(), targets.passing.sum().float()])
     return torch.cat([head, pseudo, confidence, labeled])
 

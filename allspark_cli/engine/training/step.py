@@ -42,6 +42,7 @@ from allspark_cli.constants import IGNORE_INDEX
 from allspark_cli.data.transforms import UNLABELED_PADDING
 from allspark_cli.engine.distributed import match_gradient_layout_
 from allspark_cli.engine.settings import PseudoLabelPass
+from allspark_cli.engine.training.alignment import DistributionAlignment
 from allspark_cli.engine.training.losses import Criterion, cross_entropy
 from allspark_cli.engine.training.pseudo_labels import (
     ConfidentTargets,
@@ -169,9 +170,11 @@ def prepare_unlabeled(
     batch_u: tuple[torch.Tensor, ...],
     autocast: Callable[[], ContextManager],
     recipe: StepRecipe,
+    alignment: DistributionAlignment | None = None,
 ) -> UnlabeledBatch:
     """The pseudo-label pass over `batch_u` (see `train_step`) and, under weak-to-strong, the CutMix
-    of the strong view within groups."""
+    of the strong view within groups and the distribution alignment of the pseudo labels (when
+    given; once per step, engine/training/alignment.py)."""
     images_u, pad_mask, sample_ids = batch_u[:3]
     logits_u_eval, pseudo = pseudo_labels(segmentor, images_u, pad_mask, autocast, recipe)
     if recipe.weak_to_strong:
@@ -179,7 +182,8 @@ def prepare_unlabeled(
         partners = group_partners(images_u.shape[0], recipe.groups, images_u.device)
         logits_u_eval = cutmix(logits_u_eval, boxes, partners)
         images_u = cutmix(strong, boxes, partners)
-        targets = confident_targets(logits_u_eval, cutmix(pad_mask, boxes, partners), recipe.confidence_threshold)
+        targets = confident_targets(logits_u_eval, cutmix(pad_mask, boxes, partners), recipe.confidence_threshold,
+                                    align=alignment.align if alignment is not None else None)
     else:  # every non-padding pixel counts as passing (no threshold)
         targets = confident_targets(logits_u_eval, pad_mask, threshold=0.0)
     return UnlabeledBatch(images_u, logits_u_eval, targets, pseudo, sample_ids)
@@ -228,12 +232,14 @@ def train_step(
     gather: Callable[[torch.Tensor], torch.Tensor] | None,
     autocast: Callable[[], ContextManager],
     recipe: StepRecipe = StepRecipe(),
+    alignment: DistributionAlignment | None = None,
 ) -> StepLosses:
     """Losses of one step. batch_l = (images (B,3,S,S), masks (B,S,S)); batch_u = (images,
     pad_mask (B,S,S) with 255 on padding, sample ids (B,)), under weak-to-strong followed by (strong
     images (B,3,S,S), CutMix boxes (B,S,S)), or None (`sup`). `runner` is the (possibly DDP-wrapped)
-    TrainForward of `segmentor`; all tensors are on the model's device."""
-    unlabeled = prepare_unlabeled(segmentor, batch_u, autocast, recipe) if batch_u is not None else None
+    TrainForward of `segmentor`; all tensors are on the model's device. `alignment`: the run's
+    distribution alignment of the pseudo labels (weak-to-strong only; None: off)."""
+    unlabeled = prepare_unlabeled(segmentor, batch_u, autocast, recipe, alignment) if batch_u is not None else None
     memory_step = (MemoryStep(unlabeled.memory_logits, use_memory, unlabeled.sample_ids, iteration, gather)
                    if unlabeled is not None else MemoryStep())
     return step_losses(runner, batch_l, unlabeled, criterion_l=criterion_l, memory_step=memory_step,

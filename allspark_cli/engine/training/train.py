@@ -44,6 +44,7 @@ from allspark_cli.engine.training.events import (
     start_info,
 )
 from allspark_cli.engine.training.losses import build_criterion
+from allspark_cli.engine.training.alignment import DistributionAlignment
 from allspark_cli.engine.training.accumulation import accumulated_step, check_accumulation
 from allspark_cli.engine.training.memory_plan import (
     StepMeasure,
@@ -350,6 +351,10 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     per_epoch = loaders.iterations_per_epoch
     total_iterations = settings.train.epochs * per_epoch
     gather = D.all_gather_cat if dist.is_distributed else None
+    semi = loaders.unlabeled is not None
+    weak_to_strong = settings.train.recipe == "weak-to-strong"
+    alignment = (DistributionAlignment(manifest.num_classes, dist.device, manifest.ignore_index)
+                 if semi and weak_to_strong and settings.train.distribution_alignment else None)
     # Explicit resume.
     state = TrainState()
     if checkpoint is not None:
@@ -358,6 +363,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         state = TrainState.from_checkpoint(saved)
+        if alignment is not None and saved.get("alignment") is not None:
+            alignment.load_state_dict(saved["alignment"])
         if saved.get("rng") is not None and dist.rank == 0:
             restore_rng(saved["rng"])
         else:  # only rank 0's RNG is saved; the others get a fresh, position-dependent seed
@@ -411,7 +418,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
             return
         train_state = {**state.stored(), "finished": finished, "epochs": settings.train.epochs,
                        "world_size": dist.world_size, "batch_size": settings.train.batch_size,
-                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng()}
+                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng(),
+                       "alignment": alignment.state_dict() if alignment is not None else None}
         save_checkpoint(path, segmentor, class_names=manifest.classes, palette=manifest.palette,
                         settings=settings.to_dict(), settings_version=SETTINGS_VERSION, train_state=train_state)
         if path == run_folder.last:
@@ -419,13 +427,11 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
 
     stop = StopRequest()
     tensorboard = open_log(settings.run.tensorboard, run_folder.path, main)
-    semi = loaders.unlabeled is not None
-    weak_to_strong = settings.train.recipe == "weak-to-strong"
     collapse = CollapseMonitor(list(manifest.classes), settings.train.collapse_window, total_iterations,
                                collapse_remedy(weak_to_strong)) if main and semi else None
     loop = EpochLoop(settings, dist, runner, segmentor, optimizer, scaler, autocast, criterion_l, gather, loaders,
                      run_folder, reporter, state, stop, save, total_iterations, tensorboard,
-                     class_names=list(manifest.classes) if semi else [], collapse=collapse)
+                     class_names=list(manifest.classes) if semi else [], collapse=collapse, alignment=alignment)
     try:
         with stop.installed():
             for epoch in range(state.epoch, settings.train.epochs):
