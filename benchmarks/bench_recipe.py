@@ -2,8 +2,8 @@
 included, and the unlabeled loader's samples/s with and without the strong view.
 
 Trains `demo-1/16` (method allspark, the preset's batch and crop, `--workers 2`) for a short epoch
-under `reference` and `weak-to-strong`, the recipes taking turns for `--rounds` rounds so a slow
-spell of the machine hits both; reads `seconds_per_iteration` of each logged window from
+under `reference`, `weak-to-strong` and weak-to-strong with `train.distribution_alignment`, taking
+turns for `--rounds` rounds so a slow spell of the machine hits all of them; reads `seconds_per_iteration` of each logged window from
 metrics.jsonl, drops the first window (start-up, loader warm-up) and reports the median. Then times
 `UnlabeledDataset[i]` in this process (one thread) for both views.
 
@@ -18,19 +18,25 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPES = ("reference", "weak-to-strong")
+# Row name -> (train.recipe, extra --set lines): the recipes, and weak-to-strong with its option.
+VARIANTS = {
+    "reference": ("reference", []),
+    "weak-to-strong": ("weak-to-strong", []),
+    "w2s + alignment": ("weak-to-strong", ["train.distribution_alignment=true"]),
+}
 LOG_EVERY = 10
 LOADER_SAMPLES = 200
 
 
-def train_seconds_per_iteration(data: Path, recipe: str, method: str, iterations: int, root: Path) -> float:
+def train_seconds_per_iteration(data: Path, variant: str, method: str, iterations: int, root: Path) -> float:
     from allspark_cli.engine.settings_layers import build_settings
     from allspark_cli.engine.training.presets import find_preset
     from allspark_cli.engine.training.train import train
 
+    recipe, extra = VARIANTS[variant]
     sets = [f"data.manifest={data}", "train.epochs=1", f"train.epoch_iterations={iterations}", "data.workers=2",
             f"train.recipe={recipe}", f"model.method={method}", f"train.log_every={LOG_EVERY}", f"run.root={root}",
-            "run.tensorboard='off'", "eval.mosaic_images=0"]
+            "run.tensorboard='off'", "eval.mosaic_images=0", *extra]
     done = train(build_settings(base=find_preset("demo-1/16").layer, sets=sets))
     records = [json.loads(line) for line in (done.run_dir / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(record["seconds_per_iteration"] for record in records[1:])
@@ -60,21 +66,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--method", default="allspark")
     args = parser.parse_args()
-    times: dict[str, list[float]] = {recipe: [] for recipe in RECIPES}
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            for recipe in RECIPES:
-                root = Path(tmp) / f"{recipe}-{round_index}"
-                times[recipe].append(train_seconds_per_iteration(args.data, recipe, args.method, args.iterations, root))
-    rates = {recipe: loader_rate(args.data, recipe == "weak-to-strong") for recipe in RECIPES}
+            for index, variant in enumerate(VARIANTS):
+                root = Path(tmp) / f"{index}-{round_index}"
+                times[variant].append(train_seconds_per_iteration(args.data, variant, args.method, args.iterations, root))
+    rates = {recipe: loader_rate(args.data, recipe == "weak-to-strong") for recipe in ("reference", "weak-to-strong")}
     base = statistics.median(times["reference"])
-    print(f"demo-1/16, {args.method}, workers 2, {args.iterations} iterations x {args.rounds} rounds per recipe")
-    print(f"{'recipe':<16} {'train s/it':>18} {'vs reference':>13} {'unlabeled samples/s':>20}")
-    for recipe in RECIPES:
-        median = statistics.median(times[recipe])
-        spread = ", ".join(f"{t:.3f}" for t in times[recipe])
-        print(f"{recipe:<16} {median:>7.3f} ({spread}) {median / base:>12.2f}x {rates[recipe]:>20.1f}")
-
+    print(f"demo-1/16, {args.method}, workers 2, {args.iterations} iterations x {args.rounds} rounds per variant")
+    print(f"{'variant':<16} {'train s/it':>18} {'vs reference':>13} {'unlabeled samples/s':>20}")
+    for variant, (recipe, _) in VARIANTS.items():
+        median = statistics.median(times[variant])
+        spread = ", ".join(f"{t:.3f}" for t in times[variant])
+        print(f"{variant:<16} {median:>7.3f} ({spread}) {median / base:>12.2f}x {rates[recipe]:>20.1f}")
 
 if __name__ == "__main__":
     main()

@@ -26,9 +26,12 @@ import torch
 from allspark_cli.engine import distributed as D
 from allspark_cli.engine.training.pseudo_labels import CLASS_DIM, class_sums
 
-# predicted_k's moving average keeps this share of its value per step: a horizon of about 100
-# steps, as ReMixMatch's mean over its last 128 batches.
-ALIGNMENT_MOMENTUM = 0.99
+# predicted_k's moving average keeps this share of its value per step: a horizon of about 10
+# steps. ReMixMatch averages its last 128 batches, but a model trained from scratch changes its
+# class shares within tens of steps early on, and a 100-step average then still holds the first
+# steps' near-uniform prediction: it scaled background up until every pseudo label was background
+# for the first 300 of 750 iterations on the demo data.
+ALIGNMENT_MOMENTUM = 0.9
 # Floor of predicted_k in r_k's denominator: a class the teacher never predicts is boosted a
 # large but finite amount, and a probability of exactly 0 stays 0.
 PREDICTED_FLOOR = 1e-6
