@@ -60,13 +60,13 @@ def _batches(weak_to_strong: bool):
 
 
 def _step(model, batch_l, batch_u, micro_steps: int, recipe: StepRecipe, use_memory: bool, gather=None,
-          alignment=None):
+          alignment=None, teacher=None):
     model.zero_grad(set_to_none=True)
     losses = accumulated_step(TrainForward(model), model, batch_l, batch_u, micro_steps=micro_steps,
                               backward=lambda loss: loss.backward(), criterion_l=build_criterion(
                                   "ce", ohem_thresh=0.7, ohem_min_kept=1),
                               use_memory=use_memory, iteration=5, gather=gather, autocast=contextlib.nullcontext,
-                              recipe=recipe, alignment=alignment)
+                              recipe=recipe, alignment=alignment, teacher=teacher)
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return losses, grads
 
@@ -137,6 +137,31 @@ def test_micro_steps_align_the_pseudo_labels_as_the_one_shot_step(method: str):
     assert torch.allclose(got_alignment.predicted, expected_alignment.predicted, rtol=1e-6)
     assert torch.allclose(got.health, expected.health, rtol=1e-5)
     assert got.loss_u.item() == pytest.approx(expected.loss_u.item(), rel=1e-5, abs=1e-7)
+    for name in expected_grads:
+        assert _relative(got_grads[name], expected_grads[name]) < 1e-5, name
+
+
+def test_micro_steps_pseudo_label_with_the_teacher_as_the_one_shot_step():
+    """An EMA teacher labels the step's unlabeled images once; the micro-steps compute the one-shot step."""
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="b0", method="allspark", num_classes=CLASSES, head_dim=16, memory_tokens=4,
+                         **NO_DROPOUT)
+    initial = build_model(config).train()
+    teacher = copy.deepcopy(initial).eval()
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.mul_(0.5)  # labels differently from the student
+    batch_l, batch_u = _batches(True)
+    recipe = StepRecipe(groups=BATCH, weak_to_strong=True, confidence_threshold=0.0, num_classes=CLASSES)
+    results = {}
+    for micro_steps, labeler in ((1, teacher), (4, teacher), (1, None)):
+        model = copy.deepcopy(initial)
+        _freeze_batchnorm(model)
+        results[micro_steps, labeler is None] = _step(model, batch_l, batch_u, micro_steps, recipe, True,
+                                                      teacher=labeler)
+    (expected, expected_grads), (got, got_grads) = results[1, False], results[4, False]
+    assert torch.allclose(got.health, expected.health, rtol=1e-5)
+    assert not torch.equal(results[1, True][0].health, expected.health)  # the teacher's labels, not the student's
     for name in expected_grads:
         assert _relative(got_grads[name], expected_grads[name]) < 1e-5, name
 

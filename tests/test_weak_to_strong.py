@@ -195,10 +195,12 @@ def test_every_method_trains_under_weak_to_strong_through_the_cli(manifest: Path
     if method == "semi":  # a non-default CutMix probability and ramp are named in the banner
         result = CliRunner().invoke(app, ["train", "--config", str(layer_file), "--recipe", "weak-to-strong",
                                           "--set", "train.cutmix_probability=0", "--set", "train.unlabeled_rampup=2",
-                                          "--set", "train.distribution_alignment=true", "--name", "no-cutmix"])
+                                          "--set", "train.distribution_alignment=true", "--set",
+                                          "train.teacher_momentum=0.99", "--name", "no-cutmix"])
         assert result.exit_code == 0, result.output
         log = (tmp_path / "runs" / "tiny" / "no-cutmix" / "train.log").read_text()
-        assert "weak-to-strong (threshold 0.95, CutMix p 0, distribution alignment, ramp 2 iterations, mean" in log
+        assert ("weak-to-strong (threshold 0.95, CutMix p 0, distribution alignment, EMA teacher 0.99, ramp 2 iterations, "
+                "mean") in log
         alignment = read_checkpoint(tmp_path / "runs" / "tiny" / "no-cutmix" / "weights" / "last.pt").train_state[
             "alignment"]
         assert alignment["steps"] > 0 and sum(alignment["labeled"]) > 0  # the run's shares go into its checkpoint
@@ -213,12 +215,14 @@ def test_the_reference_recipe_passes_every_pixel(manifest: Path, tmp_path: Path)
     assert all(record["pseudo_pass_share"] == 100.0 for record in _metrics(done.run_dir))
 
 
-@pytest.mark.parametrize("alignment", [False, True], ids=["plain", "distribution-alignment"])
-def test_weak_to_strong_resumes_mid_epoch_bit_exact(manifest: Path, tmp_path: Path, monkeypatch, alignment: bool):
+@pytest.mark.parametrize(("alignment", "teacher_momentum"), [(False, 0.0), (True, 0.0), (False, 0.9)],
+                         ids=["plain", "distribution-alignment", "ema-teacher"])
+def test_weak_to_strong_resumes_mid_epoch_bit_exact(manifest: Path, tmp_path: Path, monkeypatch, alignment: bool,
+                                                    teacher_momentum: float):
     def layer(root):
         return tiny_layer(manifest, root, train={"epochs": 2, "warmup_epochs": 1, "recipe": "weak-to-strong",
-                                                 "confidence_threshold": 0.5, "distribution_alignment": alignment},
-                          eval={"every": 2})
+                                                 "confidence_threshold": 0.5, "distribution_alignment": alignment,
+                                                 "teacher_momentum": teacher_momentum}, eval={"every": 2})
 
     reference = train(build_settings(base=layer(tmp_path / "a")))
     stop_training_at(monkeypatch, 2, signal.SIGTERM)
@@ -237,3 +241,31 @@ def test_weak_to_strong_resumes_mid_epoch_bit_exact(manifest: Path, tmp_path: Pa
     expected, got = expected_checkpoint.state_dict, got_checkpoint.state_dict
     for name in expected:
         assert torch.allclose(expected[name].float(), got[name].float(), atol=1e-5), name
+    expected_teacher, got_teacher = expected_checkpoint.train_state["teacher"], got_checkpoint.train_state["teacher"]
+    assert (expected_teacher is not None) == (teacher_momentum > 0)
+    for name in expected_teacher or {}:  # the teacher continues from where the stopped run left it
+        assert torch.allclose(expected_teacher[name].float(), got_teacher[name].float(), atol=1e-5), name
+
+
+def test_the_ema_teacher_follows_the_student_by_its_momentum():
+    from allspark_cli.engine.training.teacher import EmaTeacher
+
+    torch.manual_seed(0)
+    student = build_model(ModelConfig(backbone="b0", method="semi", num_classes=3, head_dim=16))
+    teacher = EmaTeacher(student, momentum=0.9)
+    before = {name: p.clone() for name, p in teacher.model.named_parameters()}
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(1.0)  # every student weight one higher than the teacher's
+        for buffer in student.buffers():
+            if buffer.is_floating_point():
+                buffer.add_(3.0)
+    teacher.update(student)
+    students = dict(student.named_parameters())
+    for name, param in teacher.model.named_parameters():
+        assert torch.allclose(param, 0.9 * before[name] + 0.1 * students[name], atol=1e-6), name
+        assert torch.allclose(param, before[name] + 0.1, atol=1e-6), name  # t + (1 - m)(s - t), s - t = 1
+        assert not param.requires_grad
+    for (name, buffer), student_buffer in zip(teacher.model.named_buffers(), student.buffers()):
+        assert torch.equal(buffer, student_buffer), name  # running statistics are copied, not averaged
+    assert not teacher.model.training

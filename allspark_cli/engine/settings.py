@@ -21,7 +21,7 @@ from allspark_cli.model.config import ArchitectureChoices
 # (release 0.1 and the trees after it, up to the first settings version), the same keys minus
 # those added since; 2: with the groups, baselines, CUDA math and ramp settings; 3: adds the
 # recipe, loss weighting, collapse window, accumulation, run group; 4: adds the CutMix
-# probability; 5: this tree (adds the distribution alignment). An allspark that knows an older version refuses a resume of a newer one in one line
+# probability; 5: this tree (adds the distribution alignment and the EMA teacher). An allspark that knows an older version refuses a resume of a newer one in one line
 # instead of failing on the unknown keys.
 SETTINGS_VERSION = 5
 # Marks a setting that changes where and how a run reports or how fast it runs, never what it
@@ -163,6 +163,11 @@ class LoopSettings(_Section):
         description="weak-to-strong: rescale the weak view's class probabilities before the argmax and the threshold "
         "so that their mean over the unlabeled pixels follows the labeled masks' class shares (ReMixMatch's "
         "distribution alignment; a teacher that under-predicts thin classes gives them their share back)",
+    )
+    teacher_momentum: float = Field(
+        default=0.0, ge=0.0, lt=1.0, json_schema_extra=unrecorded_means(0.0),
+        description="who pseudo-labels the unlabeled images: 0, the model being trained (the reference); m in "
+        "(0, 1), an exponential moving average of its weights, t = m t + (1 - m) s after every step (Mean Teacher)",
     )
     loss_weighting: LossWeighting = Field(
         default="mean", json_schema_extra=unrecorded_means("mean"),

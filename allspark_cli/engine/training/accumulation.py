@@ -86,20 +86,21 @@ def accumulated_step(
     autocast: Callable[[], ContextManager],
     recipe: StepRecipe = StepRecipe(),
     alignment: DistributionAlignment | None = None,
+    teacher: nn.Module | None = None,
 ) -> StepLosses:
     """Forward and backward of one step in `micro_steps` pieces (see the module docstring): calls
     `backward(loss)` once per piece with 1/N of the step's loss, and returns the step's losses
     (detached; `health` summed over the pieces). The caller steps the optimizer. The pseudo labels
-    are aligned once, over the whole step (`alignment`, as `train_step`)."""
+    are aligned once, over the whole step (`alignment`, as `train_step`), by `teacher` when given."""
     check_accumulation(micro_steps, recipe.groups)
     if micro_steps == 1:  # the one-shot step
         losses = train_step(runner, segmentor, batch_l, batch_u, criterion_l=criterion_l, use_memory=use_memory,
                             iteration=iteration, gather=gather, autocast=autocast, recipe=recipe,
-                            alignment=alignment)
+                            alignment=alignment, teacher=teacher)
         backward(losses.total)
         return losses._replace(total=losses.total.detach())
     piece_recipe = recipe._replace(groups=recipe.groups // micro_steps)
-    unlabeled = None if batch_u is None else prepare_unlabeled(segmentor, batch_u, autocast, recipe, alignment)
+    unlabeled = None if batch_u is None else prepare_unlabeled(segmentor, batch_u, autocast, recipe, alignment, teacher)
     pieces_u = _unlabeled_pieces(unlabeled, micro_steps)
     memory_steps = _memory_steps(segmentor, unlabeled, pieces_u, use_memory, iteration, gather, autocast)
     results = []

@@ -27,6 +27,7 @@ from allspark_cli.engine.training.rundir import RunFolder
 from allspark_cli.engine.training.state import TrainState
 from allspark_cli.engine.training.accumulation import accumulated_step
 from allspark_cli.engine.training.alignment import DistributionAlignment
+from allspark_cli.engine.training.teacher import EmaTeacher
 from allspark_cli.engine.training.pseudo_labels import CollapseMonitor, HealthSummary, PseudoHealth, summarize_health
 from allspark_cli.engine.training.step import StepRecipe, loss_weights, train_step
 from allspark_cli.engine.training.tensorboard import TensorBoardLog
@@ -67,6 +68,7 @@ class EpochLoop:
     class_names: list[str] = field(default_factory=list)  # non-empty: log the pseudo labels' health
     collapse: CollapseMonitor | None = None  # rank 0 only
     alignment: DistributionAlignment | None = None  # the pseudo labels' distribution alignment (weak-to-strong)
+    teacher: EmaTeacher | None = None  # the pseudo-label teacher, when not the model itself
 
 
 def step_recipe(settings: TrainSettings, groups: int, num_classes: int) -> StepRecipe:
@@ -173,6 +175,7 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
     num_classes = len(loop.class_names)
     recipe = step_recipe(settings, loaders.groups.count, num_classes)
     micro_steps = settings.train.accumulation_steps
+    teacher = loop.teacher.model if loop.teacher is not None else None
     health_size = PseudoHealth.size(num_classes) if num_classes else 0
     window, epoch_window = _LossWindow(dist.device, health_size), _LossWindow(dist.device)
     unread: tuple[torch.Tensor, int, int] | None = None  # a step's flags not read on the host yet
@@ -190,14 +193,14 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
         if micro_steps == 1:
             losses = train_step(loop.runner, loop.segmentor, batch_l, batch_u, criterion_l=loop.criterion_l,
                                 use_memory=use_memory, iteration=iteration, gather=loop.gather,
-                                autocast=loop.autocast, recipe=recipe, alignment=loop.alignment)
+                                autocast=loop.autocast, recipe=recipe, alignment=loop.alignment, teacher=teacher)
             loop.scaler.scale(losses.total).backward()
         else:  # forward and backward in pieces of whole groups (engine/training/accumulation.py)
             losses = accumulated_step(loop.runner, loop.segmentor, batch_l, batch_u, micro_steps=micro_steps,
                                       backward=lambda loss: loop.scaler.scale(loss).backward(),
                                       criterion_l=loop.criterion_l, use_memory=use_memory, iteration=iteration,
                                       gather=loop.gather, autocast=loop.autocast, recipe=recipe,
-                                      alignment=loop.alignment)
+                                      alignment=loop.alignment, teacher=teacher)
         # [loss non-finite, stop requested], summed over ranks on the device; read on the host one
         # step late (or now, where the host waits anyway), so the host never waits for the step it
         # has just queued. No save happens before the flags of every step until then were read, so
@@ -206,6 +209,8 @@ def train_epoch(loop: EpochLoop, epoch: int, start_batch: int) -> tuple[dict[str
                                            torch.tensor(float(loop.stop.requested), device=dist.device)]))
         loop.scaler.step(loop.optimizer)
         loop.scaler.update()
+        if loop.teacher is not None:
+            loop.teacher.update(loop.segmentor)
         state.iteration, state.batch, state.epoch = iteration + 1, batch_index + 1, epoch
         loss_u = losses.loss_u if losses.loss_u is not None else torch.zeros((), device=dist.device)
         step_losses = torch.stack([losses.total.detach(), losses.loss_x, loss_u]).float()

@@ -144,6 +144,8 @@ def recipe_text(settings) -> str:
             details.append(f"CutMix p {train.cutmix_probability:g}")
         if train.distribution_alignment:
             details.append("distribution alignment")
+    if train.teacher_momentum:
+        details.append(f"EMA teacher {train.teacher_momentum:g}")
     if train.unlabeled_rampup:
         details.append(f"ramp {train.unlabeled_rampup} iterations")
     return f"{train.recipe} ({', '.join(details + [weighting])})"

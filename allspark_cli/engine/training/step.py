@@ -171,12 +171,15 @@ def prepare_unlabeled(
     autocast: Callable[[], ContextManager],
     recipe: StepRecipe,
     alignment: DistributionAlignment | None = None,
+    teacher: nn.Module | None = None,
 ) -> UnlabeledBatch:
     """The pseudo-label pass over `batch_u` (see `train_step`) and, under weak-to-strong, the CutMix
     of the strong view within groups and the distribution alignment of the pseudo labels (when
-    given; once per step, engine/training/alignment.py)."""
+    given; once per step, engine/training/alignment.py). `teacher` (an EMA of `segmentor`,
+    engine/training/teacher.py) runs the pseudo-label pass instead of `segmentor` when given."""
     images_u, pad_mask, sample_ids = batch_u[:3]
-    logits_u_eval, pseudo = pseudo_labels(segmentor, images_u, pad_mask, autocast, recipe)
+    labeler = teacher if teacher is not None else segmentor
+    logits_u_eval, pseudo = pseudo_labels(labeler, images_u, pad_mask, autocast, recipe)
     if recipe.weak_to_strong:
         strong, boxes = batch_u[3:]
         partners = group_partners(images_u.shape[0], recipe.groups, images_u.device)
@@ -233,13 +236,16 @@ def train_step(
     autocast: Callable[[], ContextManager],
     recipe: StepRecipe = StepRecipe(),
     alignment: DistributionAlignment | None = None,
+    teacher: nn.Module | None = None,
 ) -> StepLosses:
     """Losses of one step. batch_l = (images (B,3,S,S), masks (B,S,S)); batch_u = (images,
     pad_mask (B,S,S) with 255 on padding, sample ids (B,)), under weak-to-strong followed by (strong
     images (B,3,S,S), CutMix boxes (B,S,S)), or None (`sup`). `runner` is the (possibly DDP-wrapped)
     TrainForward of `segmentor`; all tensors are on the model's device. `alignment`: the run's
-    distribution alignment of the pseudo labels (weak-to-strong only; None: off)."""
-    unlabeled = prepare_unlabeled(segmentor, batch_u, autocast, recipe, alignment) if batch_u is not None else None
+    distribution alignment of the pseudo labels (weak-to-strong only; None: off); `teacher`: the
+    model that pseudo-labels (None: `segmentor` itself)."""
+    unlabeled = (prepare_unlabeled(segmentor, batch_u, autocast, recipe, alignment, teacher)
+                 if batch_u is not None else None)
     memory_step = (MemoryStep(unlabeled.memory_logits, use_memory, unlabeled.sample_ids, iteration, gather)
                    if unlabeled is not None else MemoryStep())
     return step_losses(runner, batch_l, unlabeled, criterion_l=criterion_l, memory_step=memory_step,

@@ -45,6 +45,7 @@ from allspark_cli.engine.training.events import (
 )
 from allspark_cli.engine.training.losses import build_criterion
 from allspark_cli.engine.training.alignment import DistributionAlignment
+from allspark_cli.engine.training.teacher import EmaTeacher
 from allspark_cli.engine.training.accumulation import accumulated_step, check_accumulation
 from allspark_cli.engine.training.memory_plan import (
     StepMeasure,
@@ -338,6 +339,9 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     notes: list[str] = []
     segmentor = _build_model(settings, manifest.num_classes, dist, notes)
     attention = _settle_attention(segmentor, settings, loaders.groups, micro_steps)
+    # Copied before TrainForward hooks the student's parameters; loaded below on a resume.
+    teacher = (EmaTeacher(segmentor, settings.train.teacher_momentum)
+               if loaders.unlabeled is not None and settings.train.teacher_momentum > 0 else None)
     runner: nn.Module = TrainForward(segmentor)
     if dist.is_distributed:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -365,6 +369,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
         state = TrainState.from_checkpoint(saved)
         if alignment is not None and saved.get("alignment") is not None:
             alignment.load_state_dict(saved["alignment"])
+        if teacher is not None:  # a checkpoint without one (impossible but for hand edits): the student
+            teacher.load_state_dict(saved.get("teacher") or checkpoint.state_dict)
         if saved.get("rng") is not None and dist.rank == 0:
             restore_rng(saved["rng"])
         else:  # only rank 0's RNG is saved; the others get a fresh, position-dependent seed
@@ -419,7 +425,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
         train_state = {**state.stored(), "finished": finished, "epochs": settings.train.epochs,
                        "world_size": dist.world_size, "batch_size": settings.train.batch_size,
                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng(),
-                       "alignment": alignment.state_dict() if alignment is not None else None}
+                       "alignment": alignment.state_dict() if alignment is not None else None,
+                       "teacher": teacher.state_dict() if teacher is not None else None}
         save_checkpoint(path, segmentor, class_names=manifest.classes, palette=manifest.palette,
                         settings=settings.to_dict(), settings_version=SETTINGS_VERSION, train_state=train_state)
         if path == run_folder.last:
@@ -431,7 +438,8 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
                                collapse_remedy(weak_to_strong)) if main and semi else None
     loop = EpochLoop(settings, dist, runner, segmentor, optimizer, scaler, autocast, criterion_l, gather, loaders,
                      run_folder, reporter, state, stop, save, total_iterations, tensorboard,
-                     class_names=list(manifest.classes) if semi else [], collapse=collapse, alignment=alignment)
+                     class_names=list(manifest.classes) if semi else [], collapse=collapse, alignment=alignment,
+                     teacher=teacher)
     try:
         with stop.installed():
             for epoch in range(state.epoch, settings.train.epochs):
