@@ -162,6 +162,7 @@ def test_micro_steps_pseudo_label_with_the_teacher_as_the_one_shot_step():
     (expected, expected_grads), (got, got_grads) = results[1, False], results[4, False]
     assert torch.allclose(got.health, expected.health, rtol=1e-5)
     assert not torch.equal(results[1, True][0].health, expected.health)  # the teacher's labels, not the student's
+    assert not teacher.training  # the pseudo-label pass leaves the teacher in eval mode, the student in train
     for name in expected_grads:
         assert _relative(got_grads[name], expected_grads[name]) < 1e-5, name
 

@@ -87,7 +87,7 @@ def test_health_counts_use_no_boolean_indexing() -> None:
 
     from allspark_cli.engine.training import pseudo_labels
 
-    source = inspect.getsource(pseudo_labels.health_counts) + inspect.getsource(pseudo_labels.class_sums)
+    source = inspect.getsource(pseudo_labels.health_counts) + inspect.getsource(pseudo_labels._class_sums)
     assert "bincount" not in source and "[valid]" not in source
     labels = torch.tensor([[[2, IGNORE_INDEX, 7]]])  # 7: out of range for K = 3
     counts = health_counts(ConfidentTargets(labels, torch.ones(1, 1, 3), torch.ones(1, 1, 3, dtype=torch.bool)),

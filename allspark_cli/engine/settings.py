@@ -21,8 +21,9 @@ from allspark_cli.model.config import ArchitectureChoices
 # (release 0.1 and the trees after it, up to the first settings version), the same keys minus
 # those added since; 2: with the groups, baselines, CUDA math and ramp settings; 3: adds the
 # recipe, loss weighting, collapse window, accumulation, run group; 4: adds the CutMix
-# probability; 5: this tree (adds the distribution alignment and the EMA teacher). An allspark that knows an older version refuses a resume of a newer one in one line
-# instead of failing on the unknown keys.
+# probability; 5: this tree (adds the distribution alignment and the EMA teacher). An allspark
+# that knows an older version refuses a resume of a newer one in one line instead of failing on
+# the unknown keys.
 SETTINGS_VERSION = 5
 # Marks a setting that changes where and how a run reports or how fast it runs, never what it
 # computes: a resumed run may change it freely (engine/training/resume.py). Every field of a

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from allspark_cli.engine import distributed as D
-from allspark_cli.engine.training.pseudo_labels import CLASS_DIM, class_sums
+from allspark_cli.engine.training.pseudo_labels import CLASS_DIM, labeled_class_counts
 
 # predicted_k's moving average keeps this share of its value per step: a horizon of about 10
 # steps. ReMixMatch averages its last 128 batches, but a model trained from scratch changes its
@@ -48,8 +48,7 @@ class DistributionAlignment:
 
     def observe_labeled(self, masks_l: torch.Tensor) -> None:
         """Adds the step's labeled masks (B, H, W) int64 (ignored pixels left out) to the target."""
-        ids = masks_l.masked_fill(masks_l == self.ignore_index, self.num_classes)
-        counts = class_sums(ids, torch.ones_like(ids, dtype=torch.float32), self.num_classes)
+        counts = labeled_class_counts(masks_l, self.num_classes, self.ignore_index)
         self.labeled += D.all_reduce_(counts).double()
 
     def align(self, probabilities: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ class PseudoHealth(NamedTuple):
         return 2 + 3 * num_classes
 
 
-def class_sums(classes: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:
+def _class_sums(classes: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(K,) sums of `weights` per class id; ids outside 0..K-1 (ignore, padding) go to a dropped
     extra bin. Scatter-add with fixed shapes: no boolean indexing, so no device-to-host sync."""
     bins = torch.where((classes >= 0) & (classes < num_classes), classes, num_classes).reshape(-1)
@@ -93,15 +93,20 @@ def class_sums(classes: torch.Tensor, weights: torch.Tensor, num_classes: int) -
     return sums[:num_classes]
 
 
+def labeled_class_counts(masks_l: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(K,) float pixel counts per class of labeled masks (B, H, W); ignored pixels in none."""
+    ids = masks_l.masked_fill(masks_l == ignore_index, num_classes)
+    return _class_sums(ids, torch.ones_like(ids, dtype=torch.float32), num_classes)
+
+
 def health_counts(targets: ConfidentTargets, masks_l: torch.Tensor, num_classes: int,
                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """This step's PseudoHealth counts (no host sync: it runs every step)."""
     valid = targets.labels != IGNORE_INDEX
     ones = valid.float()
-    pseudo = class_sums(targets.labels, ones, num_classes)
-    confidence = class_sums(targets.labels, targets.confidence * ones, num_classes)
-    labeled_ids = masks_l.masked_fill(masks_l == ignore_index, num_classes)
-    labeled = class_sums(labeled_ids, torch.ones_like(labeled_ids, dtype=torch.float32), num_classes)
+    pseudo = _class_sums(targets.labels, ones, num_classes)
+    confidence = _class_sums(targets.labels, targets.confidence * ones, num_classes)
+    labeled = labeled_class_counts(masks_l, num_classes, ignore_index)
     head = torch.stack([ones.sum(), targets.passing.sum().float()])
     return torch.cat([head, pseudo, confidence, labeled])
 

@@ -121,14 +121,16 @@ def pseudo_labels(
     recipe: StepRecipe = StepRecipe(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode logits (B, K, H, W) float32 and their argmax (B, H, W) int64 (padding = ignore
-    when the recipe says so)."""
+    when the recipe says so). `segmentor` is left in the mode it came in (the student in train
+    mode, an EMA teacher in eval mode)."""
+    was_training = segmentor.training
     segmentor.eval()
     with autocast():
         if recipe.pseudo_label_pass == "group":
             logits = segmentor.forward_pooled(images_u, recipe.groups).float()
         else:
             logits = segmentor(images_u).float()
-    segmentor.train()
+    segmentor.train(was_training)
     pseudo = logits.argmax(dim=1)
     if recipe.ignore_padding:
         pseudo[pad_mask == UNLABELED_PADDING] = IGNORE_INDEX

@@ -21,20 +21,18 @@ from torch import nn
 
 
 class EmaTeacher:
-    """An eval-mode copy of `student` that follows it with `momentum` per step."""
+    """An eval-mode copy of `student` that follows it with `momentum` (in (0, 1), train.teacher_momentum) per step."""
 
     def __init__(self, student: nn.Module, momentum: float) -> None:
-        if not 0.0 < momentum < 1.0:
-            raise ValueError(f"an EMA teacher needs a momentum in (0, 1), got {momentum}")
         self.momentum = momentum
         self.model = copy.deepcopy(student).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        for teacher_param, student_param in zip(self.model.parameters(), student.parameters()):
-            teacher_param.lerp_(student_param.detach(), 1.0 - self.momentum)
-        for teacher_buffer, student_buffer in zip(self.model.buffers(), student.buffers()):
-            teacher_buffer.copy_(student_buffer)
+        # One multi-tensor kernel per list instead of one per tensor (about 2,000 for MiT-B5).
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in student.parameters()],
+                             1.0 - self.momentum)
+        torch._foreach_copy_(list(self.model.buffers()), list(student.buffers()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -339,9 +339,9 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     notes: list[str] = []
     segmentor = _build_model(settings, manifest.num_classes, dist, notes)
     attention = _settle_attention(segmentor, settings, loaders.groups, micro_steps)
+    semi = loaders.unlabeled is not None
     # Copied before TrainForward hooks the student's parameters; loaded below on a resume.
-    teacher = (EmaTeacher(segmentor, settings.train.teacher_momentum)
-               if loaders.unlabeled is not None and settings.train.teacher_momentum > 0 else None)
+    teacher = EmaTeacher(segmentor, settings.train.teacher_momentum) if semi and settings.train.teacher_momentum else None
     runner: nn.Module = TrainForward(segmentor)
     if dist.is_distributed:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -355,7 +355,6 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
     per_epoch = loaders.iterations_per_epoch
     total_iterations = settings.train.epochs * per_epoch
     gather = D.all_gather_cat if dist.is_distributed else None
-    semi = loaders.unlabeled is not None
     weak_to_strong = settings.train.recipe == "weak-to-strong"
     alignment = (DistributionAlignment(manifest.num_classes, dist.device, manifest.ignore_index)
                  if semi and weak_to_strong and settings.train.distribution_alignment else None)
@@ -367,9 +366,10 @@ def _train(settings, dist: D.DistInfo, resume: Path | None, force: bool, reporte
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         state = TrainState.from_checkpoint(saved)
+        # A run resumed with --force after turning either on starts it from here (the student's weights).
         if alignment is not None and saved.get("alignment") is not None:
             alignment.load_state_dict(saved["alignment"])
-        if teacher is not None:  # a checkpoint without one (impossible but for hand edits): the student
+        if teacher is not None:
             teacher.load_state_dict(saved.get("teacher") or checkpoint.state_dict)
         if saved.get("rng") is not None and dist.rank == 0:
             restore_rng(saved["rng"])
